@@ -1,0 +1,62 @@
+"""soupkit: model soups and weight merging on checkpoint files.
+
+The public API is imported lazily (PEP 562) so that ``import soupkit`` and ``soupkit --help`` stay fast:
+torch, open_clip and timm load only when a function that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    # checkpoint I/O
+    "open_checkpoint": "soupkit.io",
+    "load_checkpoint": "soupkit.io",
+    "save_checkpoint": "soupkit.io",
+    "CheckpointReader": "soupkit.io",
+    "fingerprint": "soupkit.io",
+    # merge engine
+    "merge": "soupkit.merge",
+    "uniform_soup": "soupkit.merge",
+    "wise_ft": "soupkit.merge",
+    "list_methods": "soupkit.merge",
+    "get_method": "soupkit.merge",
+    "merge_method": "soupkit.merge",
+    # evaluator
+    "Evaluator": "soupkit.eval",
+    "EvalResult": "soupkit.eval",
+    # soup algorithms
+    "greedy_soup": "soupkit.soups",
+    "wise_sweep": "soupkit.soups",
+    "learned_soup": "soupkit.soups",
+    "SoupResult": "soupkit.soups",
+    # errors (cheap, but keep one mechanism)
+    "SoupkitError": "soupkit.errors",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'soupkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from soupkit.errors import SoupkitError
+    from soupkit.eval import EvalResult, Evaluator
+    from soupkit.io import CheckpointReader, fingerprint, load_checkpoint, open_checkpoint, save_checkpoint
+    from soupkit.merge import get_method, list_methods, merge, merge_method, uniform_soup, wise_ft
+    from soupkit.soups import SoupResult, greedy_soup, learned_soup, wise_sweep

@@ -1,0 +1,5 @@
+"""``python -m soupkit`` runs the CLI."""
+
+from soupkit.cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""Command-line interface: a thin shell over the library (every command is one library call).
+
+``main()`` turns user errors into one line on stderr and exit code 2, with no traceback; Ctrl-C and SIGTERM
+unwind normally so temporary files are removed, then exit 130 / 143.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from soupkit.cli._app import app
+
+# Each import registers that module's commands on `app`.
+from soupkit.cli import inspect_cmd, merge_cmd  # noqa: E402,F401,I001
+
+__all__ = ["app", "main"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so ``finally`` blocks (temporary-file cleanup) run."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _prog(args: list[str]) -> str:
+    sub = next((a for a in args if not a.startswith("-")), None)
+    return f"soupkit {sub}" if sub else "soupkit"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``soupkit`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    from soupkit.errors import SoupkitError
+
+    try:
+        app(args=args, prog_name="soupkit", standalone_mode=False)
+    except SoupkitError as err:
+        print(f"{_prog(args)}: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except click.exceptions.NoArgsIsHelpError:
+        sys.exit(0)
+    except click.UsageError as err:
+        # one line instead of click's usage box; still names the option at fault
+        print(f"{_prog(args)}: error: {err.format_message()} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Terminated:
+        print(f"{_prog(args)}: terminated", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        print(f"{_prog(args)}: error: {err.format_message()}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,52 @@
+"""The Typer application object and the error handling every command shares.
+
+Command modules (``merge_cmd``, ``inspect_cmd``, ``eval_cmd``, ...) register themselves on ``app``. They import
+torch-dependent library code inside the command function, never at module level, so ``soupkit --help`` and
+argument errors answer without loading torch.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="soupkit",
+    help=(
+        "Model soups and weight merging on checkpoint files: WiSE-FT, uniform / greedy / learned soups, "
+        "task arithmetic, TIES, DARE, SLERP and more, streamed tensor by tensor and written atomically.\n\n"
+        "Run [bold]soupkit demo[/bold] for the whole story on bundled data."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def parse_float_list(value: str, option: str) -> list[float]:
+    """Parse ``"0.2,0.8"`` into floats, naming the option on error."""
+    from soupkit.errors import ParameterError
+
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ParameterError(f"{option}: expected comma-separated numbers, got {value!r}") from None
+
+
+def parse_size(value: str, option: str) -> int:
+    """Parse ``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count into bytes."""
+    from soupkit.errors import ParameterError
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    text = value.strip().upper()
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        size = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}") from None
+    if size <= 0:
+        raise ParameterError(f"{option}: must be positive, got {value!r}")
+    return size

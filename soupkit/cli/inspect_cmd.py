@@ -1,0 +1,1 @@
+"""soupkit inspect / soupkit convert (filled in next)."""

@@ -1,0 +1,1 @@
+"""soupkit merge / soupkit wise (filled in next)."""

@@ -1,0 +1,107 @@
+"""The lazy checkpoint-reader interface every format implements.
+
+A reader knows each tensor's key, shape and dtype from the file's header/index without reading tensor data,
+and reads one tensor (or one flat element range of it, for chunked streaming) on request.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a reader knows about one tensor before reading it."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+
+class CheckpointReader(ABC):
+    """Lazy access to a checkpoint's tensors.
+
+    ``keys()``/``info()`` never touch tensor data. ``get(key)`` returns a CPU tensor that owns its memory
+    (not a view into a memory map, so nothing stays resident after the caller drops it). ``read_flat`` reads
+    elements ``[start, stop)`` of the tensor flattened in row-major order, which lets the merge engine stream
+    tensors larger than it wants to hold.
+    """
+
+    #: a label for messages: the file path, or "<state dict #i>" for in-memory inputs
+    name: str
+    #: the file on disk, or None for in-memory inputs
+    path: Path | None = None
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+
+    @abstractmethod
+    def info(self, key: str) -> TensorInfo:
+        """Shape and dtype of ``key`` (KeyError if absent)."""
+
+    @abstractmethod
+    def get(self, key: str) -> torch.Tensor:
+        """The whole tensor, shaped, on the CPU."""
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, 1-D, on the CPU. Formats with contiguous
+        on-disk layout override this to read only that byte range."""
+        return self.get(key).reshape(-1)[start:stop].clone()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Free-form string metadata (safetensors ``__metadata__``); empty where the format has none."""
+        return {}
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of tensor data."""
+        return sum(self.info(k).nbytes for k in self.keys())
+
+    @property
+    def file_size(self) -> int | None:
+        """Size of the file(s) on disk, or None for in-memory inputs."""
+        return None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {k: self.info(k) for k in self.keys()}
+
+    def __contains__(self, key: object) -> bool:
+        return key in set(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} tensors)"
