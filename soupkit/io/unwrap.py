@@ -70,7 +70,7 @@ def unwrap_state_dict(
         if flatten_object is not None and not isinstance(inner, Mapping):
             inner = flatten_object(inner)
         if isinstance(inner, Mapping) and any(is_tensor(v) for v in inner.values()):
-            return _tensors_only(inner, source)
+            return _tensors_only(inner, source, is_tensor)
         if isinstance(inner, Mapping):  # one more level: {"model": {"state_dict": ...}}
             try:
                 return unwrap_state_dict(
@@ -84,11 +84,11 @@ def unwrap_state_dict(
             f"top-level keys: {[str(k) for k in list(obj)[:10]]}"
         )
     if any(is_tensor(v) for v in obj.values()):
-        return _tensors_only(obj, source)
+        return _tensors_only(obj, source, is_tensor)
     raise CheckpointError(f"{source}: not a state dict: no tensors found in {_describe(obj)}")
 
 
-def _tensors_only(mapping: Mapping[Any, Any], source: str) -> dict[str, Any]:
+def _tensors_only(mapping: Mapping[Any, Any], source: str, is_tensor: Callable[[Any], bool]) -> dict[str, Any]:
     bad_keys = [k for k in mapping if not isinstance(k, str)]
     if bad_keys:
         raise CheckpointError(f"{source}: not a state dict: key {bad_keys[0]!r} is not a string")

@@ -1,0 +1,247 @@
+"""Checkpoint I/O: one small surface used by everything else in soupkit.
+
+- ``open_checkpoint(source)`` -> a lazy ``CheckpointReader`` (keys, shapes, dtypes, metadata, ``get(key)``)
+  for ``.safetensors`` files, Hugging Face sharded checkpoints (an ``*.index.json`` or a folder holding one),
+  torch files (``.pt/.pth/.bin/.ckpt``: zip or legacy ``torch.save``, or a pickled ``nn.Module``, read by a
+  restricted unpickler that never runs foreign code) and in-memory state dicts.
+- ``load_checkpoint(source)`` -> a plain ``dict[str, Tensor]``.
+- ``save_checkpoint(state_dict, path)`` -> an atomic safetensors (or ``.pt``) file, optionally sharded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soupkit.errors import CheckpointError, OutputError
+from soupkit.io.atomic import OutputSet, check_output_path
+from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.provenance import creation_time, fingerprint, provenance_metadata, quick_fingerprint
+from soupkit.io.safetensors_io import SafetensorsReader, SafetensorsWriter, looks_like_safetensors
+from soupkit.io.sharded import ShardedReader, index_path, plan_shards, shard_names
+from soupkit.io.unwrap import unwrap_state_dict
+
+__all__ = [
+    "CheckpointReader", "CheckpointSink", "CheckpointSource", "OutputSet", "StateDictReader", "TensorInfo",
+    "check_output_path", "creation_time", "fingerprint", "input_files", "load_checkpoint", "open_checkpoint",
+    "provenance_metadata", "quick_fingerprint", "save_checkpoint",
+]  # fmt: skip
+
+#: anything soupkit accepts where a checkpoint is expected
+CheckpointSource = str | Path | Mapping[str, torch.Tensor] | CheckpointReader
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+_DIRECTORY_CANDIDATES = (
+    "model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
+    "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+)  # fmt: skip
+
+
+class StateDictReader(CheckpointReader):
+    """An in-memory ``{name: tensor}`` mapping behind the reader interface (tensors are never copied)."""
+
+    def __init__(self, state: Mapping[str, Any], name: str = "<state dict>"):
+        self.name = name
+        self.path = None
+        self._state = unwrap_state_dict(state, source=name, is_tensor=torch.is_tensor)
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def info(self, key: str) -> TensorInfo:
+        tensor = self._state[key]
+        return TensorInfo(key, tuple(tensor.shape), tensor.dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._state[key].detach()
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._state[key].detach().reshape(-1)[start:stop]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+    @property
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        return self._state
+
+
+def _open_torch(path: Path, ema: bool) -> CheckpointReader:
+    from soupkit.io.torch_io import TorchReader
+
+    return TorchReader(path, ema=ema)
+
+
+def _resolve_directory(path: Path) -> Path:
+    for name in _DIRECTORY_CANDIDATES:
+        if (path / name).is_file():
+            return path / name
+    indexes = sorted(path.glob("*.index.json"))
+    if len(indexes) == 1:
+        return indexes[0]
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
+    if len(weights) == 1 and not indexes:
+        return weights[0]
+    found = [p.name for p in (indexes or weights)][:6]
+    raise CheckpointError(
+        f"{path}: folder does not hold exactly one checkpoint (found {found or 'none'}); name the file"
+    )
+
+
+def open_checkpoint(source: CheckpointSource, *, ema: bool = False, name: str | None = None) -> CheckpointReader:
+    """Open a checkpoint lazily. The format is detected from the content, not trusted from the extension."""
+    if isinstance(source, CheckpointReader):
+        return source
+    if isinstance(source, Mapping):
+        return StateDictReader(source, name=name or "<state dict>")
+    if not isinstance(source, (str, Path)):
+        raise CheckpointError(f"expected a checkpoint path or a state dict, got a {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        path = _resolve_directory(path)
+    if path.name.endswith(".index.json"):
+        return ShardedReader(path, lambda shard: open_checkpoint(shard, ema=ema))
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+    if not head:
+        raise CheckpointError(f"{path}: file is empty")
+    if looks_like_safetensors(head):
+        if ema:
+            raise CheckpointError(f"{path}: --ema applies to torch checkpoints that hold EMA weights; this is "
+                                  f"a safetensors file")
+        return SafetensorsReader(path)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return _open_torch(path, ema)
+    if path.suffix == ".safetensors":
+        return SafetensorsReader(path)  # raises the precise header error
+    raise CheckpointError(
+        f"{path}: unrecognised checkpoint format (expected safetensors, a torch.save file or a pickle)"
+    )
+
+
+def input_files(reader: CheckpointReader) -> list[Path]:
+    """Every file a reader reads from (shards included): outputs must never overwrite one of them."""
+    files = getattr(reader, "files", None)
+    if files is not None:
+        return list(files)
+    return [reader.path] if reader.path is not None else []
+
+
+def load_checkpoint(source: CheckpointSource, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read a whole checkpoint into a plain ``{name: tensor}`` dict (CPU tensors owning their memory)."""
+    if isinstance(source, Mapping) and all(torch.is_tensor(v) for v in source.values()):
+        return dict(source)
+    reader = open_checkpoint(source, ema=ema)
+    try:
+        return {key: reader.get(key) for key in reader.keys()}
+    finally:
+        if reader is not source:
+            reader.close()
+
+
+class CheckpointSink:
+    """Receives a merge's output tensor by tensor (in plan order, possibly in flat chunks) and stores it:
+    in memory (``output=None``), as one safetensors file, as Hugging Face shards + index, or as ``.pt``."""
+
+    def __init__(self, output: Path | None, plan: list[TensorInfo], metadata: dict[str, str] | None,
+                 outputs: OutputSet | None, shard_size: int | None = None):
+        self.output = output
+        self._plan = {info.key: info for info in plan}
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._filled: dict[str, int] = {}
+        self._writers: dict[str, SafetensorsWriter] = {}
+        self._outputs = outputs
+        self._metadata = metadata or {}
+        self._result: Path | None = output
+        if output is None or output.suffix != ".safetensors":
+            self._tensors = {}
+            return
+        assert outputs is not None
+        groups = plan_shards(plan, shard_size) if shard_size else [plan]
+        if len(groups) == 1:
+            handle = outputs.open(output)
+            writer = SafetensorsWriter(handle, plan, self._metadata, str(output))
+            self._writers = {info.key: writer for info in plan}
+            return
+        names = shard_names(output, len(groups))
+        weight_map = {}
+        for shard_path, group in zip(names, groups):
+            writer = SafetensorsWriter(outputs.open(shard_path), group, self._metadata, str(shard_path))
+            for info in group:
+                self._writers[info.key] = writer
+                weight_map[info.key] = shard_path.name
+        index = {"metadata": {"total_size": sum(i.nbytes for i in plan), **self._metadata},
+                 "weight_map": weight_map}
+        self._result = index_path(output)
+        outputs.open(self._result).write(json.dumps(index, indent=2).encode())
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        """The planned output dtype of ``key``."""
+        return self._plan[key].dtype
+
+    def write(self, key: str, chunk: torch.Tensor) -> None:
+        """Append the next flat chunk of ``key`` (CPU tensor of the planned dtype)."""
+        if self._tensors is None:
+            self._writers[key].write(key, chunk)
+            return
+        info = self._plan[key]
+        target = self._tensors.get(key)
+        if target is None:
+            target = self._tensors[key] = torch.empty(info.shape, dtype=info.dtype)
+            self._filled[key] = 0
+        start = self._filled[key]
+        target.view(-1)[start : start + chunk.numel()] = chunk.reshape(-1)
+        self._filled[key] = start + chunk.numel()
+
+    def finish(self) -> dict[str, torch.Tensor] | Path:
+        """Complete the output; the files are published when the surrounding ``OutputSet`` commits."""
+        for writer in dict.fromkeys(self._writers.values()):
+            writer.finish()
+        if self._tensors is None:
+            assert self._result is not None
+            return self._result
+        tensors = {k: self._tensors.get(k, torch.empty(i.shape, dtype=i.dtype)) for k, i in self._plan.items()}
+        if self.output is None:
+            return tensors
+        assert self._outputs is not None
+        torch.save(tensors, self._outputs.open(self.output))
+        return self.output
+
+
+def plan_of(state: Mapping[str, torch.Tensor]) -> list[TensorInfo]:
+    return [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None,
+                    *, force: bool = False, shard_size: int | None = None,
+                    protect: Iterable[str | Path] = ()) -> Path:
+    """Write ``state_dict`` atomically as safetensors (or ``.pt`` when the name asks for it).
+
+    Returns the written path (the index for sharded output). ``protect`` lists files that must never be
+    overwritten (the inputs this state dict came from).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise OutputError(f"{path}: save_checkpoint needs a mapping of name -> tensor, got {type(state_dict).__name__}")
+    state = {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
+    if len(state) != len(state_dict) or not all(isinstance(k, str) for k in state):
+        raise OutputError(f"{path}: state dict values must be tensors and keys strings")
+    out = check_output_path(path, inputs=[Path(p) for p in protect], force=force)
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise OutputError(f"{out}: metadata must map strings to strings")
+    meta = {"format": "pt", **(metadata or {})}
+    with OutputSet() as outputs:
+        sink = CheckpointSink(out, plan_of(state), meta, outputs, shard_size)
+        for key, tensor in state.items():
+            sink.write(key, tensor.detach().cpu())
+        result = sink.finish()
+    assert isinstance(result, Path)
+    return result

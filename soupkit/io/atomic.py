@@ -1,0 +1,148 @@
+"""Safe outputs: validate output paths before any work, write to temporary files, publish atomically.
+
+A merge's outputs (one file, several shards + an index, or one file per WiSE-FT alpha) are written to hidden
+temporary files in the target directory, flushed and fsync'ed, and only then renamed into place together. A
+crash, Ctrl-C, SIGTERM or a full disk leaves no partial output and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from soupkit.errors import OutputError
+
+OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def check_output_path(path: str | Path, *, inputs: Iterable[Path] = (), force: bool = False) -> Path:
+    """Refuse outputs that would lose data or fail late; returns the path. Called before reading tensors."""
+    out = Path(path)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise OutputError(f"{out}: output must end in .safetensors (or .pt/.pth/.bin for torch.save)")
+    if out.is_dir():
+        raise OutputError(f"{out}: output path is a directory; give a file name like {out / 'soup.safetensors'}")
+    resolved = out.resolve()
+    for source in inputs:
+        source_path = Path(source)
+        same = source_path.resolve() == resolved
+        if not same and out.exists() and source_path.exists():
+            same = os.path.samefile(source_path, out)
+        if same:
+            raise OutputError(f"{out}: output would overwrite the input {source}; soupkit never modifies inputs")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: output exists; pass --force (force=True) to overwrite it")
+    parent = _existing_ancestor(out.parent)
+    if not parent.is_dir():
+        raise OutputError(f"{out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: output directory {parent} is not writable")
+    return out
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class OutputSet:
+    """A group of output files published together.
+
+    ``open(path)`` returns a binary file on a temporary name next to ``path``. ``commit()`` fsyncs and renames
+    them all into place; ``abort()`` (or leaving the ``with`` block by an exception, including
+    KeyboardInterrupt) deletes every temporary file. OS errors while writing become one-line ``OutputError``s.
+    """
+
+    def __init__(self) -> None:
+        self._files: list[tuple[Path, Path, BinaryIO]] = []
+        self._made_dirs: list[Path] = []
+
+    def open(self, path: str | Path) -> BinaryIO:
+        target = Path(path)
+        missing = []
+        parent = target.parent.absolute()
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for directory in reversed(missing):
+            directory.mkdir()
+            self._made_dirs.append(directory)
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.soupkit-tmp"
+        try:
+            handle = open(tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+        except OSError as err:
+            raise OutputError(f"{target}: cannot create output: {err.strerror}") from None
+        self._files.append((target, tmp, handle))
+        return handle
+
+    @property
+    def temporary_paths(self) -> list[Path]:
+        return [tmp for _, tmp, _ in self._files]
+
+    def commit(self) -> list[Path]:
+        try:
+            for _, _, handle in self._files:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+        except OSError as err:
+            target = next((t for t, _, h in self._files if not h.closed), self._files[-1][0])
+            self.abort()
+            raise OutputError(f"{target}: cannot write output: {err.strerror}") from None
+        for target, tmp, _ in self._files:
+            os.replace(tmp, target)
+        for directory in {t.parent.absolute() for t, _, _ in self._files}:
+            _fsync_dir(directory)
+        published = [t for t, _, _ in self._files]
+        self._files = []
+        self._made_dirs = []
+        return published
+
+    def abort(self) -> None:
+        for _, tmp, handle in self._files:
+            try:
+                handle.close()
+            except OSError:
+                pass
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+        self._files = []
+        for directory in reversed(self._made_dirs):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+        self._made_dirs = []
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None:
+            target = self._files[-1][0] if self._files else "output"
+            self.abort()
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                raise OutputError(f"{target}: cannot write output: {exc.strerror}") from None
+        elif self._files:
+            self.commit()

@@ -1,0 +1,370 @@
+"""The streaming merge engine.
+
+1. Open every input lazily and check them against each other (keys, shapes, float-ness) before any tensor
+   data is read; validate every output path.
+2. Stream key by key. Elementwise methods get each tensor in flat chunks of ``chunk_elements`` (so memory
+   stays flat in both the number of inputs and the size of the largest tensor); other methods get whole
+   tensors. Reads run ahead on a thread pool, bounded by bytes, while the previous chunk is combined.
+3. Floating tensors are upcast to float32 (float64 with ``precise``) on the compute device, combined by the
+   method, cast to the output dtype and appended to every output. Integer and bool tensors are copied from the
+   first input (a warning names keys where inputs disagree).
+4. Outputs are published atomically at the end (see ``soupkit.io.atomic``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError
+from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo
+from soupkit.merging.registry import MergeMethod
+
+#: default flat chunk for elementwise methods: 4M elements = 16 MB per fp32 operand
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
+
+
+class SoupkitWarning(UserWarning):
+    """Something worth telling the user that does not stop the merge."""
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` -> ``torch.bfloat16``; None keeps each tensor's input dtype."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ParameterError(f"--dtype: unknown dtype {name!r}; choose fp32, fp16 or bf16") from None
+
+
+@dataclass
+class MergeOptions:
+    """Everything about a merge except the method and its parameters."""
+
+    dtype: torch.dtype | None = None
+    precise: bool = False
+    device: str = "cpu"
+    allow_missing: bool = False
+    allow_nonfinite: bool = False
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    read_ahead_bytes: int = 64 << 20
+    progress: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One output of a merge pass: the method's bound parameters and where the result goes."""
+
+    params: dict[str, Any]
+    sink: CheckpointSink
+
+
+# --------------------------------------------------------------------------------------------- checking
+
+
+def _short(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_compatible(readers: Sequence[CheckpointReader], *, allow_missing: bool,
+                     base: CheckpointReader | None = None) -> list[str]:
+    """Key order of the merge, after checking all inputs agree. Raises one error naming keys and files."""
+    everyone = ([base] if base is not None else []) + list(readers)
+    infos = [r.infos() for r in everyone]
+    order = list(dict.fromkeys(k for info in infos for k in info))
+    for reader, info in zip(everyone, infos):
+        missing = [k for k in order if k not in info]
+        if missing and not (allow_missing and reader is not base):
+            hint = "" if reader is base else " (--allow-missing merges each key over the inputs that have it)"
+            raise IncompatibleCheckpointsError(
+                f"{reader.name} lacks {len(missing)} key(s) the other inputs have: {_short(missing)}{hint}"
+            )
+    for key in order:
+        holders = [(r, info[key]) for r, info in zip(everyone, infos) if key in info]
+        first_reader, first = holders[0]
+        for reader, other in holders[1:]:
+            if other.shape != first.shape:
+                raise IncompatibleCheckpointsError(
+                    f"shape mismatch at {key!r}: {first_reader.name} has {tuple(first.shape)}, "
+                    f"{reader.name} has {tuple(other.shape)}"
+                )
+            if other.is_float != first.is_float:
+                raise IncompatibleCheckpointsError(
+                    f"dtype mismatch at {key!r}: {first_reader.name} has {first.dtype}, {reader.name} has "
+                    f"{other.dtype} (floating vs integer tensors cannot be merged)"
+                )
+    return order
+
+
+def select_keys(keys: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> set[str]:
+    """Keys the method merges; the rest are copied from the first input. Patterns are shell globs."""
+    merged = {k for k in keys if not include or any(fnmatch.fnmatchcase(k, p) for p in include)}
+    merged = {k for k in merged if not any(fnmatch.fnmatchcase(k, p) for p in exclude)}
+    for pattern in (*include, *exclude):
+        if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
+            raise ParameterError(f"--include/--exclude pattern {pattern!r} matches no tensor name")
+    return merged
+
+
+def output_plan(
+    readers: Sequence[CheckpointReader], keys: Sequence[str], dtype: torch.dtype | None
+) -> list[TensorInfo]:
+    """Shape and dtype of every output tensor: the first holder's, with ``dtype`` for floating tensors."""
+    plan = []
+    for key in keys:
+        info = next(r.info(key) for r in readers if key in r)
+        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        plan.append(TensorInfo(key, info.shape, out_dtype))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class ReadAhead:
+    """Runs reads in a fixed order on a small thread pool, keeping at most ``max_bytes`` in flight.
+
+    ``preadv`` and torch copies release the GIL, so the next chunk is read while this one is combined.
+    """
+
+    def __init__(self, requests: Iterator[tuple[CheckpointReader, str, int, int, int]], max_bytes: int):
+        self._requests = requests
+        self._max_bytes = max_bytes
+        self._pending: deque[tuple[int, Future[torch.Tensor]]] = deque()
+        self._in_flight = 0
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="soupkit-read")
+
+    def _fill(self) -> None:
+        while not self._pending or self._in_flight < self._max_bytes:
+            request = next(self._requests, None)
+            if request is None:
+                return
+            reader, key, start, stop, nbytes = request
+            self._pending.append((nbytes, self._pool.submit(reader.read_flat, key, start, stop)))
+            self._in_flight += nbytes
+
+    def next(self) -> torch.Tensor:
+        self._fill()
+        nbytes, future = self._pending.popleft()
+        self._in_flight -= nbytes
+        tensor = future.result()
+        self._fill()
+        return tensor
+
+    def close(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class InputSequence(Sequence[torch.Tensor]):
+    """The inputs of one (chunk of a) tensor, as the method sees them: upcast on the compute device, read
+    lazily in order. Iterating reads each input once and keeps none; indexing caches what it read."""
+
+    def __init__(self, count: int, fetch: Callable[[], torch.Tensor]):
+        self._count = count
+        self._fetch = fetch
+        self._cache: list[torch.Tensor] = []
+        self._consumed = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _advance(self) -> torch.Tensor:
+        self._consumed += 1
+        return self._fetch()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._consumed > len(self._cache):
+            raise RuntimeError("merge method iterated its inputs twice; index them instead")  # method bug
+        yield from self._cache
+        while self._consumed < self._count:
+            yield self._advance()
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]  # type: ignore[return-value]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        while len(self._cache) <= index:
+            self._cache.append(self._advance())
+        return self._cache[index]
+
+    def drain(self) -> None:
+        """Read (and cache) every input not read yet, keeping the read schedule in step."""
+        while self._consumed < self._count:
+            self._cache.append(self._advance())
+
+
+# --------------------------------------------------------------------------------------------- merging
+
+
+def _spans(numel: int, step: int) -> Iterator[tuple[int, int]]:
+    """Flat ``[start, stop)`` ranges covering ``numel`` elements (one empty range for an empty tensor)."""
+    if numel == 0:
+        yield 0, 0
+        return
+    for start in range(0, numel, step):
+        yield start, min(start + step, numel)
+
+
+def run_merge(
+    method: MergeMethod,
+    readers: Sequence[CheckpointReader],
+    variants: Sequence[Variant],
+    options: MergeOptions,
+    base: CheckpointReader | None = None,
+    keys: Sequence[str] | None = None,
+) -> None:
+    """Stream the merge of ``readers`` into every variant's sink (one read of the inputs for all variants)."""
+    if keys is None:
+        keys = check_compatible(readers, allow_missing=options.allow_missing, base=base)
+    merged_keys = select_keys(keys, options.include, options.exclude)
+    device = torch.device(options.device)
+    acc_dtype = torch.float64 if options.precise else torch.float32
+    holders = {k: [r for r in readers if k in r] for k in keys}
+    infos = {k: holders[k][0].info(k) for k in keys}
+
+    def step_of(key: str) -> int:
+        return max(1, options.chunk_elements) if method.elementwise else max(infos[key].numel, 1)
+
+    def schedule() -> Iterator[tuple[CheckpointReader, str, int, int, int]]:
+        for key in keys:
+            info, sources = infos[key], holders[key]
+            if not info.is_float or key not in merged_keys:
+                # integer tensors: every input, to compare; unmerged float tensors: the first input only
+                for reader in sources if not info.is_float else sources[:1]:
+                    yield reader, key, 0, info.numel, reader.info(key).nbytes
+                continue
+            for start, stop in _spans(info.numel, step_of(key)):
+                for reader in ([base] if base is not None else []) + sources:
+                    yield reader, key, start, stop, (stop - start) * reader.info(key).dtype.itemsize
+
+    reads = ReadAhead(schedule(), options.read_ahead_bytes)
+    progress = _Progress(sum(r.info(k).nbytes for k in keys for r in holders[k]), options.progress)
+    disagreements: list[str] = []
+    try:
+        for key in keys:
+            info, sources = infos[key], holders[key]
+            if not info.is_float:
+                first = reads.next()
+                for reader in sources[1:]:
+                    if not torch.equal(reads.next(), first) and key not in disagreements:
+                        disagreements.append(key)
+                        warnings.warn(f"{key!r}: integer tensor differs between {sources[0].name} and "
+                                      f"{reader.name}; kept the first input's", SoupkitWarning, stacklevel=2)
+                for variant in variants:
+                    variant.sink.write(key, first.reshape(-1))
+                progress.advance(sum(r.info(key).nbytes for r in sources))
+                continue
+            if key not in merged_keys:
+                tensor = reads.next()
+                for variant in variants:
+                    variant.sink.write(key, tensor.to(variant.sink.dtype_of(key)))
+                progress.advance(info.nbytes)
+                continue
+            for start, stop in _spans(info.numel, step_of(key)):
+                shape = (stop - start,) if method.elementwise else info.shape
+                base_chunk = None
+                if base is not None:
+                    base_chunk = _prepare(reads.next(), base, key, shape, device, acc_dtype, options)
+                pending = iter(sources)
+
+                def fetch() -> torch.Tensor:
+                    reader = next(pending)  # noqa: B023 - used within this iteration only
+                    return _prepare(reads.next(), reader, key, shape, device, acc_dtype, options)  # noqa: B023
+
+                inputs = InputSequence(len(sources), fetch)
+                if len(variants) > 1 or not method.elementwise:
+                    inputs.drain()  # whole tensors, or several outputs: hold this chunk's inputs once
+                kwargs: dict[str, Any] = {}
+                if method.needs_base:
+                    kwargs["base"] = base_chunk
+                if method.takes_key:
+                    kwargs["key"] = key
+                    if method.elementwise:
+                        kwargs["offset"] = start
+                results = [method.fn(inputs, **variant.params, **kwargs) for variant in variants]
+                inputs.drain()  # inputs a method skipped (wise at alpha=0) keep the read order in step
+                for variant, result in zip(variants, results):
+                    variant.sink.write(key, result.reshape(-1).to(device="cpu", dtype=variant.sink.dtype_of(key)))
+                progress.advance(sum(r.info(key).dtype.itemsize for r in sources) * (stop - start))
+    finally:
+        reads.close()
+        progress.close()
+    options.stats["integer_disagreements"] = disagreements
+
+
+def _prepare(raw: torch.Tensor, reader: CheckpointReader, key: str, shape: tuple[int, ...], device: torch.device,
+             acc_dtype: torch.dtype, options: MergeOptions) -> torch.Tensor:
+    """Move one raw input chunk to the compute device in the accumulation dtype; reject NaN/Inf."""
+    tensor = raw.to(device=device, non_blocking=True).to(acc_dtype).reshape(shape)
+    if not options.allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            f"{reader.name}: tensor {key!r} contains NaN or Inf (pass --allow-nonfinite to merge anyway)"
+        )
+    return tensor
+
+
+class _Progress:
+    """A rich progress bar over input bytes (silent unless enabled)."""
+
+    def __init__(self, total_bytes: int, enabled: bool):
+        self._bar = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(TextColumn("merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             TimeRemainingColumn(), transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task("merge", total=total_bytes)
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, nbytes)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def open_all(sources: Sequence[Any], opener: Callable[[Any, int], CheckpointReader]) -> list[CheckpointReader]:
+    readers: list[CheckpointReader] = []
+    try:
+        for number, source in enumerate(sources):
+            readers.append(opener(source, number))
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return readers
+
+
+def describe_sources(sources: Sequence[Any]) -> list[str]:
+    return [str(s) if isinstance(s, (str, Path)) else f"<state dict #{i}>" for i, s in enumerate(sources)]
+

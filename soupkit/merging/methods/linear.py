@@ -1,0 +1,71 @@
+"""Weighted averages: ``linear`` (any weights) and ``uniform`` (the uniform model soup)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from soupkit.errors import ParameterError
+from soupkit.merging.registry import merge_method
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Running weighted mean ``m += (w_i / W_i) (x_i - m)``: reads each input once, holds one at a time, and
+    returns exactly ``x`` when every input equals ``x`` (a plain sum-then-divide does not, in fp32)."""
+    mean: Tensor | None = None
+    total = 0.0
+    for weight, tensor in zip(weights, tensors):
+        total += weight
+        if mean is None:
+            mean = tensor.clone()
+        elif weight:
+            mean.add_(tensor - mean, alpha=weight / total)
+    assert mean is not None
+    return mean
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_i w_i x_i``, one input in memory at a time."""
+    result: Tensor | None = None
+    for weight, tensor in zip(weights, tensors):
+        if result is None:
+            result = tensor * weight
+        else:
+            result.add_(tensor, alpha=weight)
+    assert result is not None
+    return result
+
+
+def _check_linear(*, n_models: int, weights: list[float] | None, normalize: bool) -> None:
+    if weights is None:
+        return
+    if normalize and abs(sum(weights)) < 1e-12:
+        raise ParameterError("linear: weights sum to 0 and cannot be normalised; pass normalize=false")
+
+
+@merge_method(
+    "linear",
+    pretty_name="Linear (weighted average)",
+    reference="https://arxiv.org/abs/2203.05482",
+    check=_check_linear,
+)
+def linear(tensors: Sequence[Tensor], *, weights: list[float] | None = None, normalize: bool = True) -> Tensor:
+    """Weighted average of the models: sum_i w_i theta_i / sum_i w_i (plain weighted sum with normalize=false).
+
+    The general form of a model soup; equal weights give the uniform soup.
+    """
+    n = len(tensors)
+    weights = list(weights) if weights is not None else [1.0] * n
+    if not normalize:
+        return weighted_sum(tensors, weights)
+    if all(w >= 0 for w in weights):
+        return weighted_mean(tensors, weights)
+    total = sum(weights)  # mixed signs: a running mean's partial sums could hit zero
+    return weighted_sum(tensors, [w / total for w in weights])
+
+
+@merge_method("uniform", pretty_name="Uniform soup (plain mean)", reference="https://arxiv.org/abs/2203.05482")
+def uniform(tensors: Sequence[Tensor]) -> Tensor:
+    """The uniform soup: the plain mean of models fine-tuned from the same start (Wortsman et al., 2022)."""
+    return weighted_mean(tensors, [1.0] * len(tensors))

@@ -1,0 +1,30 @@
+"""WiSE-FT: interpolate a zero-shot and a fine-tuned model (Wortsman et al., CVPR 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from soupkit.merging.registry import merge_method
+
+
+@merge_method(
+    "wise",
+    pretty_name="WiSE-FT (weight-space ensemble)",
+    reference="https://arxiv.org/abs/2109.01903",
+    min_models=2,
+    max_models=2,
+)
+def wise(tensors: Sequence[Tensor], *, alpha: float = 0.5) -> Tensor:
+    """(1 - alpha) * zeroshot + alpha * finetuned; the inputs are (zeroshot, finetuned).
+
+    alpha=0 gives the zero-shot model and alpha=1 the fine-tuned one, both exactly; alpha outside [0, 1]
+    extrapolates. alpha ~ 0.5 keeps fine-tuned accuracy and recovers most of the zero-shot robustness.
+    """
+    zeroshot, finetuned = tensors[0], tensors[1]
+    if alpha == 0.0:
+        return zeroshot.clone()
+    if alpha == 1.0:
+        return finetuned.clone()
+    return zeroshot * (1.0 - alpha) + finetuned * alpha
