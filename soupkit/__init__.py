@@ -20,12 +20,12 @@ _LAZY = {
     "CheckpointReader": "soupkit.io",
     "fingerprint": "soupkit.io",
     # merge engine
-    "merge": "soupkit.merge",
-    "uniform_soup": "soupkit.merge",
-    "wise_ft": "soupkit.merge",
-    "list_methods": "soupkit.merge",
-    "get_method": "soupkit.merge",
-    "merge_method": "soupkit.merge",
+    "merge": "soupkit.merging",
+    "uniform_soup": "soupkit.merging",
+    "wise_ft": "soupkit.merging",
+    "list_methods": "soupkit.merging",
+    "get_method": "soupkit.merging",
+    "merge_method": "soupkit.merging",
     # evaluator
     "Evaluator": "soupkit.eval",
     "EvalResult": "soupkit.eval",
@@ -58,5 +58,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from soupkit.errors import SoupkitError
     from soupkit.eval import EvalResult, Evaluator
     from soupkit.io import CheckpointReader, fingerprint, load_checkpoint, open_checkpoint, save_checkpoint
-    from soupkit.merge import get_method, list_methods, merge, merge_method, uniform_soup, wise_ft
+    from soupkit.merging import get_method, list_methods, merge, merge_method, uniform_soup, wise_ft
     from soupkit.soups import SoupResult, greedy_soup, learned_soup, wise_sweep

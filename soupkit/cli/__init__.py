@@ -11,10 +11,9 @@ import sys
 
 import click
 
-from soupkit.cli._app import app
-
 # Each import registers that module's commands on `app`.
-from soupkit.cli import inspect_cmd, merge_cmd  # noqa: E402,F401,I001
+from soupkit.cli import inspect_cmd, merge_cmd  # noqa: F401
+from soupkit.cli._app import app
 
 __all__ = ["app", "main"]
 
