@@ -1,1 +1,110 @@
-"""soupkit inspect / soupkit convert (filled in next)."""
+"""``soupkit inspect`` and ``soupkit convert``: thin shells over ``soupkit.inspection``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from soupkit.cli._app import app, parse_size
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+@app.command(epilog="Examples:\n\n  soupkit inspect soup.safetensors\n\n"
+             "  soupkit inspect soup.safetensors --keys\n\n"
+             "  soupkit inspect ft.safetensors --diff zs.safetensors")
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to describe.", show_default=False)],
+    diff: Annotated[Path | None, typer.Option(help="Compare with another checkpoint: per-tensor L2, relative L2 "
+                                                   "and cosine.", show_default=False)] = None,
+    keys: Annotated[bool, typer.Option("--keys", help="List every tensor (name, shape, dtype, bytes).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    ema: Annotated[bool, typer.Option("--ema", help="Describe the EMA weights of a .pt checkpoint.")] = False,
+) -> None:
+    """Show a checkpoint's tensors, parameter count, dtypes, size and soupkit provenance; or diff two."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from soupkit import inspection
+
+    console = Console(highlight=False)
+    if diff is not None:
+        report = inspection.diff(checkpoint, diff)
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return
+        table = Table(title=f"{report['a']}  vs  {report['b']}")
+        for column in ("tensor", "status", "L2", "relative L2", "cosine", "max |Δ|"):
+            table.add_column(column, justify="left" if column in ("tensor", "status") else "right")
+        for row in report["tensors"]:
+            table.add_row(row["key"], row["status"], *(_num(row[k]) for k in ("l2", "relative_l2", "cosine",
+                                                                                "max_abs")))
+        console.print(table)
+        summary = report["summary"]
+        console.print(f"whole model: L2 {_num(summary['l2'])}, relative L2 {_num(summary['relative_l2'])}, "
+                      f"cosine {_num(summary['cosine'])}; " +
+                      ", ".join(f"{v} {k}" for k, v in sorted(report["counts"].items())))
+        return
+    info = inspection.describe(checkpoint, ema=ema)
+    if as_json:
+        print(json.dumps(info if keys else {k: v for k, v in info.items() if k != "keys"}, indent=2))
+        return
+    console.print(f"[bold]{info['name']}[/bold]  ({info['format']}, {_size(info['file_size'])} on disk)")
+    console.print(f"{info['tensors']:,} tensors, {info['parameters']:,} parameters, "
+                  f"{_size(info['tensor_bytes'])} of tensor data")
+    dtypes = Table(title="by dtype")
+    for column in ("dtype", "tensors", "parameters", "bytes"):
+        dtypes.add_column(column, justify="right" if column != "dtype" else "left")
+    for name, row in info["dtypes"].items():
+        dtypes.add_row(name, f"{row['tensors']:,}", f"{row['parameters']:,}", _size(row["bytes"]))
+    console.print(dtypes)
+    if info["metadata"]:
+        meta = Table(title="metadata")
+        meta.add_column("key")
+        meta.add_column("value", overflow="fold")
+        for key, value in info["metadata"].items():
+            meta.add_row(key, value if isinstance(value, str) else json.dumps(value, indent=1))
+        console.print(meta)
+    if keys:
+        tensors = Table(title="tensors")
+        for column in ("name", "shape", "dtype", "bytes"):
+            tensors.add_column(column)
+        for row in info["keys"]:
+            tensors.add_row(row["key"], str(tuple(row["shape"])), row["dtype"], _size(row["bytes"]))
+        console.print(tensors)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+@app.command(epilog="Examples:\n\n  soupkit convert wiseft_zeroshot.pt zeroshot.safetensors\n\n"
+             "  soupkit convert model.ckpt model.safetensors --ema --dtype bf16")
+def convert(
+    source: Annotated[Path, typer.Argument(help="Any checkpoint soupkit reads (.pt, pickled module, shards...).",
+                                           show_default=False)],
+    output: Annotated[Path, typer.Argument(help="Output file (.safetensors or .pt).", show_default=False)],
+    dtype: Annotated[str | None, typer.Option(help="Cast floating tensors to fp32, fp16 or bf16.",
+                                              show_default=False)] = None,
+    ema: Annotated[bool, typer.Option("--ema", help="Take the EMA weights of a .pt checkpoint.")] = False,
+    shard_size: Annotated[str | None, typer.Option(help="Write shards of at most this size (e.g. 5GB).",
+                                                   show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output (never the input).")] = False,
+) -> None:
+    """Convert a checkpoint to safetensors (e.g. a pickled wise-ft .pt), streaming one tensor at a time."""
+    from soupkit import inspection
+
+    written = inspection.convert(source, output, dtype=dtype, ema=ema, force=force,
+                                 shard_size=parse_size(shard_size, "--shard-size") if shard_size else None)
+    typer.echo(f"wrote {written}", err=True)

@@ -70,7 +70,7 @@ class SafetensorsReader(CheckpointReader):
             self._size = os.fstat(self._fd).st_size
             self._entries, self._metadata, self._data_start = self._parse_header()
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _fail(self, what: str) -> CheckpointError:
