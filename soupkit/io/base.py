@@ -67,6 +67,13 @@ class CheckpointReader(ABC):
         on-disk layout override this to read only that byte range."""
         return self.get(key).reshape(-1)[start:stop].clone()
 
+    def read_flat_into(self, key: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Like ``read_flat`` but into ``buffer`` (a 1-D uint8 CPU tensor of exactly the chunk's byte size), so
+        the merge engine can recycle its read buffers. Returns ``buffer`` viewed as the tensor's dtype."""
+        data = self.read_flat(key, start, stop)
+        buffer.copy_(data.reshape(-1).view(torch.uint8))
+        return buffer.view(data.dtype)
+
     @property
     def metadata(self) -> dict[str, str]:
         """Free-form string metadata (safetensors ``__metadata__``); empty where the format has none."""

@@ -142,10 +142,13 @@ class SafetensorsReader(CheckpointReader):
         return self.read_flat(key, 0, info.numel).reshape(info.shape)
 
     def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        info = self._entries[key][0]
+        return self.read_flat_into(key, start, stop, torch.empty((stop - start) * info.dtype.itemsize,
+                                                                 dtype=torch.uint8))
+
+    def read_flat_into(self, key: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
         info, offset = self._entries[key]
-        size = info.dtype.itemsize
-        buffer = torch.empty((stop - start) * size, dtype=torch.uint8)
-        read_into(self._fd, buffer, offset + start * size, self.name)
+        read_into(self._fd, buffer, offset + start * info.dtype.itemsize, self.name)
         return buffer.view(info.dtype)
 
     @property

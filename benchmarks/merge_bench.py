@@ -1,0 +1,165 @@
+"""Uniform-soup merge benchmark: soupkit vs the I/O floor and vs the peers a user would reach for.
+
+Makes N checkpoints shaped like open_clip ViT-B-32 (605 MB fp32 each), then measures in one run, for a uniform
+soup, wall time and peak RSS (``/usr/bin/time -v``, so memory-mapped pages count) of:
+
+- floor: ``cat`` every input from page cache + write one checkpoint-sized file with fsync (``dd conv=fsync``)
+- soupkit: ``soupkit merge`` (the CLI, as users run it)
+- naive: ``safetensors.torch.load_file`` every input, average, ``save_file`` (load everything, then average)
+- timm-style: load one checkpoint at a time into a float64 running sum (timm's avg_checkpoints.py approach)
+- interpreter: ``python -c "import torch, soupkit.merging"`` (start-up cost, subtracted for the wall target)
+
+Targets (issue "Foundation"): (wall - interpreter start-up) <= 1.3x floor; peak RSS flat in N and
+<= 0.25x one checkpoint above the interpreter's baseline. Prints a table of medians and ratios.
+
+    python benchmarks/merge_bench.py --n 2 4 8 --repeats 3 [--workdir benchmarks/_work] [--method ties]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+SOUPKIT = str(Path(PYTHON).with_name("soupkit"))
+
+NAIVE = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import load_file, save_file
+    paths, out = sys.argv[1:-1], sys.argv[-1]
+    states = [load_file(p) for p in paths]
+    soup = {k: (sum(s[k].float() for s in states) / len(states)).to(states[0][k].dtype)
+            if states[0][k].is_floating_point() else states[0][k] for k in states[0]}
+    save_file(soup, out)
+""")
+
+TIMM_STYLE = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import load_file, save_file
+    paths, out = sys.argv[1:-1], sys.argv[-1]
+    avg, dtypes = {}, {}
+    for p in paths:
+        state = load_file(p)
+        for k, v in state.items():
+            dtypes[k] = v.dtype
+            avg[k] = avg[k] + v.double() if k in avg else v.double().clone()
+        del state
+    save_file({k: (v / len(paths)).to(dtypes[k]) for k, v in avg.items()}, out)
+""")
+
+
+def make_inputs(workdir: Path, count: int) -> tuple[list[Path], int]:
+    """``count`` ViT-B-32-shaped safetensors files (random weights, different seeds); reused across runs."""
+    import open_clip
+    import torch
+
+    import soupkit
+
+    shapes_file = workdir / "vit_b32_shapes.json"
+    if not shapes_file.exists():
+        model = open_clip.create_model("ViT-B-32")
+        shapes_file.write_text(json.dumps({k: list(v.shape) for k, v in model.state_dict().items()}))
+    shapes = json.loads(shapes_file.read_text())
+    paths = []
+    for i in range(count):
+        path = workdir / f"vit_b32_{i}.safetensors"
+        if not path.exists():
+            g = torch.Generator().manual_seed(i)
+            state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+            soupkit.save_checkpoint(state, path)
+        paths.append(path)
+    return paths, paths[0].stat().st_size
+
+
+def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a command, from /usr/bin/time -v."""
+    wrapped = ["/usr/bin/time", "-v", *(["bash", "-c", cmd] if shell else cmd)]
+    started = time.perf_counter()
+    proc = subprocess.run(wrapped, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {cmd}\n{proc.stderr[-2000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return wall, rss_kb * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "_work")
+    parser.add_argument("--method", default="uniform", help="soupkit method (ties needs a base: uses input 0)")
+    parser.add_argument("--peers", default="naive,timm", help="comma list of peers to run (naive, timm, none)")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    paths, ckpt_bytes = make_inputs(args.workdir, max(args.n) + (1 if args.method != "uniform" else 0))
+    out = args.workdir / "out.safetensors"
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+
+    def runs(cmd: list[str] | str, shell: bool = False) -> tuple[float, int]:
+        walls, rsss = [], []
+        for _ in range(args.repeats):
+            out.unlink(missing_ok=True)
+            wall, rss = timed(cmd, shell)
+            walls.append(wall)
+            rsss.append(rss)
+        return statistics.median(walls), max(rsss)
+
+    interp_wall, interp_rss = runs([PYTHON, "-c", "import torch, soupkit.merging"])
+    results = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "checkpoint_bytes": ckpt_bytes,
+               "interpreter": {"wall": interp_wall, "rss": interp_rss}, "by_n": {}}
+    for n in args.n:
+        inputs = [str(p) for p in paths[:n]]
+        if args.method != "uniform":
+            base, inputs = str(paths[n]), inputs
+        for p in inputs:  # warm the page cache: every measurement reads from memory
+            subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
+        floor_cmd = (f"cat {' '.join(inputs)} > /dev/null && dd if=/dev/zero of={out} bs=4M "
+                     f"count={ckpt_bytes // (4 << 20) + 1} conv=fsync status=none")
+        row = {"floor": runs(floor_cmd, shell=True)}
+        soup_cmd = [SOUPKIT, "merge", *inputs, "-o", str(out), "--force", "-q", "--method", args.method]
+        if args.method in ("ties", "task_arithmetic", "dare_ties", "dare_linear"):
+            soup_cmd += ["--base", base] + (["--density", "0.2"] if "ties" in args.method else [])
+        row["soupkit"] = runs(soup_cmd)
+        if "naive" in peers:
+            row["naive"] = runs([PYTHON, "-c", NAIVE, *inputs, str(out)])
+        if "timm" in peers:
+            row["timm-style"] = runs([PYTHON, "-c", TIMM_STYLE, *inputs, str(out)])
+        results["by_n"][n] = row
+        out.unlink(missing_ok=True)
+
+    print(f"\ncheckpoint {ckpt_bytes / 1e6:.0f} MB; interpreter start-up {interp_wall:.2f} s, "
+          f"{interp_rss / 1e6:.0f} MB RSS; method {args.method}; medians of {args.repeats}\n")
+    header = f"{'N':>3} {'tool':<11} {'wall s':>7} {'peak RSS MB':>12} {'RSS-baseline MB':>16} {'vs floor':>9}"
+    print(header + "\n" + "-" * len(header))
+    for n, row in results["by_n"].items():
+        floor_wall = row["floor"][0]
+        for tool, (wall, rss) in row.items():
+            above = rss - interp_rss if tool != "floor" else rss
+            net = wall - interp_wall if tool != "floor" else wall
+            print(f"{n:>3} {tool:<11} {wall:>7.2f} {rss / 1e6:>12.0f} {above / 1e6:>16.0f} {net / floor_wall:>8.2f}x")
+        soup_wall, soup_rss = row["soupkit"]
+        verdict = [f"(wall-startup)/floor = {(soup_wall - interp_wall) / floor_wall:.2f} (target <= 1.3)",
+                   f"RSS above baseline = {(soup_rss - interp_rss) / ckpt_bytes:.2f}x checkpoint (target <= 0.25)"]
+        verdict += [f"soupkit/{peer} wall = {soup_wall / row[peer][0]:.2f}, RSS = {soup_rss / row[peer][1]:.2f}"
+                    for peer in row if peer not in ("floor", "soupkit")]
+        print("    " + "; ".join(verdict))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if os.environ.get("SOUPKIT_BENCH_KEEP") != "1":
+        shutil.rmtree(args.workdir / "unused", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
