@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 
-import click
+import typer
 
 # Each import registers that module's commands on `app`.
 from soupkit.cli import inspect_cmd, merge_cmd  # noqa: F401
 from soupkit.cli._app import app
 
 __all__ = ["app", "main"]
+
+try:  # typer >= 0.20 vendors click; older releases use the click package itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors
 
 
 class Terminated(KeyboardInterrupt):
@@ -38,18 +44,27 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     from soupkit.errors import SoupkitError
 
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # one line per warning, like errors; library code raises them with warnings.warn
+        print(f"{_prog(args)}: warning: {message}", file=sys.stderr)
+
     try:
-        app(args=args, prog_name="soupkit", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.showwarning = show_warning
+            app(args=args, prog_name="soupkit", standalone_mode=False)
     except SoupkitError as err:
         print(f"{_prog(args)}: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except click.exceptions.NoArgsIsHelpError:
+    except click_errors.NoArgsIsHelpError:
         sys.exit(0)
-    except click.UsageError as err:
+    except click_errors.UsageError as err:
         # one line instead of click's usage box; still names the option at fault
         print(f"{_prog(args)}: error: {err.format_message()} (see --help)", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Terminated:
@@ -58,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         sys.exit(err.exit_code)
-    except click.ClickException as err:
+    except click_errors.ClickException as err:
         print(f"{_prog(args)}: error: {err.format_message()}", file=sys.stderr)
         sys.exit(2)

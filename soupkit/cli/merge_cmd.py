@@ -72,9 +72,10 @@ def merge(
     checkpoints: Annotated[list[Path] | None, typer.Argument(help="Input checkpoints (.safetensors, .pt/.pth/.bin, "
                                                              "sharded index or folder).", show_default=False)] = None,
     output: Output = ...,  # type: ignore[assignment]
-    method: Annotated[str, typer.Option("--method", "-m", help=f"Merge method: {BUILTIN_METHODS}; or a soup "
-                                        "algorithm needing --eval: greedy, learned. `soupkit methods` lists them.")
-                      ] = "uniform",
+    method: Annotated[str | None, typer.Option("--method", "-m", help=f"Merge method: {BUILTIN_METHODS}; or a "
+                                               "soup algorithm needing --eval: greedy, learned. `soupkit methods` "
+                                               "lists them. [default: uniform, or linear with --weights]",
+                                               show_default=False)] = None,
     weights: Annotated[str | None, typer.Option(help="Per-model weights, comma-separated (linear, task "
                                                      "arithmetic, TIES, DARE, fisher).", show_default=False)] = None,
     base: Annotated[Path | None, typer.Option(help="Base model for task-vector methods (task_arithmetic, ties, "
@@ -134,6 +135,8 @@ def merge(
         return
     if not checkpoints:
         raise ParameterError("give at least one input checkpoint (or --config)")
+    if method is None:
+        method = "linear" if weights is not None else "uniform"
     if method in SOUP_ALGORITHMS:
         if evaluate is None:
             raise ParameterError(f"--method {method} needs --eval RECIPE to score candidates")
