@@ -28,7 +28,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an exception so ``finally`` blocks (temporary-file cleanup) run."""
 
 
+_signals: list[int] = []
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    _signals.append(signum)
     raise Terminated()
 
 
@@ -54,7 +58,12 @@ def main(argv: list[str] | None = None) -> None:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.showwarning = show_warning
-            app(args=args, prog_name="soupkit", standalone_mode=False)
+            # non-standalone typer returns the exit code of Exit (and of Ctrl-C: 130) instead of raising
+            code = app(args=args, prog_name="soupkit", standalone_mode=False)
+        if isinstance(code, int) and code == 130:
+            raise Terminated() if _signals else KeyboardInterrupt()
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except SoupkitError as err:
         print(f"{_prog(args)}: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
