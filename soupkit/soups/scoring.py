@@ -1,0 +1,230 @@
+"""One interface over the three kinds of evaluator a soup algorithm accepts.
+
+- an ``Evaluator`` (``soupkit.eval``): scores paths through its cache, evaluates candidates on its own device,
+  and honours ``need_correct`` (exact early stop);
+- a recipe path or built-in recipe name, from which an ``Evaluator`` is built;
+- any callable ``state_dict -> float | EvalResult`` (runs on the CPU; no early stop).
+
+Scores are kept as integer counts of correct held-out examples whenever the evaluator reports them, so that
+"better than the best so far" is decided on integers, exactly as a full evaluation would decide it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soupkit.errors import CheckpointError, ParameterError
+from soupkit.io import CheckpointReader, load_checkpoint, open_checkpoint
+
+
+@dataclass
+class Score:
+    """A held-out score. ``correct``/``n`` are set when the evaluator counts examples (``Evaluator`` or a callable
+    returning an ``EvalResult``); a plain float callable gives ``accuracy`` only."""
+
+    accuracy: float | None
+    correct: int | None = None
+    n: int | None = None
+    loss: float | None = None
+    stopped_early: bool = False
+    examples_seen: int | None = None
+    cached: bool = False
+
+    @property
+    def valid(self) -> bool:
+        """False for a model with no usable score: None, NaN accuracy, or a NaN loss (NaN weights/logits)."""
+        if self.accuracy is None or not math.isfinite(self.accuracy):
+            return False
+        return not (self.loss is not None and math.isnan(self.loss))
+
+    def beats(self, best: Score, accept: str) -> bool:
+        """Whether this candidate is accepted against ``best`` under ``accept`` ("gt" or "ge")."""
+        if not self.valid or self.stopped_early:
+            return False
+        if self.correct is not None and best.correct is not None and self.n == best.n:
+            return self.correct > best.correct if accept == "gt" else self.correct >= best.correct
+        assert self.accuracy is not None and best.accuracy is not None
+        return self.accuracy > best.accuracy if accept == "gt" else self.accuracy >= best.accuracy
+
+
+def is_evaluator(obj: Any) -> bool:
+    """Duck-typed check for ``soupkit.eval.Evaluator`` (and test doubles with the same surface)."""
+    return all(hasattr(obj, name) for name in ("evaluate", "heldout_name", "device", "dataset_names"))
+
+
+def resolve_evaluator(evaluator: Any) -> Any:
+    """An ``Evaluator``, built from a recipe path/name when given one; callables pass through."""
+    if isinstance(evaluator, (str, Path)):
+        from soupkit.eval import Evaluator
+
+        return Evaluator.from_recipe(evaluator)
+    if is_evaluator(evaluator) or callable(evaluator):
+        return evaluator
+    raise ParameterError(f"--eval: expected an Evaluator, a recipe path or a callable state_dict -> score, got a "
+                         f"{type(evaluator).__name__}")
+
+
+class Judge:
+    """Scores checkpoints and candidate state dicts on the held-out set with whatever evaluator was given."""
+
+    def __init__(self, evaluator: Any):
+        self.evaluator = resolve_evaluator(evaluator)
+        self.is_evaluator = is_evaluator(self.evaluator)
+        if self.is_evaluator:
+            self.heldout: str = self.evaluator.heldout_name
+            self.device = torch.device(self.evaluator.device)
+        else:
+            self.heldout = "heldout"
+            self.device = torch.device("cpu")
+
+    @property
+    def forward_passes(self) -> int | None:
+        return getattr(self.evaluator, "forward_passes", None) if self.is_evaluator else None
+
+    @property
+    def test_names(self) -> list[str]:
+        return list(getattr(self.evaluator, "test_names", []) or []) if self.is_evaluator else []
+
+    @property
+    def shift_names(self) -> list[str]:
+        return list(getattr(self.evaluator, "shift_names", []) or []) if self.is_evaluator else []
+
+    def score(self, source: Any, *, need_correct: int | None = None, use_cache: bool | None = None) -> Score:
+        """Held-out score of a path or state dict. ``need_correct`` lets an ``Evaluator`` stop as soon as the
+        candidate provably cannot reach that many correct examples."""
+        if self.is_evaluator:
+            result = self.evaluator.evaluate(source, [self.heldout], need_correct=need_correct, use_cache=use_cache)
+            return _from_dataset(result.datasets[self.heldout])
+        state = source if isinstance(source, Mapping) else load_checkpoint(source)
+        return from_value(self.evaluator(state), self.heldout)
+
+    def accuracies(self, source: Any, datasets: Sequence[str] | None = None, *,
+                   use_cache: bool | None = None) -> dict[str, float]:
+        """Accuracy on ``datasets`` (all of the evaluator's when None); callables give what they return."""
+        if self.is_evaluator:
+            result = self.evaluator.evaluate(source, None if datasets is None else list(datasets),
+                                             use_cache=use_cache)
+            return {name: float(r.accuracy) for name, r in result.datasets.items()}
+        state = source if isinstance(source, Mapping) else load_checkpoint(source)
+        value = self.evaluator(state)
+        if hasattr(value, "datasets"):
+            return {name: float(r.accuracy) for name, r in value.datasets.items()}
+        score = from_value(value, self.heldout)
+        return {self.heldout: score.accuracy if score.accuracy is not None else math.nan}
+
+
+def _from_dataset(result: Any) -> Score:
+    loss = getattr(result, "loss", None)
+    accuracy = getattr(result, "accuracy", None)
+    return Score(
+        accuracy=None if accuracy is None else float(accuracy),
+        correct=None if result.correct is None else int(result.correct),
+        n=None if result.n is None else int(result.n),
+        loss=None if loss is None else float(loss),
+        stopped_early=bool(getattr(result, "stopped_early", False)),
+        examples_seen=getattr(result, "examples_seen", None),
+        cached=bool(getattr(result, "cached", False)),
+    )
+
+
+def from_value(value: Any, heldout: str = "heldout") -> Score:
+    """A callable's return value (float, None, EvalResult or DatasetResult) as a ``Score``."""
+    if value is None:
+        return Score(None)
+    datasets = getattr(value, "datasets", None)
+    if datasets is not None:
+        if heldout in datasets:
+            return _from_dataset(datasets[heldout])
+        if len(datasets) == 1:
+            return _from_dataset(next(iter(datasets.values())))
+        raise ParameterError(f"evaluator returned results for {sorted(datasets)} but no {heldout!r} dataset")
+    if hasattr(value, "correct") and hasattr(value, "n"):
+        return _from_dataset(value)
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    try:
+        return Score(float(value))
+    except (TypeError, ValueError):
+        raise ParameterError(f"evaluator must return a float or an EvalResult, got a {type(value).__name__}") from None
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def input_name(source: Any, position: int) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return getattr(source, "name", None) or f"<state dict #{position}>"
+
+
+def open_inputs(sources: Sequence[Any], what: str = "checkpoints") -> list[CheckpointReader]:
+    """Open every input lazily (headers only), refusing an empty list and a file given twice."""
+    if isinstance(sources, (str, Path, Mapping)):
+        raise ParameterError(f"{what} must be a list of paths or state dicts, not a single one")
+    if not sources:
+        raise ParameterError(f"{what}: give at least one checkpoint")
+    seen: dict[Path, int] = {}
+    readers: list[CheckpointReader] = []
+    try:
+        for position, source in enumerate(sources):
+            if isinstance(source, (str, Path)):
+                resolved = Path(source).resolve()
+                if resolved in seen:
+                    raise ParameterError(f"{source}: given twice (inputs #{seen[resolved] + 1} and #{position + 1})")
+                seen[resolved] = position
+            readers.append(open_checkpoint(source, name=input_name(source, position)))
+    except BaseException:
+        close_all(readers, sources)
+        raise
+    return readers
+
+
+def close_all(readers: Sequence[CheckpointReader], sources: Sequence[Any]) -> None:
+    for reader, source in zip(readers, sources):
+        if reader is not source:
+            reader.close()
+
+
+def protected_files(readers: Sequence[CheckpointReader]) -> list[Path]:
+    from soupkit.io import input_files
+
+    return [f for r in readers for f in input_files(r)]
+
+
+def read_tensors(reader: CheckpointReader, keys: Sequence[str], device: torch.device
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of ``reader``, read once and moved to ``device``, one at a time."""
+    for key in keys:
+        try:
+            tensor = reader.get(key)
+        except KeyError:
+            raise CheckpointError(f"{reader.name}: has no tensor {key!r}") from None
+        yield key, tensor.to(device, non_blocking=True)
+
+
+class Steps:
+    """A rich progress bar over an algorithm's steps on stderr (silent unless enabled)."""
+
+    def __init__(self, total: int, enabled: bool, description: str = "greedy soup"):
+        self._bar: Any = None
+        if enabled and total > 0:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task(description, total=total)
+            self._bar.start()
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
