@@ -8,5 +8,6 @@ from __future__ import annotations
 
 from soupkit.soups.greedy import greedy_soup
 from soupkit.soups.result import GreedyStep, LearnedWeights, SoupResult, SweepPoint
+from soupkit.soups.sweep import parse_alphas, wise_sweep
 
-__all__ = ["GreedyStep", "LearnedWeights", "SoupResult", "SweepPoint", "greedy_soup"]
+__all__ = ["GreedyStep", "LearnedWeights", "SoupResult", "SweepPoint", "greedy_soup", "parse_alphas", "wise_sweep"]
