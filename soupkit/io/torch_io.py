@@ -1,0 +1,99 @@
+"""PyTorch-format checkpoints (``.pt/.pth/.bin/.ckpt``): a lazy reader built on the restricted unpickler.
+
+The file is unpickled once when opened (no tensor bytes are read, no pickled code runs: see ``safe_pickle``),
+the weights are found inside whatever container the training code saved (``unwrap_state_dict``), and each
+tensor is read on request with one ``os.pread`` into memory it owns. The layout (zip, legacy ``torch.save``
+or a plain pickle) is detected from the content, never from the extension.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from soupkit.errors import CheckpointError, OutputError, suggest
+from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.safe_pickle import LazyTensor, flatten_module, open_lazy
+from soupkit.io.unwrap import unwrap_state_dict
+
+
+class TorchReader(CheckpointReader):
+    """Lazy reader for one PyTorch checkpoint; ``ema=True`` picks the EMA weights it holds."""
+
+    def __init__(self, path: str | Path, *, ema: bool = False):
+        self.path = Path(path)
+        self.name = str(path)
+        self._file = open_lazy(self.path)
+        try:
+            self._tensors: dict[str, LazyTensor] = unwrap_state_dict(
+                self._file.obj,
+                source=self.name,
+                is_tensor=lambda value: isinstance(value, LazyTensor),
+                flatten_object=functools.partial(flatten_module, source=self.name),
+                ema=ema,
+            )
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _lazy(self, key: str) -> LazyTensor:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a tensor in {self.name}.{suggest(key, self._tensors)}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        lazy = self._lazy(key)
+        return TensorInfo(key, lazy.shape, lazy.dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._lazy(key).materialize()
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._lazy(key).read_flat(start, stop)
+
+    @property
+    def layout(self) -> str:
+        """How the file was written: "zip", "legacy" (non-zip ``torch.save``) or "pickle" (``pickle.dump``)."""
+        return self._file.layout
+
+    @property
+    def file_size(self) -> int:
+        return self._file.file_size
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``state_dict`` to ``path`` as a plain ``torch.save`` of a dict (zip format).
+
+    Each tensor is saved on its own: a view of a larger storage is cloned so the file does not carry the rest
+    of that storage. The caller chooses the path (and handles atomic replacement).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise OutputError(f"{path}: state dict values must be tensors and keys strings; got "
+                              f"{type(key).__name__} -> {type(value).__name__}")
+        tensor = value.detach().cpu()
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        tensors[key] = tensor
+    try:
+        with open(path, "wb") as handle:
+            torch.save(tensors, handle)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write: {err.strerror}") from None
+
+
+__all__ = ["CheckpointError", "TorchReader", "save_torch"]
