@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import threading
+import typing
 import warnings
 import weakref
 from collections import deque
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError
+from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError, suggest
 from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo
 from soupkit.merging.registry import MergeMethod
 
@@ -67,6 +68,28 @@ class MergeOptions:
     read_ahead_bytes: int = 48 << 20
     progress: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorFiles:
+    """Marks a per-model method parameter as auxiliary tensor files, one per input and keyed like the inputs
+    (e.g. Fisher information): ``fishers: Annotated[list[str], TensorFiles("Fisher")]``. The parameter is
+    given as paths; the engine opens and checks them before the merge and passes the method, in step with the
+    inputs, a list holding each file's chunk of the same tensor (upcast like the inputs) or None where a file
+    lacks the key."""
+
+    what: str
+
+
+def auxiliary_parameters(method: MergeMethod) -> dict[str, TensorFiles]:
+    """The method's parameters marked ``TensorFiles``: name -> marker."""
+    found: dict[str, TensorFiles] = {}
+    for name, hint in typing.get_type_hints(method.fn, include_extras=True).items():
+        for part in (hint, *typing.get_args(hint)):  # Annotated[...] or Annotated[...] | None
+            marker = next((m for m in getattr(part, "__metadata__", ()) if isinstance(m, TensorFiles)), None)
+            if marker is not None:
+                found[name] = marker
+    return found
 
 
 @dataclass(frozen=True)
@@ -307,6 +330,8 @@ def run_merge(
     acc_dtype = torch.float64 if options.precise else torch.float32
     holders = {k: [r for r in readers if k in r] for k in keys}
     infos = {k: holders[k][0].info(k) for k in keys}
+    auxiliary = _open_auxiliary(method, variants, readers, infos)
+    position = {id(r): i for i, r in enumerate(readers)}  # input index, for auxiliary per-input files
 
     def step_of(key: str) -> int:
         return max(1, options.chunk_elements) if method.elementwise else max(infos[key].numel, 1)
@@ -368,7 +393,13 @@ def run_merge(
                     kwargs["key"] = key
                     if method.elementwise:
                         kwargs["offset"] = start
-                results = [method.fn(inputs, **variant.params, **kwargs) for variant in variants]
+                results = []
+                for variant, files in zip(variants, auxiliary):
+                    chunks = {name: [None if key not in r else
+                                     _prepare(r.read_flat(key, start, stop), r, key, shape, device, acc_dtype, options)
+                                     for r in (per_input[position[id(s)]] for s in sources)]
+                              for name, per_input in files.items()}
+                    results.append(method.fn(inputs, **{**variant.params, **chunks}, **kwargs))
                 inputs.drain()  # inputs a method skipped (wise at alpha=0) keep the read order in step
                 for variant, result in zip(variants, results):
                     out = result.reshape(-1).to(device="cpu", dtype=variant.sink.dtype_of(key))
@@ -379,7 +410,59 @@ def run_merge(
         writes.close()
         reads.close()
         progress.close()
+        _close_all(auxiliary)
     options.stats["integer_disagreements"] = disagreements
+
+
+def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: Sequence[CheckpointReader],
+                    infos: dict[str, TensorInfo]) -> list[dict[str, list[CheckpointReader]]]:
+    """Open and check each variant's ``TensorFiles`` parameters (one reader per input): every tensor in them
+    must be a floating tensor of the inputs, with the inputs' shape."""
+    from soupkit.io import open_checkpoint
+
+    opened: dict[str, CheckpointReader] = {}
+    result: list[dict[str, list[CheckpointReader]]] = []
+    try:
+        for variant in variants:
+            files: dict[str, list[CheckpointReader]] = {}
+            for name, marker in auxiliary_parameters(method).items():
+                paths = variant.params.get(name)
+                if paths is None:
+                    continue
+                per_input: list[CheckpointReader] = []
+                for path in paths:
+                    if path not in opened:
+                        opened[path] = reader = open_checkpoint(path)
+                        _check_auxiliary(reader, marker, infos)
+                    per_input.append(opened[path])
+                files[name] = per_input
+            result.append(files)
+    except BaseException:
+        for reader in opened.values():
+            reader.close()
+        raise
+    return result
+
+
+def _check_auxiliary(reader: CheckpointReader, marker: TensorFiles, infos: dict[str, TensorInfo]) -> None:
+    for key, info in reader.infos().items():
+        if key not in infos or not infos[key].is_float:
+            raise IncompatibleCheckpointsError(
+                f"{reader.name}: {marker.what} tensor {key!r} is not a floating tensor of the checkpoints being "
+                f"merged.{suggest(key, infos)}"
+            )
+        if info.shape != infos[key].shape:
+            raise IncompatibleCheckpointsError(
+                f"{reader.name}: {marker.what} tensor {key!r} has shape {tuple(info.shape)}, the checkpoints "
+                f"have {tuple(infos[key].shape)}"
+            )
+        if not info.is_float:
+            raise IncompatibleCheckpointsError(f"{reader.name}: {marker.what} tensor {key!r} is not floating point")
+
+
+def _close_all(auxiliary: Sequence[dict[str, list[CheckpointReader]]]) -> None:
+    for reader in {id(r): r for files in auxiliary for rs in files.values() for r in rs}.values():
+        reader.close()
 
 
 def _prepare(raw: torch.Tensor, reader: CheckpointReader, key: str, shape: tuple[int, ...], device: torch.device,

@@ -1,0 +1,157 @@
+"""DARE: drop a random fraction p of each task vector's entries and rescale the rest by 1 / (1 - p), then
+merge linearly (``dare_linear``) or with TIES (``dare_ties``) (Yu et al., ICML 2024).
+
+The drop mask is a pure function of ``(seed, tensor name, model index, flat element index)``: each element's
+uniform number is a counter-based hash (the splitmix64 finaliser) of its index, keyed by a blake2b digest of
+``(seed, name, model index)``. So the same seed gives the same output bit for bit whatever the chunk size,
+tensor order, device or torch version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from soupkit.errors import ParameterError
+from soupkit.merging.methods.ties import check_density, check_task_weights, disjoint_merge, per_model, trim
+from soupkit.merging.registry import merge_method
+
+#: the paper's typical drop rate (it reports that 90% of delta entries can go without loss)
+DEFAULT_DROP_RATE = 0.9
+
+_MASK64 = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GAMMA = _int64(0x9E3779B97F4A7C15)
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical (unsigned) right shift of int64 bits."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def stream_key(seed: int, key: str, index: int) -> int:
+    """The 64-bit stream of model ``index``'s mask for tensor ``key`` (stable across runs and platforms)."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode(), digest_size=8).digest()
+    return _int64(int.from_bytes(digest, "little"))
+
+
+def uniforms(stream: int, start: int, stop: int, device: torch.device | str = "cpu") -> Tensor:
+    """Uniform float64 numbers in [0, 1) for flat elements ``[start, stop)`` of one stream."""
+    z = torch.arange(start, stop, dtype=torch.int64, device=device) * _GAMMA + stream  # wraps mod 2**64
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 11).to(torch.float64) * 2.0**-53
+
+
+def drop_and_rescale(delta: Tensor, drop_rate: float, *, seed: int, key: str, index: int, offset: int) -> Tensor:
+    """Zero each entry of the flat range ``[offset, offset + numel)`` of ``delta`` with probability
+    ``drop_rate`` and scale the survivors by ``1 / (1 - drop_rate)``."""
+    if drop_rate == 0.0:
+        return delta
+    keep = uniforms(stream_key(seed, key, index), offset, offset + delta.numel(), delta.device) >= drop_rate
+    return torch.where(keep.view_as(delta), delta / (1.0 - drop_rate), 0.0)
+
+
+def _check_drop_rate(method: str, drop_rate: float) -> None:
+    if not 0.0 <= drop_rate < 1.0:
+        raise ParameterError(f"{method}: drop_rate must be in [0, 1) (the probability of dropping a delta entry), "
+                             f"got {drop_rate}")
+
+
+def _check_dare_linear(*, n_models: int, weights: list[float] | None, normalize: bool, drop_rate: float,
+                       scaling: float, seed: int) -> None:
+    _check_drop_rate("dare_linear", drop_rate)
+    if weights is not None and normalize and abs(sum(weights)) < 1e-12:
+        raise ParameterError("dare_linear: weights sum to 0 and cannot be normalised; pass normalize=false")
+
+
+def _check_dare_ties(*, n_models: int, weights: list[float] | None, density: list[float] | None,
+                     drop_rate: float, scaling: float, seed: int) -> None:
+    _check_drop_rate("dare_ties", drop_rate)
+    check_task_weights("dare_ties", weights)
+    check_density("dare_ties", density)
+
+
+@merge_method(
+    "dare_linear",
+    pretty_name="DARE + linear (drop and rescale task vectors, then average)",
+    reference="https://arxiv.org/abs/2311.03099",
+    check=_check_dare_linear,
+)
+def dare_linear(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    key: str,
+    weights: list[float] | None = None,
+    normalize: bool = True,
+    drop_rate: float = DEFAULT_DROP_RATE,
+    scaling: float = 1.0,
+    seed: int = 0,
+    **context: Any,
+) -> Tensor:
+    """base + scaling * sum_i w_i DARE(theta_i - base), weights 1/N by default (normalised like linear).
+
+    Sparsifies each task vector at random before averaging, which reduces interference when merging
+    several fine-tuned models; drop_rate=0 is the linear merge with the same weights. Seeded by seed.
+    """
+    n = len(tensors)
+    weights = per_model(weights, 1.0, n)
+    if normalize:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    offset = int(context.get("offset", 0))  # the engine passes where this flat chunk starts in the tensor
+    merged: Tensor | None = None
+    for index, (weight, tensor) in enumerate(zip(weights, tensors)):
+        delta = drop_and_rescale(tensor - base, drop_rate, seed=seed, key=key, index=index, offset=offset)
+        if merged is None:
+            merged = delta * weight
+        elif weight:
+            merged.add_(delta, alpha=weight)
+    assert merged is not None
+    return base + merged.mul_(scaling)
+
+
+@merge_method(
+    "dare_ties",
+    pretty_name="DARE + TIES (drop and rescale task vectors, then TIES)",
+    reference="https://arxiv.org/abs/2311.03099",
+    elementwise=False,
+    check=_check_dare_ties,
+)
+def dare_ties(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    key: str,
+    weights: list[float] | None = None,
+    density: list[float] | None = None,
+    drop_rate: float = DEFAULT_DROP_RATE,
+    scaling: float = 1.0,
+    seed: int = 0,
+) -> Tensor:
+    """base + scaling * TIES(DARE(theta_i - base)): random drop-and-rescale, then trim, sign election and
+    disjoint mean.
+
+    density (TIES trim after the drop) defaults to 1, i.e. only DARE sparsifies; drop_rate=0 is TIES.
+    """
+    n = len(tensors)
+    deltas = [
+        trim(drop_and_rescale(tensor - base, drop_rate, seed=seed, key=key, index=i, offset=0), d)
+        for i, (tensor, d) in enumerate(zip(tensors, per_model(density, 1.0, n)))
+    ]
+    return base + disjoint_merge(deltas, per_model(weights, 1.0, n)).mul_(scaling)

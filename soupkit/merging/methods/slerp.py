@@ -1,0 +1,54 @@
+"""SLERP: spherical linear interpolation between two models, tensor by tensor (Shoemake, 1985; popularised for
+LLM merging by mergekit)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from soupkit.errors import ParameterError
+from soupkit.merging.registry import merge_method
+
+#: above this |cos| the two directions are (anti-)parallel: sin(angle) ~ 0, so interpolate linearly
+PARALLEL_COS = 0.9995
+
+
+def _check_slerp(*, n_models: int, t: float) -> None:
+    if not 0.0 <= t <= 1.0:
+        raise ParameterError(f"slerp: t must be in [0, 1] (0 gives the first model, 1 the second), got {t}")
+
+
+@merge_method(
+    "slerp",
+    pretty_name="SLERP (spherical interpolation of two models)",
+    reference="https://dl.acm.org/doi/10.1145/325165.325242",
+    min_models=2,
+    max_models=2,
+    elementwise=False,
+    check=_check_slerp,
+)
+def slerp(tensors: Sequence[Tensor], *, t: float = 0.5) -> Tensor:
+    """Interpolate each tensor along the great circle between the two models: sin((1-t)a)/sin(a) x0 +
+    sin(t a)/sin(a) x1, a the angle between them.
+
+    Keeps the interpolated weights' norm closer to the inputs' than a straight average does. Falls back to
+    linear interpolation for (anti-)parallel or all-zero tensors; t=0 and t=1 give the inputs exactly.
+    """
+    first, second = tensors[0], tensors[1]
+    if t == 0.0:
+        return first.clone()
+    if t == 1.0:
+        return second.clone()
+    a, b = first.reshape(-1), second.reshape(-1)
+    norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float64))
+    norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+    if norm_a > 0.0 and norm_b > 0.0:
+        cos = float(torch.dot(a / norm_a, b / norm_b))
+        if abs(cos) <= PARALLEL_COS:
+            angle = math.acos(max(-1.0, min(1.0, cos)))
+            sin = math.sin(angle)
+            return first * (math.sin((1.0 - t) * angle) / sin) + second * (math.sin(t * angle) / sin)
+    return first * (1.0 - t) + second * t

@@ -1,0 +1,35 @@
+"""Task arithmetic: add scaled task vectors (fine-tuned minus base) to the base model (Ilharco et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from soupkit.merging.registry import merge_method
+
+
+@merge_method(
+    "task_arithmetic",
+    pretty_name="Task arithmetic (sum of task vectors)",
+    reference="https://arxiv.org/abs/2212.04089",
+)
+def task_arithmetic(
+    tensors: Sequence[Tensor], *, base: Tensor, weights: list[float] | None = None, scaling: float = 1.0
+) -> Tensor:
+    """base + scaling * sum_i w_i (theta_i - base); weights default to 1 each and are not normalised.
+
+    Adds what each fine-tuning taught to one model. scaling ~0.3-0.5 is typical for several task vectors
+    (the paper tunes it on held-out data); scaling=0 gives the base model exactly.
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(tensors)
+    if scaling == 0.0:
+        return base.clone()
+    total: Tensor | None = None
+    for weight, tensor in zip(weights, tensors):
+        if total is None:
+            total = (tensor - base).mul_(weight)
+        elif weight:
+            total.add_(tensor - base, alpha=weight)
+    assert total is not None
+    return base + total.mul_(scaling)

@@ -1,0 +1,94 @@
+"""TIES-merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023).
+
+The helpers (``check_density``, ``trim``, ``disjoint_merge``) are shared with DARE-TIES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from soupkit.errors import ParameterError
+from soupkit.merging.registry import merge_method
+
+#: the paper keeps the top 20% of each task vector (k = 20)
+DEFAULT_DENSITY = 0.2
+
+
+def per_model(value: list[float] | None, default: float, n_models: int) -> list[float]:
+    """A per-model parameter's values: the given list, or ``default`` for every model."""
+    return list(value) if value is not None else [default] * n_models
+
+
+def check_density(method: str, density: list[float] | None) -> None:
+    for value in density or ():
+        if not 0.0 < value <= 1.0:
+            raise ParameterError(f"{method}: density must be in (0, 1] (the fraction of each task vector kept), "
+                                 f"got {value}")
+
+
+def check_task_weights(method: str, weights: list[float] | None) -> None:
+    if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
+        raise ParameterError(f"{method}: weights must be >= 0 with at least one > 0 (sign election needs them), "
+                             f"got {weights}")
+
+
+def trim(delta: Tensor, density: float) -> Tensor:
+    """Keep the ``k = round(density * numel)`` largest-magnitude entries of ``delta``; zero the rest."""
+    numel = delta.numel()
+    k = round(density * numel)
+    if k >= numel:
+        return delta
+    flat = delta.reshape(-1)
+    kept = torch.zeros_like(flat)
+    if k > 0:
+        index = flat.abs().topk(k, sorted=False).indices
+        kept[index] = flat[index]
+    return kept.view_as(delta)
+
+
+def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Elect each entry's sign as that of ``sum_i w_i delta_i``, then average (weighted by ``w_i``) only the
+    non-zero entries that agree with it. Entries where nothing agrees are 0."""
+    elected = torch.sign(sum(d * w for d, w in zip(deltas, weights)))
+    total = torch.zeros_like(deltas[0])
+    count = torch.zeros_like(deltas[0])
+    for delta, weight in zip(deltas, weights):
+        agree = (torch.sign(delta) == elected) & (delta != 0)
+        total += torch.where(agree, delta * weight, 0.0)
+        count += agree * weight
+    return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), 0.0)
+
+
+def _check_ties(*, n_models: int, weights: list[float] | None, density: list[float] | None, scaling: float) -> None:
+    check_task_weights("ties", weights)
+    check_density("ties", density)
+
+
+@merge_method(
+    "ties",
+    pretty_name="TIES-merging (trim, elect sign, merge)",
+    reference="https://arxiv.org/abs/2306.01708",
+    elementwise=False,
+    check=_check_ties,
+)
+def ties(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    weights: list[float] | None = None,
+    density: list[float] | None = None,
+    scaling: float = 1.0,
+) -> Tensor:
+    """base + scaling * disjoint mean of the task vectors, each trimmed to its top-density magnitudes.
+
+    Resolves interference between task vectors: small updates are dropped and, per parameter, only the
+    models agreeing with the majority sign are averaged. density defaults to 0.2 (the paper's top 20%),
+    weights to 1 each.
+    """
+    n = len(tensors)
+    densities = per_model(density, DEFAULT_DENSITY, n)
+    deltas = [trim(tensor - base, d) for tensor, d in zip(tensors, densities)]
+    return base + disjoint_merge(deltas, per_model(weights, 1.0, n)).mul_(scaling)
