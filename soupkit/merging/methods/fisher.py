@@ -50,15 +50,17 @@ def fisher(
     chunks: Sequence[Tensor | None] = fishers  # type: ignore[assignment]  # the engine passes tensor chunks
     if any(f is None for f in chunks):
         return weighted_mean(tensors, weights)
-    numerator: Tensor | None = None
-    denominator: Tensor | None = None
+    # running mean m += (c_i / C_i) (theta_i - m) with per-entry weights c_i: one input at a time, and exactly
+    # theta when every input is theta
+    mean: Tensor | None = None
+    total: Tensor | None = None
     for weight, tensor, info in zip(weights, tensors, chunks):
         assert info is not None
         coefficient = torch.clamp(info, min=floor).mul_(weight)
-        if numerator is None or denominator is None:
-            numerator, denominator = coefficient * tensor, coefficient
-        else:
-            numerator.addcmul_(coefficient, tensor)
-            denominator.add_(coefficient)
-    assert numerator is not None and denominator is not None
-    return numerator.div_(denominator)
+        if mean is None or total is None:
+            mean, total = tensor.clone(), coefficient
+        elif weight:
+            total.add_(coefficient)
+            mean.addcmul_(coefficient.div_(total), tensor - mean)
+    assert mean is not None
+    return mean

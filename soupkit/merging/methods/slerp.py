@@ -51,4 +51,4 @@ def slerp(tensors: Sequence[Tensor], *, t: float = 0.5) -> Tensor:
             angle = math.acos(max(-1.0, min(1.0, cos)))
             sin = math.sin(angle)
             return first * (math.sin((1.0 - t) * angle) / sin) + second * (math.sin(t * angle) / sin)
-    return first * (1.0 - t) + second * t
+    return first + (second - first) * t  # exactly the input when both are equal
