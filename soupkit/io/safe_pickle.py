@@ -479,7 +479,7 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 
 def _storage(value: Any) -> LazyStorage:
     if not isinstance(value, LazyStorage):
-        raise _Problem(f"a tensor's storage is a {type(value).__name__}, not a storage")
+        raise _Problem(f"a tensor's storage is of type {type(value).__name__}, not a storage")
     return value
 
 
@@ -513,7 +513,7 @@ def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any
 def _rebuild_parameter(data: Any, requires_grad: Any = True, backward_hooks: Any = None,
                        state: Any = None) -> LazyTensor:
     if not isinstance(data, LazyTensor):
-        raise _Problem(f"a parameter's data is a {type(data).__name__}, not a tensor")
+        raise _Problem(f"a parameter's data is of type {type(data).__name__}, not a tensor")
     return data
 
 
@@ -535,6 +535,14 @@ def _torch_device(kind: Any, index: Any = None) -> torch.device | str:
         return torch.device(kind) if index is None else torch.device(kind, index)
     except (RuntimeError, ValueError):
         return kind if index is None else f"{kind}:{index}"
+
+
+def _get_layout(name: Any) -> torch.layout:
+    """``torch.serialization._get_layout("torch.sparse_coo")``: a constant looked up by name."""
+    layout = _TORCH_CONSTANTS.get(name.removeprefix("torch.")) if isinstance(name, str) else None
+    if not isinstance(layout, torch.layout):
+        raise _Problem(f"unknown tensor layout {name!r}")
+    return layout
 
 
 def _to_bytes(kind: type) -> Callable[..., bytes | bytearray]:
@@ -595,6 +603,7 @@ _SAFE_GLOBALS: dict[str, Any] = {
     "copyreg.__newobj_ex__": _SafeCallable("copyreg.__newobj_ex__", _new_instance_ex),
     "torch.Size": _SafeCallable("torch.Size", _torch_size),
     "torch.device": _SafeCallable("torch.device", _torch_device),
+    "torch.serialization._get_layout": _SafeCallable("torch.serialization._get_layout", _get_layout),
     "torch.nn.parameter.Parameter": _SafeCallable("torch.nn.parameter.Parameter", _rebuild_parameter),
     "torch._utils._rebuild_parameter": _SafeCallable("torch._utils._rebuild_parameter", _rebuild_parameter),
     "torch._utils._rebuild_parameter_with_state": _SafeCallable(
