@@ -150,6 +150,10 @@ def expect_error(path: Path, pattern: str = "") -> None:
         b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x00K\x00)K\x00tR.",  # a tensor without a storage
         b"\x80\x04\x95\xff\xff\xff\xff\x00\x00\x00\x00.",  # a frame longer than the file
         b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\x00\x00.",  # BINBYTES8 far past the end of the file
+        # frozenset(range(2**31)): no foreign code, but it would eat memory; by REDUCE and by NEWOBJ
+        b"\x80\x02c__builtin__\nfrozenset\nc__builtin__\nrange\nJ\xff\xff\xff\x7f\x85R\x85R.",
+        b"\x80\x02c__builtin__\nfrozenset\nc__builtin__\nrange\nJ\xff\xff\xff\x7f\x85R\x85\x81.",
+        b"\x80\x02ctorch\nSize\nc__builtin__\nrange\nJ\xff\xff\xff\x7f\x85R\x85R.",
     ],
 )
 def test_malformed_pickles(tmp_path: Path, data: bytes) -> None:
@@ -324,3 +328,19 @@ def test_protocol_0_and_5_pickles(tmp_path: Path) -> None:
             pickle.dump(state, handle, protocol=protocol)
         with open_lazy(path) as lazy:
             assert all(torch.equal(lazy.obj[k].materialize(), state[k]) for k in state), protocol
+
+
+def test_flatten_module_odd_trees(tmp_path: Path) -> None:
+    loop = torch.nn.Module()
+    loop.register_buffer("b", torch.ones(2))
+    loop._modules["again"] = loop  # a module that contains itself: state_dict() would never end
+    path = save(loop, tmp_path / "loop.pkl", "pickle")
+    with open_lazy(path) as lazy, pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: module again"):
+        flatten_module(lazy.obj, source=str(path))
+
+    odd = torch.nn.Module()
+    odd.register_buffer("b", torch.ones(2))
+    odd.register_buffer("c", torch.ones(1))
+    odd._non_persistent_buffers_set = [["unhashable"], "c"]  # type: ignore[assignment]
+    with open_lazy(save(odd, tmp_path / "odd.pkl", "pickle")) as lazy:
+        assert list(flatten_module(lazy.obj) or {}) == ["b"]

@@ -229,23 +229,29 @@ class _ZipCompressedRecord(_Span):
 class LazyStorage:
     """``nbytes`` bytes of one storage, read on demand (``read_bytes`` is one ``os.pread``)."""
 
-    __slots__ = ("_offset", "_source", "_swap", "dtype", "nbytes")
+    __slots__ = ("_offset", "_source", "_swap", "dtype", "name", "nbytes")
 
-    def __init__(self, source: _Span, offset: int, nbytes: int, dtype: torch.dtype, swap: bool = False):
+    def __init__(self, source: _Span, offset: int, nbytes: int, dtype: torch.dtype, *, name: str,
+                 swap: bool = False):
         self._source, self._offset, self.nbytes, self.dtype, self._swap = source, offset, nbytes, dtype, swap
+        self.name = name  # the file, for messages
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype) -> LazyStorage:
         """A sub-range of this storage (legacy-format storage views)."""
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
             raise _Problem(f"a storage view [{offset}, {offset + nbytes}) reaches past its storage of "
                            f"{self.nbytes} bytes")
-        return LazyStorage(self._source, self._offset + offset, nbytes, dtype, self._swap)
+        return LazyStorage(self._source, self._offset + offset, nbytes, dtype, name=self.name, swap=self._swap)
 
     def read_into(self, offset: int, out: memoryview) -> None:
         """Fill ``out`` with bytes ``[offset, offset + len(out))`` of the storage."""
         if offset < 0 or offset + len(out) > self.nbytes:
-            raise _Problem(f"read [{offset}, {offset + len(out)}) past a storage of {self.nbytes} bytes")
-        self._source.read_into(self._offset + offset, out)
+            raise CheckpointError(f"{self.name}: read [{offset}, {offset + len(out)}) past a storage of "
+                                  f"{self.nbytes} bytes")
+        try:
+            self._source.read_into(self._offset + offset, out)
+        except _Problem as err:
+            raise CheckpointError(f"{self.name}: {err}") from None
 
     def read_bytes(self, offset: int, n: int) -> bytes:
         """Bytes ``[offset, offset + n)`` of the storage, as stored (byte order not converted)."""
@@ -279,6 +285,8 @@ class LazyTensor:
             storage, storage_offset, shape, stride, dtype
         )
         self._conj, self._neg = conj, neg
+        if math.prod(size for size in shape if size) >= 2**62:
+            raise _Problem(f"a tensor of shape {list(shape)} is impossibly large")
         if self.numel:
             extent = storage_offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
             available = storage.nbytes // dtype.itemsize
@@ -564,8 +572,8 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -
 
 
 def _new_instance(cls: Any, *args: Any, **kwargs: Any) -> Any:
-    """``copyreg.__newobj__``: like the NEWOBJ opcode."""
-    if isinstance(cls, _StandInMeta) or cls in _SAFE_TYPES:
+    """``copyreg.__newobj__``: like the NEWOBJ opcode, for stand-in classes only."""
+    if isinstance(cls, _StandInMeta):
         return cls.__new__(cls, *args, **kwargs)
     raise _Problem(f"cannot create an instance of {cls!r}")
 
@@ -585,16 +593,44 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
         elif isinstance(state, list):
             instance.listitems.extend(state)
         return instance
-    if cls in _SAFE_TYPES:
+    if isinstance(cls, _SafeCallable) and cls.qualname in _CONTAINERS:
         return cls() if state is None else cls(state)
     raise _Problem(f"cannot reconstruct an instance of {cls!r}")
 
 
-#: builtin types the pickle may call or instantiate: they only build containers from pickled data
-_SAFE_TYPES: set[Any] = {OrderedDict, set, frozenset, slice, complex, range, tuple, list, dict}
+#: data the container builtins may be built from: values the pickle already holds, never a lazy iterable
+#: (``frozenset(range(10**15))`` would exhaust memory without any code being imported)
+_MATERIALIZED = (list, tuple, dict, set, frozenset, OrderedDict)
+_CONTAINERS: dict[str, type] = {
+    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.list": list, "builtins.tuple": tuple,
+    "builtins.dict": dict, "collections.OrderedDict": OrderedDict,
+}  # fmt: skip
+
+
+def _container(qualname: str, kind: type) -> _SafeCallable:
+    def build(items: Any = ()) -> Any:
+        if not isinstance(items, _MATERIALIZED):
+            raise _Problem(f"{qualname}() of a {type(items).__name__}")
+        return kind(items)
+
+    return _SafeCallable(qualname, build)
+
+
+def _scalar(qualname: str, kind: type) -> _SafeCallable:
+    """``complex``, ``slice``, ``range``: built from numbers (or strings), never from other objects."""
+
+    def build(*args: Any) -> Any:
+        if not all(arg is None or type(arg) in (int, float, str) for arg in args):
+            raise _Problem(f"{qualname}() of {[type(arg).__name__ for arg in args]}")
+        return kind(*args)
+
+    return _SafeCallable(qualname, build)
+
+
+#: allowlisted globals; each is a wrapper, so NEWOBJ/BUILD on them fail instead of reaching a real type
 _SAFE_GLOBALS: dict[str, Any] = {
-    "collections.OrderedDict": OrderedDict,
-    **{f"builtins.{t.__name__}": t for t in (set, frozenset, slice, complex, range, tuple, list, dict)},
+    **{qualname: _container(qualname, kind) for qualname, kind in _CONTAINERS.items()},
+    **{f"builtins.{t.__name__}": _scalar(f"builtins.{t.__name__}", t) for t in (complex, slice, range)},
     "builtins.bytearray": _SafeCallable("builtins.bytearray", _to_bytes(bytearray)),
     "builtins.bytes": _SafeCallable("builtins.bytes", _to_bytes(bytes)),
     "_codecs.encode": _SafeCallable("_codecs.encode", _codecs_encode),
@@ -855,7 +891,7 @@ class _Loader:
             else:
                 source = _ZipCompressedRecord(self.handle, lambda: archive, info.file_size, record)
                 self.needs_archive = True
-            storages[key] = LazyStorage(source, 0, nbytes, dtype, swap)
+            storages[key] = LazyStorage(source, 0, nbytes, dtype, name=self.handle.name, swap=swap)
             return storages[key]
 
         payload = self._zip_read(archive, data_pkl)
@@ -900,7 +936,7 @@ class _Loader:
             nbytes = _int(numel, "a storage size") * dtype.itemsize
             if root_key not in roots:
                 # the data offset is known once the main pickle and the key list are read
-                roots[root_key] = LazyStorage(_Span(span.handle, -1, 0, b""), 0, nbytes, dtype)
+                roots[root_key] = LazyStorage(_Span(span.handle, -1, 0, b""), 0, nbytes, dtype, name=self.handle.name)
             root = roots[root_key]
             if view is None:
                 return root
@@ -1011,14 +1047,14 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
 
 
 def _walk(state: dict[str, Any], prefix: str, stack: list[int]) -> Iterator[tuple[str, LazyTensor]]:
-    skip = state.get("_non_persistent_buffers_set") or ()
-    skip = set(skip) if isinstance(skip, (set, frozenset, list, tuple)) else set()
+    listed = state.get("_non_persistent_buffers_set")
+    skip = {n for n in listed if isinstance(n, str)} if isinstance(listed, (set, frozenset, list, tuple)) else set()
     for group in ("_parameters", "_buffers"):
         members = state.get(group)
         if not isinstance(members, Mapping):
             continue
         for name, value in members.items():
-            if isinstance(value, LazyTensor) and not (group == "_buffers" and name in skip):
+            if isinstance(value, LazyTensor) and not (group == "_buffers" and isinstance(name, str) and name in skip):
                 yield f"{prefix}{name}", value
     children = state.get("_modules")
     if not isinstance(children, Mapping):
