@@ -119,3 +119,27 @@ def test_config_file_problems(tmp_path: Path) -> None:
     models = [str(write(tmp_path, name, task_states(1)[0])) for name in "xy"]
     with pytest.raises(RecipeError, match="no parameter 'alpah' to override. Did you mean 'alpha'"):
         merge_from_config({"method": "wise", "models": models}, alpah=0.3)
+
+
+def test_cli_merge_config(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from soupkit.cli import app
+
+    if "--config" not in CliRunner().invoke(app, ["merge", "--help"], env={"COLUMNS": "200"}).output:
+        pytest.skip("soupkit merge has no --config yet (soupkit/cli/merge_cmd.py is being written)")
+    base, models = task_states(2)
+    config = {"method": "task_arithmetic", "base": write(tmp_path, "base", base).name,
+              "models": [{"path": write(tmp_path, f"m{i}", m).name, "weight": 0.5} for i, m in enumerate(models)]}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    result = cli("merge", "--config", "merge.yaml", "-o", "out.safetensors", "-q")
+    assert result.code == 0, result.err
+    expected = soupkit.merge(models, "task_arithmetic", base=base, weights=[0.5, 0.5])
+    written = load_checkpoint(tmp_path / "out.safetensors")
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    config["parameters"] = {"scaling": "lots"}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    result = cli("merge", "--config", "merge.yaml", "-o", "out2.safetensors")
+    assert result.code == 2 and result.err.count("\n") == 1 and "merge.yaml: " in result.err, result.err
+    assert "'scaling' must be a float" in result.err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from functools import cache
@@ -68,8 +67,11 @@ def test_fisher_file_errors_name_the_file(tmp_path: Path) -> None:
 
 @cache
 def merge_help() -> str:
-    return subprocess.run([str(SOUPKIT), "merge", "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"}).stdout
+    from typer.testing import CliRunner
+
+    from soupkit.cli import app
+
+    return CliRunner().invoke(app, ["merge", "--help"], env={"COLUMNS": "200"}).output
 
 
 def needs_flags(*flags: str) -> None:
@@ -96,17 +98,31 @@ CLI_CASES = [
 ]
 
 
+def cli_argv(folder: Path, args: list[str]) -> list[str]:
+    names = [f"{a}.safetensors" if (folder / f"{a}.safetensors").exists() else a for a in args]
+    return ["merge", *names, "-o", "out.safetensors"]
+
+
 @pytest.mark.parametrize(("args", "message"), CLI_CASES)
-def test_cli_parameter_errors_exit_2_with_one_line(checkpoints: Path, args: list[str], message: str) -> None:
+def test_cli_parameter_errors_exit_2_with_one_line(checkpoints: Path, cli, monkeypatch: pytest.MonkeyPatch,
+                                                   args: list[str], message: str) -> None:
+    """Through the real entry point, in-process (one case also as a real subprocess below)."""
     needs_flags("--base", "--scaling", "--density", "--drop-rate", "--t", "--seed", "--weights")
-    argv = [f"{a}.safetensors" if not a.startswith("-") and (checkpoints / f"{a}.safetensors").exists() else a
-            for a in args]
-    result = subprocess.run([str(SOUPKIT), "merge", *argv, "-o", "out.safetensors"], cwd=checkpoints,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    monkeypatch.chdir(checkpoints)
+    result = cli(*cli_argv(checkpoints, args))
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.err
     assert not (checkpoints / "out.safetensors").exists()
+
+
+def test_cli_subprocess_error_is_one_stderr_line(checkpoints: Path) -> None:
+    needs_flags("--base", "--density")
+    result = subprocess.run([str(SOUPKIT), *cli_argv(checkpoints, CLI_CASES[0][0])], cwd=checkpoints,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"soupkit merge: error: ties: {CLI_CASES[0][1]} (the fraction "
+                                                  "of each task vector kept), got 1.5"]
 
 
 def test_cli_dare_matches_the_library(checkpoints: Path) -> None:
