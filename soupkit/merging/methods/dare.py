@@ -10,6 +10,7 @@ tensor order, device or torch version.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,24 +38,29 @@ _MIX1 = _int64(0xBF58476D1CE4E5B9)
 _MIX2 = _int64(0x94D049BB133111EB)
 
 
-def _shift_right(z: Tensor, bits: int) -> Tensor:
-    """Logical (unsigned) right shift of int64 bits."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def stream_key(seed: int, key: str, index: int) -> int:
     """The 64-bit stream of model ``index``'s mask for tensor ``key`` (stable across runs and platforms)."""
     digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode(), digest_size=8).digest()
     return _int64(int.from_bytes(digest, "little"))
 
 
+def random_bits(stream: int, start: int, stop: int, device: torch.device | str = "cpu") -> Tensor:
+    """53 random bits (int64 in [0, 2**53)) for each flat element of ``[start, stop)``: the splitmix64 output
+    function of ``stream + index * gamma``. In place on two buffers (each op is memory-bound)."""
+    z = torch.arange(start, stop, dtype=torch.int64, device=device).mul_(_GAMMA).add_(stream)  # wraps mod 2**64
+    scratch = torch.empty_like(z)
+    for shift, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        # z ^= z >>> shift (a logical shift: torch shifts int64 arithmetically, so mask the sign copies off)
+        torch.bitwise_right_shift(z, shift, out=scratch).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(scratch)
+        if multiplier is not None:
+            z.mul_(multiplier)
+    return z.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
+
+
 def uniforms(stream: int, start: int, stop: int, device: torch.device | str = "cpu") -> Tensor:
     """Uniform float64 numbers in [0, 1) for flat elements ``[start, stop)`` of one stream."""
-    z = torch.arange(start, stop, dtype=torch.int64, device=device) * _GAMMA + stream  # wraps mod 2**64
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    z = z ^ _shift_right(z, 31)
-    return _shift_right(z, 11).to(torch.float64) * 2.0**-53
+    return random_bits(stream, start, stop, device).to(torch.float64).mul_(2.0**-53)
 
 
 def drop_and_rescale(delta: Tensor, drop_rate: float, *, seed: int, key: str, index: int, offset: int) -> Tensor:
@@ -62,7 +68,9 @@ def drop_and_rescale(delta: Tensor, drop_rate: float, *, seed: int, key: str, in
     ``drop_rate`` and scale the survivors by ``1 / (1 - drop_rate)``."""
     if drop_rate == 0.0:
         return delta
-    keep = uniforms(stream_key(seed, key, index), offset, offset + delta.numel(), delta.device) >= drop_rate
+    # keep where uniform >= p, compared exactly in integers: bits * 2**-53 >= p  <=>  bits >= ceil(p * 2**53)
+    threshold = math.ceil(drop_rate * 2.0**53)
+    keep = random_bits(stream_key(seed, key, index), offset, offset + delta.numel(), delta.device) >= threshold
     return torch.where(keep.view_as(delta), delta / (1.0 - drop_rate), 0.0)
 
 
