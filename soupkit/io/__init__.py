@@ -213,7 +213,14 @@ class CheckpointSink:
         if self.output is None:
             return tensors
         assert self._outputs is not None
-        torch.save(tensors, self._outputs.open(self.output))
+        try:
+            torch.save(tensors, self._outputs.open(self.output))
+        except RuntimeError as err:
+            # torch.save's zip writer turns a failed write (a full disk) into "RuntimeError: unexpected pos"
+            cause = err.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise OutputError(f"{self.output}: cannot write output: {cause.strerror or cause}") from None
         return self.output
 
 

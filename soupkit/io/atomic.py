@@ -142,7 +142,8 @@ class OutputSet:
         if exc_type is not None:
             target = self._files[-1][0] if self._files else "output"
             self.abort()
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            full = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+            if isinstance(exc, OSError) and exc.errno in full:
                 raise OutputError(f"{target}: cannot write output: {exc.strerror}") from None
         elif self._files:
             self.commit()
