@@ -171,11 +171,43 @@ def merge(
     """
     engine_keys = {"dtype", "precise", "device", "allow_missing", "allow_nonfinite", "include", "exclude",
                    "shard_size", "force", "ema", "progress", "metadata", "chunk_elements"}
+    recalibrate = options.pop("recalibrate_bn", None)
     params = {k: v for k, v in options.items() if k not in engine_keys}
     engine = {k: v for k, v in options.items() if k in engine_keys}
     if weights is not None:
         params["weights"] = list(weights)
-    return merge_variants(checkpoints, method, [(params, output)], base=base, **engine)[0]
+    if recalibrate is None:
+        return merge_variants(checkpoints, method, [(params, output)], base=base, **engine)[0]
+    return _merge_and_recalibrate(checkpoints, method, output, base, params, engine, recalibrate)
+
+
+def _merge_and_recalibrate(checkpoints: Sequence[CheckpointSource], method: str, output: str | Path | None,
+                           base: CheckpointSource | None, params: dict[str, Any], engine: dict[str, Any],
+                           evaluator: Any) -> Result:
+    """Merge in memory, recompute BatchNorm statistics over the recipe's held-out data, then save.
+
+    The fix for soups of convnets: averaged weights no longer match the averaged running statistics.
+    """
+    from soupkit.io import save_checkpoint
+    from soupkit.merging.bn import recalibrate_bn
+
+    sources = [*checkpoints, *([base] if base is not None else [])]
+    protected = [Path(s) for s in sources if isinstance(s, (str, Path))]
+    force, shard_size = engine.pop("force", False), engine.pop("shard_size", None)
+    metadata = dict(engine.pop("metadata", None) or {})
+    out = check_output_path(output, inputs=protected, force=force) if output is not None else None
+    state = merge_variants(checkpoints, method, [(params, None)], base=base, **engine)[0]
+    assert isinstance(state, dict)
+    state = recalibrate_bn(state, evaluator)
+    if out is None:
+        return state
+    ingredients = [ingredient_record(f"<state dict #{i}>", Path(s) if isinstance(s, (str, Path)) else None,
+                                     Path(s).stat().st_size if isinstance(s, (str, Path)) else 0)
+                   for i, s in enumerate(checkpoints)]
+    recipe = evaluator if isinstance(evaluator, (str, Path)) else type(evaluator).__name__
+    meta = provenance_metadata(method, get_method(method).bind(params, len(checkpoints)), ingredients,
+                               {**metadata, "soupkit.recalibrate_bn": str(recipe)})
+    return save_checkpoint(state, out, meta, force=force, shard_size=shard_size, protect=protected)
 
 
 def uniform_soup(checkpoints: Sequence[CheckpointSource], output: str | Path | None = None, **options: Any) -> Result:
