@@ -9,6 +9,7 @@ import random
 import re
 import struct
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -160,6 +161,24 @@ def test_malformed_pickles(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "bad.pt"
     path.write_bytes(data)
     expect_error(path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x02K\x01r\xff\xff\xff\x7f.",  # LONG_BINPUT 2**31-1: CPython would size its memo to 16 GiB
+        b"I1\np+1263610993\n.",  # the same through a protocol 0 PUT, with a sign
+        b"I1\np" + b" " * 100_000 + b"1263610993\n.",  # ... padded far past any fixed-size look-ahead
+        b"\x80\x02S'" + b"a" * 100_000 + b"'\n0K\x01r\xff\xff\xff\x7f.",  # after a long text line
+        b"\x80\x04\x95\x07\x00\x00\x00\x00\x00\x00\x00K\x01r\xff\xff\xff\x7f.",  # inside a frame
+    ],
+)
+def test_memo_bombs_are_refused_before_unpickling(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(data)
+    started = time.perf_counter()
+    expect_error(path, "memo index .* after 0 memo writes")
+    assert time.perf_counter() - started < 1.0
 
 
 def test_random_bytes(tmp_path: Path) -> None:
@@ -344,3 +363,28 @@ def test_flatten_module_odd_trees(tmp_path: Path) -> None:
     odd._non_persistent_buffers_set = [["unhashable"], "c"]  # type: ignore[assignment]
     with open_lazy(save(odd, tmp_path / "odd.pkl", "pickle")) as lazy:
         assert list(flatten_module(lazy.obj) or {}) == ["b"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mutated_files_raise_only_checkpoint_error(tmp_path: Path, layout: str) -> None:
+    """Random byte edits of a valid file: it loads (possibly with other values) or fails with one clear
+    CheckpointError line, on open or when read; never another exception."""
+    original = save(varied_state(), tmp_path / "ok.pt", layout).read_bytes()
+    rng = random.Random(layout)
+    path = tmp_path / "mutated.pt"
+    for _ in range(60):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.7:
+                data[at] = rng.randrange(256)
+            else:
+                del data[at : at + rng.randint(1, 16)]
+        path.write_bytes(bytes(data))
+        try:
+            with open_lazy(path) as lazy:
+                for value in (lazy.obj.values() if isinstance(lazy.obj, dict) else []):
+                    if isinstance(value, LazyTensor):
+                        value.materialize()
+        except CheckpointError as err:
+            assert str(err).startswith(f"{path}: ") and "\n" not in str(err)

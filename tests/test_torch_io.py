@@ -193,7 +193,8 @@ def test_open_reads_no_tensor_data_and_get_is_one_pread(tmp_path: Path, layout: 
         assert len(calls) == 1 and calls[0] <= state["layer3.weight"].nbytes
         calls.clear()
         assert torch.equal(reader.read_flat("layer5.weight", 1000, 3000), state["layer5.weight"].reshape(-1)[1000:3000])
-        assert calls == [2000 * 4]
+        # one read of at most the range (a plain pickle may already hold the first bytes of a payload)
+        assert len(calls) <= 1 and sum(calls) <= 2000 * 4
 
 
 # --- save_torch -----------------------------------------------------------------------------------------------

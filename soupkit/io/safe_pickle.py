@@ -31,6 +31,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -55,10 +56,14 @@ LEGACY_PROTOCOL = 1001
 #: ``_load_from_bytes`` payloads at least this large are skipped while unpickling and read on demand. Pickle
 #: frames are ~64 KiB, so a payload this large is always read straight from the file, never from a frame.
 SKIP_THRESHOLD = 256 * 1024
-#: how much of a skipped payload is read anyway: its legacy header (a few hundred bytes) must be parsed
-_PAYLOAD_HEAD = 4096
 _CHUNK = 8192  # read-ahead for the many tiny reads the unpickler makes on unframed (protocol 2) pickles
 _MAX_BLOB_DEPTH = 2  # a _load_from_bytes blob may not nest another one
+#: how far a memo index may run ahead of the number of memo writes so far (picklers number them 0, 1, 2, ...)
+_MEMO_SLACK = 1024
+_LENGTH_PREFIX = {  # pickletools' codes for length-prefixed arguments -> (struct format, prefix size)
+    pickletools.TAKEN_FROM_ARGUMENT1: ("<B", 1), pickletools.TAKEN_FROM_ARGUMENT4: ("<i", 4),
+    pickletools.TAKEN_FROM_ARGUMENT4U: ("<I", 4), pickletools.TAKEN_FROM_ARGUMENT8U: ("<Q", 8),
+}  # fmt: skip
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
@@ -96,10 +101,15 @@ class _Problem(Exception):
         self.standalone = standalone
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so a message stays on one line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class _Refused(_Problem):
     def __init__(self, module: str, name: str):
         super().__init__(
-            f"refusing to load: the pickle calls {module}.{name}, which could run code; "
+            f"refusing to load: the pickle calls {_printable(module)}.{_printable(name)}, which could run code; "
             "soupkit never executes pickled code",
             standalone=True,
         )
@@ -153,7 +163,7 @@ class _Span:
     """``length`` bytes: the first ``len(prefix)`` held in memory, the rest in the file from ``start``.
 
     A whole file is ``_Span(handle, 0, size)``; a small in-memory blob is ``_Span(None, 0, len(b), b)``; a
-    skipped ``_load_from_bytes`` payload keeps its parsed header in ``prefix`` and its data in the file.
+    skipped ``_load_from_bytes`` payload keeps in ``prefix`` what the unpickler had already buffered of it.
     """
 
     def __init__(self, handle: _FileHandle | None, start: int, length: int, prefix: bytes = b""):
@@ -174,6 +184,8 @@ class _Span:
 
     def pread(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.length - offset))
+        if offset + n <= len(self.prefix):
+            return self.prefix[offset : offset + n]
         buffer = bytearray(n)
         self.read_into(offset, memoryview(buffer))
         return bytes(buffer)
@@ -665,17 +677,22 @@ def _unsupported(kind: str, qualname: str) -> _SafeCallable:
 # The unpickler
 
 
+def _address(buffer: Any) -> int:
+    """Where a buffer's bytes start in memory (read through numpy's array interface, without ctypes)."""
+    return int(np.frombuffer(buffer, dtype=np.uint8).__array_interface__["data"][0])
+
+
 class _Stream:
     """A file object over a ``_Span`` for ``pickle.Unpickler``: exact positions, no memory map.
 
-    With ``skip_large``, ``readinto`` of a big payload (a ``_load_from_bytes`` blob) reads only its head and
-    leaves the rest of the unpickler's buffer untouched (so those pages never become resident); the skipped
-    region is remembered by the buffer's end address, which is also the end of the resulting ``bytes``.
+    With ``skip_large``, ``readinto`` of a big payload (a ``_load_from_bytes`` blob) reads nothing and leaves
+    the unpickler's buffer untouched (so those pages never become resident); the skipped region is remembered
+    by the buffer's end address, which is also the end of the resulting ``bytes``.
     """
 
     def __init__(self, span: _Span, position: int = 0, skip_large: bool = False):
         self.span, self.position, self.skip_large = span, position, skip_large
-        self.skipped: dict[int, tuple[int, int, bytes]] = {}  # end address -> (file offset, length, head)
+        self.skipped: dict[int, tuple[int, int]] = {}  # end address of the buffer -> (file offset, length)
         self._ahead, self._ahead_at = b"", 0
 
     def _take(self, n: int) -> bytes:
@@ -709,6 +726,14 @@ class _Stream:
             parts.append(chunk)
         return b"".join(parts)
 
+    def peek(self, n: int = 1) -> bytes:
+        """Up to ``_CHUNK`` bytes ahead, without moving: the C unpickler then buffers by itself and later
+        calls ``read(consumed)``, which keeps ``position`` exact (what torch relies on with real files)."""
+        at = self.position - self._ahead_at
+        if at < 0 or at >= len(self._ahead):
+            self._ahead, self._ahead_at, at = self.span.pread(self.position, _CHUNK), self.position, 0
+        return self._ahead[at : at + _CHUNK]
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         n = len(view)
@@ -718,13 +743,101 @@ class _Stream:
             return len(data)
         if self.position + n > self.span.length:
             return 0  # the unpickler reports the truncation
-        start = self.position
-        head = self._take(_PAYLOAD_HEAD)
-        view[: len(head)] = head
-        self.position = start + n
-        end_address = int(np.frombuffer(view, dtype=np.uint8).ctypes.data) + n
-        self.skipped[end_address] = (start, n, head)
+        end_address = _address(view) + n
+        self.skipped[end_address] = (self.position, n)
+        self.position += n
         return n
+
+
+# what the opcode pre-pass does per opcode byte
+_PLAIN, _INDEX_ARG, _PUT_LINE, _MEMOIZE, _STOP, _LINES2 = range(6)
+
+
+def _opcode_table() -> list[tuple[int, int] | None]:
+    """Per opcode byte: (pickletools' argument-size code n, action), or None for bytes that are no opcode."""
+    actions = {"BINPUT": _INDEX_ARG, "LONG_BINPUT": _INDEX_ARG, "PUT": _PUT_LINE, "MEMOIZE": _MEMOIZE,
+               "STOP": _STOP, "GLOBAL": _LINES2, "INST": _LINES2}  # fmt: skip
+    table: list[tuple[int, int] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        table[ord(op.code)] = (op.arg.n if op.arg is not None else 0, actions.get(op.name, _PLAIN))
+    return table
+
+
+_OPCODE_TABLE = _opcode_table()
+
+
+def _line_end(span: _Span, position: int) -> int | None:
+    """Offset of the first newline at or after ``position``, however far; None if there is none."""
+    while True:
+        chunk = span.pread(position, 65536)
+        if not chunk:
+            return None
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            return position + cut
+        position += len(chunk)
+
+
+def _check_opcodes(span: _Span, position: int) -> None:
+    """Walk the opcodes of the pickle at ``position`` without building anything, and refuse what would make
+    the C unpickler allocate far more than the file holds: a memo index far ahead of the memo writes so far
+    (CPython resizes its memo array to the index at once: 5 bytes of file, gigabytes of memory) or a payload
+    longer than the data left. Payloads are skipped, not read. Anything else malformed is left for the
+    unpickler itself to report."""
+    window, base, puts, reach = b"", position, 0, 256
+    while True:
+        at = position - base
+        if at + 9 > len(window):  # room for an opcode and its longest fixed or length-prefix argument
+            # windows grow while the pickle goes on, so a tiny pickle does not read the tensor data after it
+            window, base, at, reach = span.pread(position, reach), position, 0, min(2 * reach, 65536)
+            if not window:
+                return
+        entry = _OPCODE_TABLE[window[at]]
+        if entry is None:
+            return
+        n, action = entry
+        index = None
+        if n > 0:
+            if at + 1 + n > len(window):
+                return
+            if action == _INDEX_ARG:
+                index = int.from_bytes(window[at + 1 : at + 1 + n], "little")
+            position += 1 + n
+        elif n == pickletools.UP_TO_NEWLINE:
+            position += 1
+            for _ in range(2 if action == _LINES2 else 1):
+                cut = window.find(b"\n", position - base)
+                end = base + cut if cut >= 0 else _line_end(span, position)
+                if end is None:
+                    return
+                if action == _PUT_LINE:
+                    try:  # what the unpickler accepts: sign, spaces, underscores
+                        index = int(span.pread(position, end - position))
+                    except ValueError:
+                        index = None
+                position = end + 1
+        elif n < 0:
+            fmt, size = _LENGTH_PREFIX[n]
+            raw = window[at + 1 : at + 1 + size]
+            if len(raw) < size:
+                return
+            (length,) = struct.unpack(fmt, raw)
+            position += 1 + size
+            if length < 0:
+                return
+            if position + length > span.length:
+                raise _Problem(f"pickle data was truncated ({length}-byte argument at offset {position - size - 1})")
+            position += length
+            if length > 4096:
+                reach = 256
+        else:
+            position += 1
+        if action == _STOP:
+            return
+        if action in (_INDEX_ARG, _PUT_LINE, _MEMOIZE):
+            if index is not None and index >= puts + _MEMO_SLACK:
+                raise _Problem(f"memo index {index} after {puts} memo writes")
+            puts += 1
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -825,6 +938,7 @@ class _Loader:
         head = stream.span.pread(stream.position, 2)
         protocol = head[1] if head[:1] == b"\x80" and len(head) == 2 else 0
         resolve = functools.partial(self.resolve, py2_names=protocol < 3)
+        _check_opcodes(stream.span, stream.position)
         return SafeUnpickler(stream, resolve, load_persistent).load()
 
     # -- layouts -----------------------------------------------------------------------------------------------
@@ -842,7 +956,7 @@ class _Loader:
         self._streams.append(stream)
         first = self.unpickle(stream)
         if type(first) is int and first == LEGACY_MAGIC:
-            return self._load_legacy(_Span(self.handle, 0, self.handle.size), stream.position), "legacy"
+            return self._load_legacy(stream), "legacy"
         return first, "pickle"
 
     def _load_zip(self) -> Any:
@@ -911,9 +1025,9 @@ class _Loader:
             return storage_type.dtype
         raise _Problem(f"unknown storage type {storage_type!r}")
 
-    def _load_legacy(self, span: _Span, position: int) -> Any:
-        """Parse a legacy ``torch.save`` stream in ``span`` whose magic-number pickle ends at ``position``."""
-        stream = _Stream(span, position)
+    def _load_legacy(self, stream: _Stream) -> Any:
+        """Parse the rest of a legacy ``torch.save`` stream, whose magic-number pickle ``stream`` has read."""
+        span = stream.span
         if self.unpickle(stream) != LEGACY_PROTOCOL:
             raise _Problem("unsupported legacy torch.save protocol version")
         sys_info = self.unpickle(stream)
@@ -972,7 +1086,8 @@ class _Loader:
             source._start, source.length = span.start + position, root.nbytes
             source.prefix = span.prefix[position : position + root.nbytes]
             position += root.nbytes
-        missing = [k for k in roots if k not in set(keys)]
+        stored = set(keys)
+        missing = [k for k in roots if k not in stored]
         if missing:
             raise _Problem(f"storage {missing[0]} is referred to but not stored")
         return obj
@@ -983,7 +1098,7 @@ class _Loader:
             raise _Problem(f"_load_from_bytes of a {type(blob).__name__}")
         if self._blob_depth >= _MAX_BLOB_DEPTH:
             raise _Problem("nested _load_from_bytes payloads")
-        end = int(np.frombuffer(blob, dtype=np.uint8).ctypes.data) + len(blob) if blob else -1
+        end = _address(blob) + len(blob) if blob else -1
         skipped = None
         for stream in self._streams:
             skipped = stream.skipped.pop(end, None)
@@ -992,15 +1107,15 @@ class _Loader:
         if skipped is None:
             span = _Span(None, 0, len(blob), blob)  # small payload: read in full, kept in memory
         else:
-            offset, length, head = skipped
-            before = len(blob) - length  # bytes the unpickler already held in its own buffer
-            span = _Span(self.handle, offset - before, len(blob), blob[:before] + head)
+            offset, length = skipped
+            before = len(blob) - length  # bytes the unpickler already held in its own buffer: real data
+            span = _Span(self.handle, offset - before, len(blob), blob[:before])  # the rest is read from the file
         self._blob_depth += 1
         try:
             stream = _Stream(span)
             if self.unpickle(stream) != LEGACY_MAGIC:
                 raise _Problem("_load_from_bytes payload is not a torch.save blob")
-            return self._load_legacy(span, stream.position)
+            return self._load_legacy(stream)
         finally:
             self._blob_depth -= 1
 
@@ -1020,11 +1135,11 @@ def open_lazy(path: str | Path) -> LazyFile:
         handle.close()
         if isinstance(err, _Problem):
             prefix = "" if err.standalone else "not a valid torch checkpoint: "
-            raise CheckpointError(f"{path}: {prefix}{err}") from None
+            raise CheckpointError(f"{path}: {prefix}{_printable(str(err))}") from None
         if isinstance(err, CheckpointError) or not isinstance(err, Exception):
             raise
         # anything the pickle machinery raises on malformed bytes (UnpicklingError, EOFError, TypeError, ...)
-        detail = (str(err).splitlines() or [""])[0][:200] or type(err).__name__
+        detail = _printable(str(err)[:200]) or type(err).__name__
         raise CheckpointError(f"{path}: not a valid torch checkpoint: {detail}") from None
     if not loader.needs_archive:
         loader.close_archive()
