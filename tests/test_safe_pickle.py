@@ -388,3 +388,28 @@ def test_mutated_files_raise_only_checkpoint_error(tmp_path: Path, layout: str) 
                         value.materialize()
         except CheckpointError as err:
             assert str(err).startswith(f"{path}: ") and "\n" not in str(err)
+
+
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass: pickles through _rebuild_from_type_v2."""
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_newer_dtypes_conj_bits_and_subclasses(tmp_path: Path, layout: str) -> None:
+    parameter = torch.nn.Parameter(torch.randn(3))
+    parameter.note = "has Python state"  # -> _rebuild_parameter_with_state
+    state = {
+        "uint16": torch.arange(5).to(torch.uint16),  # -> _rebuild_tensor_v3 with an UntypedStorage
+        "uint32": torch.arange(5).to(torch.uint32),
+        "float8": torch.randn(4).to(torch.float8_e4m3fn),
+        "complex": torch.randn(3, dtype=torch.complex64),
+        "conj_bit": torch.randn(3, dtype=torch.complex64).conj(),  # saved with metadata {"conj": True}
+        "parameter": parameter,
+        "subclass": torch.randn(4).as_subclass(TaggedTensor),
+    }
+    with open_lazy(save(state, tmp_path / "new.pt", layout)) as lazy:
+        for key, tensor in state.items():
+            expected = torch.Tensor.as_subclass(tensor.detach().resolve_conj(), torch.Tensor)
+            got = lazy.obj[key].materialize()
+            assert got.dtype == expected.dtype and got.shape == expected.shape, key
+            assert got.view(torch.uint8).equal(expected.view(torch.uint8)), key  # bitwise, any dtype

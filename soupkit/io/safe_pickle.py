@@ -11,11 +11,14 @@ Three layouts are read, detected by content:
   ``b`` ourselves; ``torch.load`` is never called.
 
 How it stays safe: ``find_class`` hands out only (1) our own rebuild functions, which turn tensors into
-``LazyTensor`` records, (2) inert constants and a few builtin containers, and (3) for every other name an
-empty stand-in class. Creating an instance of a stand-in (``NEWOBJ``, ``copyreg._reconstructor``) gives an
-``Opaque`` record that remembers its arguments and ``BUILD`` state; *calling* one (``REDUCE``) is refused,
-because without importing the name we cannot tell ``os.system`` from a class, and calling is how a pickle
-runs code.
+``LazyTensor`` records, (2) inert constants and wrappers that build builtin containers from data already
+unpickled, and (3) for every other name an empty stand-in class. Creating an instance of a stand-in
+(``NEWOBJ``, ``copyreg._reconstructor``) gives an ``Opaque`` record that remembers its arguments and
+``BUILD`` state; *calling* one (``REDUCE``) is refused, because without importing the name we cannot tell
+``os.system`` from a class, and calling is how a pickle runs code.
+
+Before each pickle is unpickled, a pass over its opcodes (building nothing) refuses the few inputs that make
+CPython's C unpickler allocate far more than the file holds, such as a memo index of 2**31.
 
 How it stays lazy: no storage byte is read while unpickling. A zip record is located by its offset in the
 file; a legacy storage by its position after the main pickle; a ``_load_from_bytes`` payload in a plain

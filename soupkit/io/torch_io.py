@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from soupkit.errors import CheckpointError, OutputError, suggest
+from soupkit.errors import OutputError, suggest
 from soupkit.io.base import CheckpointReader, TensorInfo
 from soupkit.io.safe_pickle import LazyTensor, flatten_module, open_lazy
 from soupkit.io.unwrap import unwrap_state_dict
+
+__all__ = ["TorchReader", "save_torch"]
 
 
 class TorchReader(CheckpointReader):
@@ -94,6 +96,3 @@ def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None
             torch.save(tensors, handle)
     except OSError as err:
         raise OutputError(f"{path}: cannot write: {err.strerror}") from None
-
-
-__all__ = ["CheckpointError", "TorchReader", "save_torch"]
