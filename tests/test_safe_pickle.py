@@ -240,6 +240,7 @@ def test_legacy_storage_count_mismatch(tmp_path: Path) -> None:
     expect_error(path, "holds 9 elements but its tensors claim 8")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_torchscript_and_tar_are_named(tmp_path: Path) -> None:
     scripted = torch.jit.script(torch.nn.Linear(2, 2))
     path = tmp_path / "scripted.pt"
