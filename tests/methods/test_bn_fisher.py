@@ -162,3 +162,15 @@ def test_fisher_file_round_trip_into_fisher_merging(tmp_path: Path) -> None:
         compute_fisher(paths[0], evaluator, fishers[0])  # exists: refused before any computation
     with pytest.raises(ParameterError, match="max-examples must be >= 1"):
         compute_fisher(paths[0], evaluator, max_examples=0)
+
+
+def test_merge_with_recalibrate_bn(tmp_path: Path) -> None:
+    states = [conv_bn_net(0).state_dict(), conv_bn_net(1).state_dict()]
+    batches = image_batches(2)
+    plain = soupkit.merge(states, "uniform")
+    expected = recalibrate_bn(plain, StandInEvaluator(conv_bn_net(2), batches))
+    written = soupkit.merge(states, "uniform", tmp_path / "soup.safetensors",
+                            recalibrate_bn=StandInEvaluator(conv_bn_net(3), batches))
+    result = load_checkpoint(written)
+    assert result.keys() == expected.keys() and all(torch.equal(result[k], expected[k]) for k in result)
+    assert not torch.equal(result["1.running_var"], plain["1.running_var"])
