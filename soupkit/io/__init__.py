@@ -60,7 +60,9 @@ class StateDictReader(CheckpointReader):
         return self._state[key].detach()
 
     def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._state[key].detach().reshape(-1)[start:stop]
+        flat = self._state[key].detach().reshape(-1)[start:stop]
+        # an empty tensor may carry any stride (numpy gives 0), and viewing it as bytes then fails
+        return flat if flat.numel() else torch.empty(0, dtype=flat.dtype)
 
     def __contains__(self, key: object) -> bool:
         return key in self._state
@@ -119,8 +121,8 @@ def open_checkpoint(source: CheckpointSource, *, ema: bool = False, name: str | 
             raise CheckpointError(f"{path}: --ema applies to torch checkpoints that hold EMA weights; this is "
                                   f"a safetensors file")
         return SafetensorsReader(path)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return _open_torch(path, ema)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in TORCH_SUFFIXES:
+        return _open_torch(path, ema)  # also old protocol-0/1 pickles and tar files, with precise messages
     if path.suffix == ".safetensors":
         return SafetensorsReader(path)  # raises the precise header error
     raise CheckpointError(
@@ -213,8 +215,10 @@ class CheckpointSink:
         if self.output is None:
             return tensors
         assert self._outputs is not None
+        from soupkit.io.torch_io import save_torch
+
         try:
-            torch.save(tensors, self._outputs.open(self.output))
+            save_torch(tensors, self._outputs.open(self.output))
         except RuntimeError as err:
             # torch.save's zip writer turns a failed write (a full disk) into "RuntimeError: unexpected pos"
             cause = err.__context__
