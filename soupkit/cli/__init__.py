@@ -13,7 +13,7 @@ import warnings
 import typer
 
 # Each import registers that module's commands on `app`.
-from soupkit.cli import inspect_cmd, merge_cmd  # noqa: F401
+from soupkit.cli import demo_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
 from soupkit.cli._app import app
 
 __all__ = ["app", "main"]
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             warnings.simplefilter("default")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=ResourceWarning)
             warnings.showwarning = show_warning
             # non-standalone typer returns the exit code of Exit (and of Ctrl-C: 130) instead of raising
             code = app(args=args, prog_name="soupkit", standalone_mode=False)

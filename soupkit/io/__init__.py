@@ -218,7 +218,7 @@ class CheckpointSink:
         from soupkit.io.torch_io import save_torch
 
         try:
-            save_torch(tensors, self._outputs.open(self.output))
+            save_torch(tensors, self._outputs.open(self.output), name=str(self.output))
         except RuntimeError as err:
             # torch.save's zip writer turns a failed write (a full disk) into "RuntimeError: unexpected pos"
             cause = err.__context__

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -76,23 +77,29 @@ class TorchReader(CheckpointReader):
         self._file.close()
 
 
-def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path | BinaryIO, *,
+               name: str | None = None) -> None:
     """Write ``state_dict`` to ``path`` as a plain ``torch.save`` of a dict (zip format).
 
     Each tensor is saved on its own: a view of a larger storage is cloned so the file does not carry the rest
-    of that storage. The caller chooses the path (and handles atomic replacement).
+    of that storage. The caller chooses the path (and handles atomic replacement); ``path`` may also be an open
+    binary file, with ``name`` the path error messages give.
     """
+    name = name or str(path)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise OutputError(f"{path}: state dict values must be tensors and keys strings; got "
+            raise OutputError(f"{name}: state dict values must be tensors and keys strings; got "
                               f"{type(key).__name__} -> {type(value).__name__}")
         tensor = value.detach().cpu()
         if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         tensors[key] = tensor
     try:
-        with open(path, "wb") as handle:
-            torch.save(tensors, handle)
+        if isinstance(path, (str, Path)):
+            with open(path, "wb") as handle:
+                torch.save(tensors, handle)
+        else:  # an open binary file (an atomic temporary from OutputSet)
+            torch.save(tensors, path)
     except OSError as err:
-        raise OutputError(f"{path}: cannot write: {err.strerror}") from None
+        raise OutputError(f"{name}: cannot write output: {err.strerror}") from None

@@ -108,6 +108,7 @@ def merge_variants(
         if base is not None:
             base_reader = open_checkpoint(base, ema=ema, name="<base state dict>")
         protected = [f for r in readers + ([base_reader] if base_reader else []) for f in input_files(r)]
+        protected += [Path(p) for params in bound for p in params.get("fishers") or ()]  # auxiliary inputs too
         outputs = [None if out is None else check_output_path(out, inputs=protected, force=force)
                    for _, out in variants]
         targets = [o for o in outputs if o is not None]

@@ -27,7 +27,7 @@ from typing import Any
 
 from soupkit.errors import ParameterError, suggest, unknown_choice
 
-_RESERVED = ("base", "key")
+_RESERVED = ("base", "key", "offset")
 
 
 @dataclass(frozen=True)
