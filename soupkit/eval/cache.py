@@ -1,0 +1,99 @@
+"""The on-disk score cache: one small JSON file per (checkpoint content, recipe dataset definition).
+
+Location: ``cache_dir`` argument, else ``$SOUPKIT_CACHE_DIR``, else ``~/.cache/soupkit/scores``. Each entry is
+written to a temporary file and renamed into place, so an interrupted run leaves either the old state or a
+complete entry. Entries hold the counts, the mean loss and the per-example correctness mask (bit-packed); an
+unreadable entry is treated as a miss. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SOUPKIT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "soupkit" / "scores"
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """blake2b over every tensor's name, dtype, shape and bytes, in key order (device tensors are copied to the
+    host for hashing)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for key in sorted(state):
+        tensor = state[key].detach()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            flat = tensor.reshape(-1).contiguous().cpu().view(torch.uint8)
+            digest.update(flat.numpy().data)
+    return "blake2b:" + digest.hexdigest()
+
+
+def source_fingerprint(source: Any) -> str:
+    """Content fingerprint of a checkpoint path (soupkit.io's, memoised per file) or an in-memory state dict."""
+    if isinstance(source, Mapping):
+        return state_fingerprint(source)
+    from soupkit.io import fingerprint
+
+    return fingerprint(source)
+
+
+class ScoreCache:
+    """Get / put per-dataset scores keyed by (checkpoint fingerprint, dataset key)."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
+
+    def _path(self, checkpoint: str, dataset_key: str) -> Path:
+        name = hashlib.blake2b(f"{checkpoint}|{dataset_key}".encode(), digest_size=20).hexdigest()
+        return self.folder / name[:2] / f"{name}.json"
+
+    def get(self, checkpoint: str, dataset_key: str) -> dict[str, Any] | None:
+        path = self._path(checkpoint, dataset_key)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if entry.get("checkpoint") != checkpoint or entry.get("dataset_key") != dataset_key:
+                return None
+            n = int(entry["n"])
+            bits = base64.b64decode(entry["mask"])
+            import numpy as np
+
+            mask = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool)
+            entry["correct_mask"] = torch.from_numpy(mask)
+            if int(entry["correct_mask"].sum()) != int(entry["correct"]):
+                return None
+            return entry
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, checkpoint: str, dataset_key: str, *, correct: int, n: int, loss: float | None,
+            mask: torch.Tensor, seconds: float, dataset: str) -> None:
+        import numpy as np
+
+        packed = np.packbits(mask.to(torch.bool).cpu().numpy())
+        entry = {"checkpoint": checkpoint, "dataset_key": dataset_key, "dataset": dataset, "correct": int(correct),
+                 "n": int(n), "loss": loss, "seconds": seconds, "mask": base64.b64encode(packed.tobytes()).decode()}
+        path = self._path(checkpoint, dataset_key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(entry, handle)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as error:  # a read-only or full cache disk must not fail an evaluation
+            import warnings
+
+            warnings.warn(f"score cache: cannot write {path}: {error.strerror or error}", stacklevel=3)

@@ -1,0 +1,46 @@
+"""Data adapters: each turns a recipe's dataset entry into images and labels.
+
+An adapter is a function registered with ``@data_adapter("kind")`` whose signature is the recipe schema. It
+returns a ``Source``: either ready tensors (``images`` uint8 raw pixels or float model-ready, ``labels``) or a
+map-style dataset of ``(PIL image or tensor, label)`` that the evaluator decodes once, with the model's own
+evaluation transform, into tensors it keeps for every later evaluation. Built-in kinds: ``digits`` (bundled,
+no download), ``imagefolder``, ``tensors``, ``python``.
+
+Convention for tensors: **uint8 images are raw pixels** (the evaluator scales them to [0, 1] and applies the
+model's normalisation on the device, batch by batch); **float images are model-ready** and used as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soupkit.eval.registry import data, data_adapter
+
+
+@dataclass
+class Source:
+    """What a data adapter returns (exactly one of ``images`` / ``dataset`` is set)."""
+
+    images: Any = None  # Tensor (N, C, H, W)
+    labels: Any = None  # Tensor (N,) int64
+    dataset: Any = None  # map-style: item -> (PIL image | Tensor, int)
+
+    def __len__(self) -> int:
+        return len(self.labels) if self.images is not None else len(self.dataset)
+
+
+@dataclass
+class DataContext:
+    """What a data adapter may need: the recipe folder, the built model (its input size and transform) and the
+    recipe location for error messages."""
+
+    folder: Path
+    model: Any = None
+    where: str = "data"
+
+
+from soupkit.eval.data import digits, folders, python_dataset  # noqa: E402, F401  (register the built-ins)
+
+__all__ = ["DataContext", "Source", "data", "data_adapter"]

@@ -1,0 +1,411 @@
+"""The Evaluator: build a model once from a recipe, then score many checkpoints on the recipe's data fast.
+
+Why it is fast: the model is built once and each candidate's weights are copied into it in place; every dataset
+is decoded and preprocessed once into tensors (on the GPU when they fit, else pinned memory; uint8 where the
+transform allows, normalised on the device per batch) that every later evaluation reuses; inference runs under
+``torch.inference_mode`` with bf16 autocast and channels_last on CUDA; a score cache on disk keyed by content
+skips checkpoints already scored; ``need_correct`` stops a hopeless greedy-soup candidate early, exactly.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process scores its contiguous shard of each dataset and the counts,
+losses and per-example masks are combined, so results equal a single process's. The process group is created
+on first use (gloo on the CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from soupkit.errors import CheckpointError, ParameterError, SoupkitError, unknown_choice
+from soupkit.eval import registry
+from soupkit.eval.cache import ScoreCache, source_fingerprint
+from soupkit.eval.recipe import HELDOUT, Recipe, load_recipe
+from soupkit.eval.result import DatasetResult, EvalResult
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(requested: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the CUDA device of this process if there is one, else the CPU; explicit devices are checked."""
+    text = str(requested or "auto")
+    if text == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ParameterError(f"device: expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError(f"device: {text!r} requested but CUDA is not available here; use --device cpu")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ParameterError(f"device: {text!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+        device = torch.device("cuda", index)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ParameterError("device: 'mps' requested but MPS is not available here")
+    return device
+
+
+class Evaluator:
+    """Scores checkpoints on a recipe's held-out and test data. Build once (``Evaluator.from_recipe``), call many
+    times: ``ev(path_or_state_dict) -> EvalResult``."""
+
+    heldout_name = HELDOUT
+
+    def __init__(self, recipe: Recipe, *, device: str | torch.device | None = None,
+                 cache_dir: str | Path | None = None, use_cache: bool = True):
+        from soupkit.eval.models import BuildContext
+
+        self.recipe = recipe
+        self.rank, self.world, local_rank = _distributed()
+        self.device = resolve_device(device if device is not None else recipe.device, local_rank)
+        if self.world > 1:
+            self._init_process_group()
+        precision = recipe.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self._channels_last = self.device.type == "cuda"
+        self.batch_size = recipe.batch_size
+        self.use_cache = use_cache
+        self.cache = ScoreCache(cache_dir)
+        self.forward_passes = 0
+        self._data: dict[str, Any] = {}
+        self._oom_warned = False
+
+        adapter = registry.models.get(recipe.model.kind)
+        where = f"{recipe.source}: model"
+        built = adapter.fn(**recipe.model.params, context=BuildContext(recipe.folder, self.device, where))
+        model = built.module.to(self.device).eval()
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self._built = built
+        self.model: torch.nn.Module = model
+        self._keys = {name: recipe.dataset_key(name, precision=precision, device_type=self.device.type)
+                      for name in recipe.datasets}
+
+    @classmethod
+    def from_recipe(cls, path_or_dict: str | Path | Mapping[str, Any] | Recipe, *,
+                    device: str | torch.device | None = None, cache_dir: str | Path | None = None,
+                    use_cache: bool = True) -> Evaluator:
+        """Build from a recipe path, bare recipe name (``"digits"``) or mapping; ``device`` overrides the recipe's."""
+        return cls(load_recipe(path_or_dict), device=device, cache_dir=cache_dir, use_cache=use_cache)
+
+    # ------------------------------------------------------------------------------------------- datasets
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """The held-out set first, then the test sets in recipe order."""
+        return list(self.recipe.datasets)
+
+    @property
+    def test_names(self) -> list[str]:
+        return self.recipe.test_names
+
+    @property
+    def shift_names(self) -> list[str]:
+        """Test sets marked (or defaulted, all but the first) as distribution shifts."""
+        return self.recipe.shift_names
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.recipe.datasets:
+            raise ParameterError(unknown_choice(f"dataset (recipe {self.recipe.source})", name, self.recipe.datasets))
+
+    def _prepared(self, name: str) -> Any:
+        """The dataset's ready tensors, decoded on first use."""
+        self._check_name(name)
+        if name not in self._data:
+            from soupkit.eval.data import DataContext
+            from soupkit.eval.prepare import prepare
+
+            spec = self.recipe.datasets[name]
+            adapter = registry.data.get(spec.kind)
+            source = adapter.fn(**spec.params, context=DataContext(self.recipe.folder, self._built, spec.where))
+            self._data[name] = prepare(spec, source, self._built, self.device, self.rank, self.world,
+                                       self.recipe.num_workers, self.batch_size)
+        return self._data[name]
+
+    def num_examples(self, dataset: str) -> int:
+        """Examples in ``dataset`` (over all processes)."""
+        return self._prepared(dataset).total
+
+    def batches(self, dataset: str, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) on the device, preprocessed and ready for ``ev.model``, in dataset order (this
+        process's shard under torchrun). For learned soups, Fisher information and BatchNorm recalibration."""
+        yield from self._batches(self._prepared(dataset), batch_size or self.batch_size)
+
+    def _batches(self, data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, data.n, batch_size):
+            x = data.images[start:start + batch_size].to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = x.float().div_(255.0)
+                if data.mean is not None:
+                    x = x.sub_(data.mean).div_(data.std)
+            if self._channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, data.labels[start:start + batch_size]
+
+    # -------------------------------------------------------------------------------------------- weights
+
+    def load_state(self, state_dict: Mapping[str, torch.Tensor], name: str = "<state dict>") -> None:
+        """Copy weights into the model in place. Keys and shapes must match the model exactly; tensors already
+        on the evaluator's device are copied device to device."""
+        if not all(torch.is_tensor(v) for v in state_dict.values()):
+            from soupkit.io import open_checkpoint
+
+            with open_checkpoint(state_dict, name=name) as reader:
+                self._load_reader(reader)
+            return
+        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+        targets = self._targets(shapes, name)
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(state_dict[key], non_blocking=True)
+
+    def _load_reader(self, reader: Any) -> None:
+        shapes = {k: tuple(reader.info(k).shape) for k in reader.keys()}
+        targets = self._targets(shapes, reader.name)
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(reader.get(key), non_blocking=True)
+
+    def _targets(self, shapes: Mapping[str, tuple[int, ...]], name: str) -> dict[str, torch.Tensor]:
+        targets = self.model.state_dict()
+        missing = [k for k in targets if k not in shapes]
+        unexpected = [k for k in shapes if k not in targets]
+        wrong = [k for k in targets if k in shapes and tuple(targets[k].shape) != shapes[k]]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} key(s) {_few(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} key(s) {_few(unexpected)}")
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k!r} is {shapes[k]} but the model has "
+                             f"{tuple(targets[k].shape)}")
+            raise CheckpointError(f"{name}: does not fit the recipe's model ({self.recipe.model.kind} "
+                                  f"{_model_label(self.recipe)}): {'; '.join(parts)}")
+        return targets
+
+    def _load_source(self, source: Any, label: str) -> None:
+        from soupkit.io import CheckpointReader, open_checkpoint
+
+        if isinstance(source, Mapping):
+            self.load_state(source, label)
+        elif isinstance(source, CheckpointReader):
+            self._load_reader(source)
+        else:
+            with open_checkpoint(source, name=label) as reader:
+                self._load_reader(reader)
+
+    # --------------------------------------------------------------------------------------------- scoring
+
+    def __call__(self, state_dict_or_path: Any) -> EvalResult:
+        return self.evaluate(state_dict_or_path)
+
+    def evaluate(self, state_or_path: Any, datasets: list[str] | None = None, *, need_correct: int | None = None,
+                 use_cache: bool | None = None, progress: bool = False) -> EvalResult:
+        """Score a checkpoint path or state dict on ``datasets`` (all when None).
+
+        ``need_correct`` (one dataset only): stop as soon as ``correct_so_far + remaining < need_correct``; the
+        result is then marked ``stopped_early`` (and not cached). Whether the checkpoint reaches
+        ``need_correct`` is decided exactly as by a full evaluation. Under torchrun it is ignored (full runs).
+        """
+        started = time.perf_counter()
+        names = list(self.dataset_names if datasets is None else datasets)
+        if isinstance(datasets, str):
+            raise ParameterError(f"datasets: expected a list of dataset names, got the string {datasets!r}")
+        for name in names:
+            self._check_name(name)
+        if need_correct is not None and len(names) != 1:
+            raise ParameterError(f"need_correct applies to exactly one dataset, got {len(names)}")
+        label = str(state_or_path) if isinstance(state_or_path, (str, Path)) else getattr(
+            state_or_path, "name", "<state dict>")
+        caching = self.use_cache if use_cache is None else use_cache
+        fingerprint = hits = None
+        if caching:
+            if isinstance(state_or_path, (str, Path)) and not Path(state_or_path).exists():
+                raise CheckpointError(f"{state_or_path}: no such checkpoint file")
+            fingerprint = source_fingerprint(state_or_path) if isinstance(state_or_path, (str, Path, Mapping)) \
+                else None
+        results: dict[str, DatasetResult] = {}
+        if fingerprint is not None:
+            hits = {name: self.cache.get(fingerprint, self._keys[name]) for name in names}
+            if self.world > 1:  # every process must agree, or some would wait for the others in a collective
+                agreed = self._all_min([1 if hits[n] is not None else 0 for n in names])
+                hits = {n: hits[n] if ok else None for n, ok in zip(names, agreed)}
+            for name, entry in hits.items():
+                if entry is not None:
+                    results[name] = DatasetResult(name, int(entry["correct"]), int(entry["n"]),
+                                                  entry["correct_mask"], entry.get("loss"), 0.0, False,
+                                                  int(entry["n"]), cached=True)
+        todo = [n for n in names if n not in results]
+        if todo:
+            self._load_source(state_or_path, label)
+            bar = _Progress(sum(-(-self._prepared(n).n // self.batch_size) for n in todo) if progress else 0, label)
+            try:
+                for name in todo:
+                    result = self._score(name, need_correct if self.world == 1 else None, bar)
+                    results[name] = result
+                    if fingerprint is not None and not result.stopped_early and self.rank == 0:
+                        self.cache.put(fingerprint, self._keys[name], correct=result.correct, n=result.n,
+                                       loss=result.loss, mask=result.correct_mask, seconds=result.seconds,
+                                       dataset=name)
+            finally:
+                bar.close()
+        return EvalResult({n: results[n] for n in names}, time.perf_counter() - started, label, fingerprint)
+
+    def _autocast(self) -> Any:
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
+
+    def _score(self, name: str, need_correct: int | None, bar: Any) -> DatasetResult:
+        started = time.perf_counter()
+        data = self._prepared(name)
+        total = data.total
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        masks: list[torch.Tensor] = []
+        seen, stopped = 0, False
+        with torch.inference_mode(), self._autocast():
+            for images, labels in self._batches(data, self.batch_size):
+                if need_correct is not None and int(correct) + (total - seen) < need_correct:
+                    stopped = True
+                    break
+                logits = self._logits(images)
+                if data.class_subset is not None:
+                    logits = logits.index_select(1, data.class_subset)
+                hit = logits.argmax(1) == labels
+                correct += hit.sum()
+                loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+                masks.append(hit)
+                seen += len(labels)
+                bar.advance()
+        mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=self.device)
+        if need_correct is not None and not stopped and seen < total and int(correct) + (total - seen) < need_correct:
+            stopped = True
+        if self.world > 1:
+            correct, loss, mask = self._combine(data, correct, loss, mask)
+            seen = total
+        count = int(correct)
+        mean_loss = float(loss) / seen if seen else None
+        return DatasetResult(name, count, total, mask.to("cpu", torch.bool), mean_loss,
+                             time.perf_counter() - started, stopped, seen)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's logits, in chunks that fit: on CUDA out-of-memory the chunk size halves and is kept."""
+        while True:
+            try:
+                chunk = min(self.batch_size, len(images))
+                outputs = []
+                for part in images.split(chunk):
+                    out = self.model(part)
+                    self.forward_passes += 1
+                    outputs.append(_logits_of(out))
+                return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise SoupkitError(f"out of GPU memory even with batch size 1 on {self.device}") from None
+                self.batch_size = max(1, min(self.batch_size, len(images)) // 2)
+                torch.cuda.empty_cache()
+                if not self._oom_warned:
+                    self._oom_warned = True
+                    warnings.warn(f"out of GPU memory: batch size lowered to {self.batch_size}", stacklevel=3)
+
+    # -------------------------------------------------------------------------------------------- torchrun
+
+    def _init_process_group(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    def _all_min(self, flags: list[int]) -> list[int]:
+        import torch.distributed as dist
+
+        tensor = torch.tensor(flags, dtype=torch.int64, device=self._collective_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor.tolist()
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _combine(self, data: Any, correct: torch.Tensor, loss: torch.Tensor, mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum counts and losses over processes; gather the per-example masks back into dataset order."""
+        import torch.distributed as dist
+
+        device = self._collective_device()
+        sums = torch.stack([correct.double(), loss]).to(device)
+        dist.all_reduce(sums)
+        sizes = [data.total * (r + 1) // self.world - data.total * r // self.world for r in range(self.world)]
+        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+        padded[: len(mask)] = mask.to(device, torch.uint8)
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded)
+        full = torch.cat([g[:size] for g, size in zip(gathered, sizes)]).bool()
+        return sums[0].round().long(), sums[1], full
+
+    def __repr__(self) -> str:
+        return (f"Evaluator({self.recipe.source!r}, model={self.recipe.model.kind}:{_model_label(self.recipe)}, "
+                f"datasets={self.dataset_names}, device={self.device}, precision={self.precision})")
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise SoupkitError(f"the model returned a {type(output).__name__}; expected logits (a tensor)")
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:3])
+    return f"({shown}{', ...' if len(keys) > 3 else ''})"
+
+
+def _model_label(recipe: Recipe) -> str:
+    params = recipe.model.params
+    return str(params.get("name") or params.get("factory") or "")
+
+
+class _Progress:
+    """A transient rich progress bar over an evaluation's batches on stderr (no-op when total is 0)."""
+
+    def __init__(self, total: int, label: str):
+        self._bar: Any = None
+        if total > 0:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task(f"eval {Path(label).name}", total=total)
+            self._bar.start()
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

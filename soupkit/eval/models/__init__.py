@@ -1,0 +1,62 @@
+"""Model adapters: each builds the ``nn.Module`` a recipe's ``model:`` section describes.
+
+An adapter is a function registered with ``@model_adapter("kind")`` whose signature is the recipe schema; it
+returns a ``BuiltModel`` (the module, randomly initialised unless a local ``weights`` file is given, plus the
+model's own evaluation preprocessing so data adapters can match it). Built-in kinds: ``open_clip``, ``timm``,
+``python``. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soupkit.eval.registry import model_adapter, models
+
+
+@dataclass
+class BuiltModel:
+    """A model plus what data preparation needs to know about its input.
+
+    ``transform``: the model's own evaluation transform (PIL image -> normalised tensor), when it has one.
+    ``input_size``: (channels, height, width) when known. ``mean``/``std``: normalisation applied to raw [0, 1]
+    pixels when there is no transform (``None`` = feed [0, 1] pixels as they are).
+    """
+
+    module: Any
+    transform: Any = None
+    input_size: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass
+class BuildContext:
+    """What an adapter may need from the evaluator: the recipe's folder (for its own relative paths) and the
+    device the model will run on (for one-off computations such as a zero-shot head)."""
+
+    folder: Path
+    device: Any = None
+    where: str = "model"
+
+
+def load_weights(module: Any, path: Path, where: str) -> None:
+    """Load a local weights file into ``module`` (strict), with a one-line error naming the recipe field."""
+    from soupkit.errors import RecipeError
+    from soupkit.io import load_checkpoint
+
+    if not path.exists():
+        raise RecipeError(f"{where}.weights: {path} does not exist")
+    state = load_checkpoint(path)
+    result = module.load_state_dict(state, strict=False)
+    bad = [*result.missing_keys, *result.unexpected_keys]
+    if bad:
+        raise RecipeError(f"{where}.weights: {path} does not fit the model: missing {result.missing_keys[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]}")
+
+
+# registers the built-in kinds
+from soupkit.eval.models import clip, python_factory, timm_models  # noqa: E402, F401
+
+__all__ = ["BuildContext", "BuiltModel", "load_weights", "model_adapter", "models"]
