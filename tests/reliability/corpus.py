@@ -379,6 +379,17 @@ for _what, _obj, _needle in (("a list", [1, 2, 3], "holds a list"), ("a string",
     case(f"pickle holding {_what}")(_not_state_dict)
 
 
+@case("stride-0 view claiming 4.4 TB in a 2 KB .pt")
+def _memory_bomb(w: Workspace) -> Expect:
+    # torch.save keeps the view: one stored float, shape 2**20 x 2**20 with stride (0, 0). Materialising it would
+    # need 4.4 TB; a reader must refuse it as a checkpoint error (not a RuntimeError from the allocator, nor
+    # an allocation that succeeds under overcommit and takes the machine's memory).
+    bomb = {**small_state(1), "layer.weight": torch.zeros(1).expand(2**20, 2**20)}
+    bad = w.pickle("bomb.pt", bomb, "zip")
+    return Expect(["convert", str(bad), w.out], (str(bad), "layer.weight"),
+                  w.canary)
+
+
 @case("state dict with a non-string key")
 def _int_key(w: Workspace) -> Expect:
     return merge_with(w, w.pickle("int_key.pt", {0: torch.ones(2), "b": torch.ones(2)}, "zip"), "not a string")
