@@ -216,8 +216,9 @@ class Evaluator:
 
     # --------------------------------------------------------------------------------------------- scoring
 
-    def __call__(self, state_dict_or_path: Any) -> EvalResult:
-        return self.evaluate(state_dict_or_path)
+    def __call__(self, state_dict_or_path: Any, datasets: list[str] | None = None, **options: Any) -> EvalResult:
+        """``evaluate`` (all datasets by default)."""
+        return self.evaluate(state_dict_or_path, datasets, **options)
 
     def evaluate(self, state_or_path: Any, datasets: list[str] | None = None, *, need_correct: int | None = None,
                  use_cache: bool | None = None, progress: bool = False) -> EvalResult:
@@ -241,7 +242,7 @@ class Evaluator:
         fingerprint = hits = None
         if caching:
             if isinstance(state_or_path, (str, Path)) and not Path(state_or_path).exists():
-                raise CheckpointError(f"{state_or_path}: no such checkpoint file")
+                raise CheckpointError(f"{state_or_path}: no such file")
             fingerprint = source_fingerprint(state_or_path) if isinstance(state_or_path, (str, Path, Mapping)) \
                 else None
         results: dict[str, DatasetResult] = {}
