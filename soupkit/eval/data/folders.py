@@ -11,8 +11,9 @@ from soupkit.eval.registry import data_adapter
 
 
 @data_adapter("imagefolder")
-def imagefolder(path: Path, *, context: object = None) -> Source:
-    """Images in ``path/<class>/*.jpg``; classes sorted by folder name (torchvision's ImageFolder order)."""
+def imagefolder(path: Path, numeric_classes: bool = False, *, context: object = None) -> Source:
+    """Images in ``path/<class>/*.jpg``; classes sorted by folder name (torchvision's ImageFolder order), or with
+    ``numeric_classes: true`` the folder names are the class ids themselves (ImageNet-V2's ``0`` ... ``999``)."""
     where = getattr(context, "where", "data")
     if not path.is_dir():
         raise RecipeError(f"{where}.path: {path} is not a folder")
@@ -22,6 +23,14 @@ def imagefolder(path: Path, *, context: object = None) -> Source:
         dataset = ImageFolder(str(path))
     except (FileNotFoundError, OSError) as error:
         raise RecipeError(f"{where}.path: {path}: {error}") from None
+    if numeric_classes:
+        try:
+            ids = [int(name) for name in dataset.classes]
+        except ValueError:
+            bad = next(n for n in dataset.classes if not n.isdigit())
+            raise RecipeError(f"{where}.numeric_classes: folder {bad!r} in {path} is not a class id") from None
+        dataset.samples = [(file, ids[label]) for file, label in dataset.samples]
+        dataset.targets = [label for _, label in dataset.samples]
     return Source(dataset=dataset)
 
 
