@@ -677,7 +677,7 @@ def _index_lies(w: Workspace) -> Expect:
 
 # --- configs and recipes -------------------------------------------------------------------------------------------
 
-EVAL_PENDING = "the evaluator (soupkit eval, soupkit/eval/) has not landed"
+EVAL_PENDING = "the `soupkit eval` command has not landed"
 
 
 @case("malformed merge config YAML")
@@ -704,18 +704,49 @@ def _config_field(w: Workspace) -> Expect:
     return Expect(["merge", "--config", str(config), "-o", w.out], (str(config), "modles"), w.canary)
 
 
-@case("malformed eval recipe YAML")
+MALFORMED_RECIPE = "model: {kind: python\ndata: [\n"
+MISSING_DATA_RECIPE = ("model: {kind: python, factory: soupkit.demo_train:digits_cnn, num_classes: 10}\n"
+                       "data:\n  heldout: {kind: imagefolder, path: no_such_data}\n")
+
+
+def digits_models(w: Workspace) -> list[str]:
+    """Two checkpoints of the model the recipes name (so the recipe's data is what fails)."""
+    from soupkit.demo_train import digits_cnn
+
+    state = {k: v.contiguous() for k, v in digits_cnn(num_classes=10).state_dict().items()}
+    return [str(w.good("a.safetensors", state=state)),
+            str(w.good("b.safetensors", state={k: v + 1 if v.is_floating_point() else v for k, v in state.items()}))]
+
+
+@case("malformed eval recipe YAML (greedy soup)")
+def _recipe_yaml_greedy(w: Workspace) -> Expect:
+    recipe = w.root / "recipe.yaml"
+    recipe.write_text(MALFORMED_RECIPE)
+    return Expect(["merge", *_two(w), "--method", "greedy", "--eval", str(recipe), "-o", w.out],
+                  (str(recipe), "not valid YAML", "line 2"), w.canary)
+
+
+@case("eval recipe naming missing data (greedy soup)")
+def _recipe_missing_greedy(w: Workspace) -> Expect:
+    recipe = w.root / "recipe.yaml"
+    recipe.write_text(MISSING_DATA_RECIPE)
+    return Expect(["merge", *digits_models(w), "--method", "greedy", "--eval", str(recipe), "-o", w.out],
+                  (str(recipe), "data.heldout.path", "no_such_data"), w.canary)
+
+
+@case("malformed eval recipe YAML (soupkit eval)")
 def _recipe_yaml(w: Workspace) -> Expect:
     recipe = w.root / "recipe.yaml"
-    recipe.write_text("name: digits\ndatasets:\n  held-out: {path: [unclosed\n")
-    return Expect(["eval", str(w.good()), "--eval", str(recipe)], (str(recipe),), w.canary, EVAL_PENDING)
+    recipe.write_text(MALFORMED_RECIPE)
+    return Expect(["eval", str(w.good()), "--eval", str(recipe)], (str(recipe), "not valid YAML"), w.canary,
+                  EVAL_PENDING)
 
 
-@case("eval recipe naming missing data")
+@case("eval recipe naming missing data (soupkit eval)")
 def _recipe_missing(w: Workspace) -> Expect:
     recipe = w.root / "recipe.yaml"
-    recipe.write_text("name: digits\ndatasets:\n  held-out:\n    path: no_such_data.npz\n")
-    return Expect(["eval", str(w.good()), "--eval", str(recipe)], (str(recipe), "no_such_data"), w.canary,
+    recipe.write_text(MISSING_DATA_RECIPE)
+    return Expect(["eval", digits_models(w)[0], "--eval", str(recipe)], (str(recipe), "no_such_data"), w.canary,
                   EVAL_PENDING)
 
 
