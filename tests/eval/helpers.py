@@ -29,3 +29,35 @@ def digits_recipe(**overrides: Any) -> dict[str, Any]:
     }
     recipe.update(overrides)
     return recipe
+
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_image_folder(root: Any, classes: int = 3, per_class: int = 4, seed: int = 0, names: list[str] | None = None
+                       ) -> Any:
+    """``root/<class>/<i>.png``: random RGB images of varied sizes (so the transform's resize really runs)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / (names[c] if names else f"class{c}")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def pil_dataset(n: int = 6, size: int = 24) -> list:
+    """A map-style dataset of (PIL image, label), for ``kind: python`` data."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    return [(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)), i % 2) for i in range(n)]
