@@ -89,7 +89,11 @@ class Judge:
 
     @property
     def test_names(self) -> list[str]:
-        return list(getattr(self.evaluator, "test_names", []) or []) if self.is_evaluator else []
+        # in-distribution test sets only: the evaluator's test_names include the shifts
+        if not self.is_evaluator:
+            return []
+        shifts = set(getattr(self.evaluator, "shift_names", []) or [])
+        return [n for n in getattr(self.evaluator, "test_names", []) or [] if n not in shifts]
 
     @property
     def shift_names(self) -> list[str]:
