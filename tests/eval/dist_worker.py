@@ -1,0 +1,31 @@
+"""Run under torchrun by test_distributed.py: every rank evaluates its shard; rank 0 writes the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from soupkit.eval import Evaluator
+
+
+def main(recipe: str, output: str, cache: str, *checkpoints: str) -> None:
+    ev = Evaluator.from_recipe(recipe, cache_dir=cache)
+    rows = []
+    for path in checkpoints:
+        result = ev(path)
+        rows.append({name: {"correct": r.correct, "n": r.n, "loss": r.loss, "cached": r.cached,
+                            "mask": r.correct_mask.int().tolist()} for name, r in result.datasets.items()})
+    local = sum(len(y) for name in ev.dataset_names for _, y in ev.batches(name))
+    again = ev(checkpoints[0])  # every rank must agree the cache holds it
+    if int(os.environ["RANK"]) == 0:
+        with open(output, "w") as handle:
+            json.dump({"rows": rows, "local_examples": local, "world": ev.world,
+                       "cached_again": all(r.cached for r in again.datasets.values()),
+                       "backend": torch.distributed.get_backend()}, handle)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
