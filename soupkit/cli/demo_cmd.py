@@ -30,7 +30,9 @@ def demo(
     console = Console(stderr=True, highlight=False)
     result = run_demo(out, ingredients=ingredients, seed=seed, quick=quick, device=device,
                       log=lambda line: console.print(f"[dim]{line}[/dim]"), progress=sys.stderr.isatty())
-    Console(highlight=False).print(results_table(result.rows))
-    Console(highlight=False).print(result.summary)
+    stdout = Console(highlight=False)
+    wide = Console(highlight=False, width=max(stdout.width, 118))  # nine columns of numbers need the room
+    wide.print(results_table(result.rows))
+    stdout.print(result.summary)
     console.print(f"wrote {out / 'demo.json'}, " + ", ".join(str(out / name) for name in result.files)
                   + f" in {result.seconds:.0f} s")
