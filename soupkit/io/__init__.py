@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from soupkit.errors import CheckpointError, OutputError
-from soupkit.io.atomic import OutputSet, check_output_path
+from soupkit.io.atomic import OutputSet, check_derived_output, check_output_path
 from soupkit.io.base import CheckpointReader, TensorInfo
 from soupkit.io.provenance import creation_time, fingerprint, provenance_metadata, quick_fingerprint
 from soupkit.io.safetensors_io import SafetensorsReader, SafetensorsWriter, looks_like_safetensors
@@ -175,6 +175,9 @@ class CheckpointSink:
             self._writers = {info.key: writer for info in plan}
             return
         names = shard_names(output, len(groups))
+        self._result = index_path(output)
+        for derived in (*names, self._result):  # named only now: checked like the output itself
+            check_derived_output(derived, output)
         weight_map = {}
         for shard_path, group in zip(names, groups):
             writer = SafetensorsWriter(outputs.open(shard_path), group, self._metadata, str(shard_path))
@@ -183,7 +186,6 @@ class CheckpointSink:
                 weight_map[info.key] = shard_path.name
         index = {"metadata": {"total_size": sum(i.nbytes for i in plan), **self._metadata},
                  "weight_map": weight_map}
-        self._result = index_path(output)
         outputs.open(self._result).write(json.dumps(index, indent=2).encode())
 
     def dtype_of(self, key: str) -> torch.dtype:

@@ -19,21 +19,42 @@ from soupkit.errors import OutputError
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
+#: what ``check_output_path`` was told about each output it approved, so that files derived from that output
+#: once the tensors are planned (the shards and index of a sharded write) get the same checks
+_approved: dict[Path, tuple[tuple[Path, ...], bool]] = {}
+
+
 def check_output_path(path: str | Path, *, inputs: Iterable[Path] = (), force: bool = False) -> Path:
     """Refuse outputs that would lose data or fail late; returns the path. Called before reading tensors."""
     out = Path(path)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise OutputError(f"{out}: output must end in .safetensors (or .pt/.pth/.bin for torch.save)")
+    protected = tuple(Path(p) for p in inputs)
+    _check(out, protected, force)
+    _approved[out.absolute()] = (protected, force)
+    return out
+
+
+def check_derived_output(path: str | Path, main: str | Path) -> Path:
+    """Check a file derived from the approved output ``main`` (a shard or the index of a sharded write) the way
+    ``main`` was checked: never one of its inputs, and replaced only with ``force``."""
+    protected, force = _approved.get(Path(main).absolute(), ((), False))
+    out = Path(path)
+    _check(out, protected, force)
+    return out
+
+
+def _check(out: Path, inputs: tuple[Path, ...], force: bool) -> None:
     if out.is_dir():
         raise OutputError(f"{out}: output path is a directory; give a file name like {out / 'soup.safetensors'}")
     resolved = out.resolve()
-    for source in inputs:
-        source_path = Path(source)
+    for source_path in inputs:
         same = source_path.resolve() == resolved
         if not same and out.exists() and source_path.exists():
             same = os.path.samefile(source_path, out)
         if same:
-            raise OutputError(f"{out}: output would overwrite the input {source}; soupkit never modifies inputs")
+            raise OutputError(f"{out}: output would overwrite the input {source_path}; soupkit never modifies "
+                              f"inputs")
     if out.exists() and not force:
         raise OutputError(f"{out}: output exists; pass --force (force=True) to overwrite it")
     parent = _existing_ancestor(out.parent)
@@ -41,7 +62,6 @@ def check_output_path(path: str | Path, *, inputs: Iterable[Path] = (), force: b
         raise OutputError(f"{out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: output directory {parent} is not writable")
-    return out
 
 
 def _existing_ancestor(path: Path) -> Path:

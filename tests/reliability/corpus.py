@@ -588,6 +588,29 @@ def _output_is_shard(w: Workspace) -> Expect:
                   (str(shard), "would overwrite the input"), w.canary)
 
 
+@case("sharded output whose shard name is an input")
+def _shard_is_input(w: Workspace) -> Expect:
+    # soup.safetensors with --shard-size 40B writes soup-0000{1,2,3}-of-00003.safetensors: never over an input
+    victim = w.good("soup-00001-of-00003.safetensors", 1)
+    return Expect(["merge", str(victim), str(w.good("b.safetensors", 2)), "-o", w.out, "--shard-size", "40B",
+                   "--force"], (str(victim), "would overwrite the input"), w.canary)
+
+
+@case("sharded output whose index is the input")
+def _index_is_input(w: Workspace) -> Expect:
+    from soupkit.io import save_checkpoint
+
+    index = save_checkpoint(small_state(1), w.root / "soup.safetensors", shard_size=40)
+    return Expect(["convert", str(index), w.out, "--shard-size", "40B", "--force"],
+                  ("would overwrite the input",), w.canary)
+
+
+@case("sharded output over existing shards without --force")
+def _shards_exist(w: Workspace) -> Expect:
+    existing = w.write("soup-00002-of-00003.safetensors", b"an earlier run's shard")
+    return Expect(["merge", *_two(w), "-o", w.out, "--shard-size", "40B"], (str(existing), "--force"), w.canary)
+
+
 @case("output exists without --force")
 def _exists(w: Workspace) -> Expect:
     a, b = _two(w)
