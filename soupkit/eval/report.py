@@ -1,0 +1,163 @@
+"""Scoring several checkpoints with one evaluator, and the report of it: a rich table (checkpoints x datasets,
+plus the mean over the shift sets), JSON and CSV. ``soupkit eval`` is ``evaluate_checkpoints`` + this report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soupkit.errors import CheckpointError, OutputError, ParameterError
+
+MEAN_SHIFT = "mean shift"
+
+
+@dataclass
+class EvalReport:
+    """Results of several checkpoints on the same recipe."""
+
+    recipe: str
+    dataset_names: list[str]
+    shift_names: list[str]
+    results: list[Any] = field(default_factory=list)  # EvalResult per checkpoint, in input order
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per checkpoint: accuracy per dataset and the mean over shift sets (None where missing)."""
+        out = []
+        for result in self.results:
+            row: dict[str, Any] = {"checkpoint": result.checkpoint}
+            for name in self.dataset_names:
+                row[name] = result.datasets[name].accuracy if name in result.datasets else None
+            if self.shift_names:
+                row[MEAN_SHIFT] = result.mean_accuracy(self.shift_names)
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "device": self.device, "precision": self.precision,
+                "datasets": self.dataset_names, "shifts": self.shift_names,
+                "checkpoints": [{**r.to_dict(), "mean_shift": r.mean_accuracy(self.shift_names)}
+                                for r in self.results]}
+
+    def to_csv(self) -> str:
+        columns = ["checkpoint", *self.dataset_names, *([MEAN_SHIFT] if self.shift_names else [])]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in self.rows():
+            writer.writerow(["" if row[c] is None else (f"{row[c]:.6f}" if isinstance(row[c], float) else row[c])
+                             for c in columns])
+        return buffer.getvalue()
+
+    def table(self) -> Any:
+        """A rich table: accuracy in percent per dataset (shift sets in italics) and their mean."""
+        from rich.table import Table
+
+        table = Table(title=f"{Path(self.recipe).stem}  ({self.device}, {self.precision}), accuracy %",
+                      title_justify="left")
+        labels, _ = _labels([str(r.checkpoint) for r in self.results])
+        table.add_column("checkpoint", no_wrap=True, min_width=min(max(map(len, labels), default=10), 40),
+                         overflow="ellipsis")
+        for name in self.dataset_names:
+            table.add_column(name, justify="right", header_style="italic" if name in self.shift_names else None)
+        if self.shift_names:
+            table.add_column(MEAN_SHIFT, justify="right", style="bold")
+        for label, row in zip(labels, self.rows()):
+            cells = [label, *(_pct(row[name]) for name in self.dataset_names)]
+            if self.shift_names:
+                cells.append(_pct(row[MEAN_SHIFT]))
+            table.add_row(*cells)
+        return table
+
+    def notes(self) -> list[str]:
+        """Lines to print under the table: the common folder, the shift sets, how many scores were cached."""
+        _, folder = _labels([str(r.checkpoint) for r in self.results])
+        notes = [f"checkpoints in {folder}"] if folder else []
+        if self.shift_names:
+            notes.append(f"mean shift = mean over {', '.join(self.shift_names)}")
+        cached = sum(r.datasets[n].cached for r in self.results for n in r.datasets)
+        if cached:
+            notes.append(f"{cached} of {sum(len(r.datasets) for r in self.results)} scores from the score cache "
+                         "(--no-cache to score again)")
+        return notes
+
+    def write(self, path: str | Path, kind: str) -> Path:
+        """Write the JSON (``kind="json"``) or CSV report atomically."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n" if kind == "json" else self.to_csv()
+        return _write_text(Path(path), text, f"--{kind}")
+
+
+def _labels(names: list[str]) -> tuple[list[str], str | None]:
+    """Checkpoint names without their common folder (named once in the caption instead)."""
+    parents = {os.path.dirname(n) for n in names}
+    if len(parents) == 1 and (folder := parents.pop()):
+        return [os.path.basename(n) for n in names], folder
+    return [_short(n) for n in names], None
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _check_output(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise OutputError(f"{option}: {path} is a directory")
+    if not path.parent.is_dir():
+        raise OutputError(f"{option}: folder {path.parent} does not exist")
+
+
+def _write_text(path: Path, text: str, option: str) -> Path:
+    _check_output(path, option)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def evaluate_checkpoints(checkpoints: Sequence[str | Path], recipe: Any, *, device: str | None = None,
+                         datasets: Sequence[str] | None = None, cache_dir: str | Path | None = None,
+                         use_cache: bool = True, progress: bool = False, json_path: str | Path | None = None,
+                         csv_path: str | Path | None = None) -> EvalReport:
+    """Score every checkpoint on the recipe's datasets (all, or ``datasets``) with one evaluator; optionally
+    write the JSON / CSV report (by the first process only, under torchrun).
+
+    Inputs and output folders are checked before the model is built, so a typo fails in milliseconds.
+    """
+    from soupkit.eval.evaluator import Evaluator
+
+    if isinstance(checkpoints, (str, Path)) or not checkpoints:
+        raise ParameterError("give at least one checkpoint to evaluate")
+    for path in checkpoints:
+        if not Path(path).exists():
+            raise CheckpointError(f"{path}: no such file")
+    outputs = {kind: Path(p) for kind, p in (("json", json_path), ("csv", csv_path)) if p is not None}
+    for kind, out in outputs.items():
+        _check_output(out, f"--{kind}")
+    ev = recipe if isinstance(recipe, Evaluator) else Evaluator.from_recipe(recipe, device=device,
+                                                                            cache_dir=cache_dir, use_cache=use_cache)
+    names = list(datasets) if datasets else ev.dataset_names
+    report = EvalReport(ev.recipe.source, names, [n for n in ev.shift_names if n in names], device=str(ev.device),
+                        precision=ev.precision)
+    for path in checkpoints:
+        report.results.append(ev.evaluate(path, names, progress=progress))
+    if ev.rank == 0:
+        for kind, out in outputs.items():
+            report.write(out, kind)
+    return report
