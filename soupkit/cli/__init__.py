@@ -41,6 +41,11 @@ def _prog(args: list[str]) -> str:
     return f"soupkit {sub}" if sub else "soupkit"
 
 
+def _one_line(message: str) -> str:
+    """Control characters (a newline in a file or tensor name) escaped, so an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``soupkit`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         # one line per warning, like errors; library code raises them with warnings.warn
-        print(f"{_prog(args)}: warning: {message}", file=sys.stderr)
+        print(f"{_prog(args)}: warning: {_one_line(str(message))}", file=sys.stderr)
 
     try:
         with warnings.catch_warnings():
@@ -66,13 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except SoupkitError as err:
-        print(f"{_prog(args)}: error: {err}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {_one_line(str(err))}", file=sys.stderr)
         sys.exit(err.exit_code)
     except click_errors.NoArgsIsHelpError:
         sys.exit(0)
     except click_errors.UsageError as err:
         # one line instead of click's usage box; still names the option at fault
-        print(f"{_prog(args)}: error: {err.format_message()} (see --help)", file=sys.stderr)
+        print(f"{_prog(args)}: error: {_one_line(err.format_message())} (see --help)", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
@@ -86,5 +91,5 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except click_errors.ClickException as err:
-        print(f"{_prog(args)}: error: {err.format_message()}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {_one_line(err.format_message())}", file=sys.stderr)
         sys.exit(2)

@@ -164,7 +164,7 @@ class CheckpointSink:
         self._outputs = outputs
         self._metadata = metadata or {}
         self._result: Path | None = output
-        if output is None or output.suffix != ".safetensors":
+        if output is None or output.suffix.lower() != ".safetensors":
             self._tensors = {}
             return
         assert outputs is not None

@@ -87,6 +87,8 @@ class SafetensorsReader(CheckpointReader):
             header = json.loads(raw)
         except (UnicodeDecodeError, ValueError):
             raise self._fail("header is not valid JSON (truncated or corrupt)") from None
+        except RecursionError:  # "[[[[...": valid JSON nested deeper than Python's stack
+            raise self._fail("header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}

@@ -22,7 +22,7 @@ class ShardedReader(CheckpointReader):
             index = json.loads(self.path.read_text())
         except OSError as err:
             raise CheckpointError(f"{self.name}: cannot read index: {err.strerror}") from None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
             raise CheckpointError(f"{self.name}: shard index is not valid JSON") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(

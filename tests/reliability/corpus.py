@@ -299,6 +299,20 @@ def _non_object(w: Workspace) -> Expect:
     return merge_with(w, w.write("list.safetensors", safetensors_bytes([1, 2, 3])), "not a JSON object")
 
 
+@case("safetensors header nested 100000 deep")
+def _deep_header(w: Workspace) -> Expect:
+    raw = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    return merge_with(w, w.write("deep.safetensors", safetensors_bytes(None, raw_header=raw)), "nested too deeply")
+
+
+@case("file name with a newline")
+def _newline_name(w: Workspace) -> Expect:
+    bad = w.write("ev\nil.safetensors", b"garbage")
+    expect = merge_with(w, bad, "too short")
+    expect.needles = (str(bad).replace("\n", "\\n"), "too short")  # escaped: the error stays one line
+    return expect
+
+
 @case("safetensors overlapping offsets")
 def _overlap(w: Workspace) -> Expect:
     header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
@@ -676,6 +690,13 @@ for _escape in ("../x.safetensors", "/etc/passwd", "sub/../../good.safetensors")
     case(f"index shard path escapes the folder ({_escape})")(_escaping)
 
 
+@case("index JSON nested 100000 deep")
+def _index_deep(w: Workspace) -> Expect:
+    index, _ = _sharded(w)
+    index.write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return merge_with(w, index, "not valid JSON")
+
+
 @case("index that is not JSON")
 def _index_garbage(w: Workspace) -> Expect:
     index, _ = _sharded(w)
@@ -718,6 +739,13 @@ def _config_missing(w: Workspace) -> Expect:
     return Expect(["merge", "--config", str(config), "-o", w.out], (str(config), "gone.safetensors"), w.canary)
 
 
+@case("merge config YAML nested 5000 deep")
+def _config_deep(w: Workspace) -> Expect:
+    config = w.root / "merge.yaml"
+    config.write_text("method: " + "[" * 5000 + "]" * 5000 + "\n")
+    return Expect(["merge", "--config", str(config), "-o", w.out], (str(config),), w.canary)
+
+
 @case("merge config with an unknown field")
 def _config_field(w: Workspace) -> Expect:
     config = w.root / "merge.yaml"
@@ -755,6 +783,14 @@ def _recipe_missing_greedy(w: Workspace) -> Expect:
     recipe.write_text(MISSING_DATA_RECIPE)
     return Expect(["merge", *digits_models(w), "--method", "greedy", "--eval", str(recipe), "-o", w.out],
                   (str(recipe), "data.heldout.path", "no_such_data"), w.canary)
+
+
+@case("eval recipe YAML nested 5000 deep (greedy soup)")
+def _recipe_deep(w: Workspace) -> Expect:
+    recipe = w.root / "recipe.yaml"
+    recipe.write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    return Expect(["merge", *_two(w), "--method", "greedy", "--eval", str(recipe), "-o", w.out], (str(recipe),),
+                  w.canary)
 
 
 @case("malformed eval recipe YAML (soupkit eval)")

@@ -37,3 +37,14 @@ def test_reading_a_torch_checkpoint_leaks_no_file(tmp_path: Path, cli, layout: s
         with warnings.catch_warnings():  # collect a leaked file here, not in some later test
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
+
+
+def test_uppercase_safetensors_suffix_writes_safetensors(tmp_path: Path, cli) -> None:
+    """`-o soup.SAFETENSORS` passed the suffix check case-insensitively but was then written with torch.save."""
+    from soupkit.io.safetensors_io import SafetensorsReader
+
+    a, b = (soupkit.save_checkpoint(small_state(i), tmp_path / f"m{i}.safetensors") for i in range(2))
+    result = cli("merge", a, b, "-o", tmp_path / "soup.SAFETENSORS", "-q")
+    assert result.code == 0, result.err
+    with soupkit.open_checkpoint(tmp_path / "soup.SAFETENSORS") as reader:
+        assert isinstance(reader, SafetensorsReader)
