@@ -34,6 +34,7 @@ MAX_CLAIM = 256 << 20
 INTERESTING = [0, 1, 7, 8, 255, 256, 2**15, 2**16, 2**31 - 1, 2**31, 2**32, 2**53, 2**62, 2**63 - 1, 2**64 - 1]
 DTYPE_CODES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "C64", "F8_E4M3", "U64",
                "F4", "", "f32", None, 3]
+NEST = "<nested lists>"  # placeholder json.dumps cannot recurse into; replaced in the serialized header
 JSON_VALUES = [None, True, -1, 0, 1, 2**40, 2**64, 1.5, "x", [], [1], [[1]], [-1, 4], [0, 2**62], {}, {"a": "b"}]
 
 
@@ -97,11 +98,14 @@ def apply_byte_edit(data: bytes, edit: tuple) -> bytes:
 
 @st.composite
 def header_edit(draw: st.DrawFn) -> tuple:
-    field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "entry", "metadata", "drop", "length", "rename"]))
+    field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "entry", "metadata", "drop", "length", "rename",
+                                  "nest"]))
     if field == "dtype":
         return field, draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from(DTYPE_CODES))
     if field == "length":
         return field, draw(st.sampled_from([-8, -1, 1, 8, 2**20, 2**40]))
+    if field == "nest":  # valid JSON nested deeper than any recursive parser's stack
+        return field, draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from([100, 5000, 100_000])), 0
     return field, draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from(JSON_VALUES)), draw(
         st.integers(-2, 2))
 
@@ -111,7 +115,7 @@ def apply_header_edit(data: bytes, edit: tuple) -> bytes:
     try:
         (length,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + length])
-    except (struct.error, ValueError):
+    except (struct.error, ValueError, RecursionError):  # RecursionError: an earlier 'nest' edit
         return data
     if not isinstance(header, dict):
         return data
@@ -143,7 +147,11 @@ def apply_header_edit(data: bytes, edit: tuple) -> bytes:
         entry.pop(["dtype", "shape", "data_offsets"][abs(edit[3]) % 3], None)
     elif field == "rename":
         header[f"{key}\u0000{edit[3]}"] = header.pop(key)
+    elif field == "nest":
+        header[key] = NEST
     raw = json.dumps(header).encode()
+    if field == "nest":
+        raw = raw.replace(json.dumps(NEST).encode(), b"[" * edit[2] + b"]" * edit[2])
     return struct.pack("<Q", len(raw)) + raw + body
 
 
