@@ -71,6 +71,7 @@ class Evaluator:
         from soupkit.eval.models import BuildContext
 
         self.recipe = recipe
+        _check_paths(recipe)  # a typo in a data path fails now, not after the model is built
         self.rank, self.world, local_rank = _distributed()
         self.device = resolve_device(device if device is not None else recipe.device, local_rank)
         if self.world > 1:
@@ -367,6 +368,18 @@ class Evaluator:
     def __repr__(self) -> str:
         return (f"Evaluator({self.recipe.source!r}, model={self.recipe.model.kind}:{_model_label(self.recipe)}, "
                 f"datasets={self.dataset_names}, device={self.device}, precision={self.precision})")
+
+
+def _check_paths(recipe: Recipe) -> None:
+    """Every file or folder the recipe names must exist (errors name the recipe field)."""
+    from soupkit.errors import RecipeError
+
+    specs = [(f"{recipe.source}: model", recipe.model.params),
+             *((spec.where, spec.params) for spec in recipe.datasets.values())]
+    for where, params in specs:
+        for key, value in params.items():
+            if isinstance(value, Path) and not value.exists():
+                raise RecipeError(f"{where}.{key}: {value} does not exist")
 
 
 def _logits_of(output: Any) -> torch.Tensor:

@@ -56,9 +56,12 @@ def test_timm_errors_name_the_field(tmp_path):
         Evaluator.from_recipe(timm_recipe(folder, name="test_resnt"))
     with pytest.raises(RecipeError, match=r"model.weights: .*absent.safetensors does not exist"):
         Evaluator.from_recipe(timm_recipe(folder, weights=str(tmp_path / "absent.safetensors")))
-    ev = Evaluator.from_recipe(timm_recipe(tmp_path / "nowhere"))
-    with pytest.raises(RecipeError, match=r"data.heldout.path: .*nowhere is not a folder"):
-        ev.batches("heldout").__next__()
+    with pytest.raises(RecipeError, match=r"<recipe>: data.heldout.path: .*nowhere does not exist"):
+        Evaluator.from_recipe(timm_recipe(tmp_path / "nowhere"))  # checked before the model is built
+    (tmp_path / "file.png").write_bytes(b"")
+    ev = Evaluator.from_recipe(timm_recipe(tmp_path / "file.png"))
+    with pytest.raises(RecipeError, match=r"data.heldout.path: .*file.png is not a folder"):
+        ev.num_examples("heldout")
 
 
 @pytest.fixture

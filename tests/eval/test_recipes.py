@@ -73,13 +73,12 @@ def test_unset_variables_and_missing_files(tmp_path, monkeypatch):
     assert error_of(bad).startswith(f"{bad}: not valid YAML (line 2)")
     bad.write_text("- a list\n")
     assert "a recipe is a mapping" in error_of(bad)
-    # a missing data file is reported when the data is first needed, naming the recipe field
+    # a missing data file is reported when the evaluator is built, before the model, naming the recipe field
     from soupkit.eval import Evaluator
 
     recipe = digits_recipe(data={"heldout": {"kind": "tensors", "path": "held.safetensors"}})
-    ev = Evaluator.from_recipe(write(tmp_path, recipe), use_cache=False)
     with pytest.raises(RecipeError, match=rf"{tmp_path / 'recipe.yaml'}: data.heldout.path: .*held.safetensors does"):
-        ev.num_examples("heldout")
+        Evaluator.from_recipe(write(tmp_path, recipe), use_cache=False)
 
 
 def test_relative_paths_resolve_against_the_recipe(tmp_path, monkeypatch):
