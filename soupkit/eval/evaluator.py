@@ -239,6 +239,10 @@ class Evaluator:
             raise ParameterError(f"need_correct applies to exactly one dataset, got {len(names)}")
         label = str(state_or_path) if isinstance(state_or_path, (str, Path)) else getattr(
             state_or_path, "name", "<state dict>")
+        if isinstance(state_or_path, Mapping) and not all(torch.is_tensor(v) for v in state_or_path.values()):
+            from soupkit.io import StateDictReader  # {"state_dict": ...}, "module." prefixes, ...
+
+            state_or_path = StateDictReader(state_or_path, name=label).state_dict
         caching = self.use_cache if use_cache is None else use_cache
         fingerprint = hits = None
         if caching:

@@ -46,8 +46,10 @@ def test_scores_equal_a_hand_computation(trained, tmp_path):
 def test_state_dict_and_path_give_the_same_result(trained, tmp_path):
     ev = Evaluator.from_recipe(digits_recipe(), use_cache=False)
     by_path, by_state = ev(trained.paths[2]), ev(trained.states[2])
+    wrapped = Evaluator.from_recipe(digits_recipe(), cache_dir=tmp_path)({"epoch": 3, "state_dict": trained.states[2]})
     for name in ev.dataset_names:
         assert torch.equal(by_path[name].correct_mask, by_state[name].correct_mask)
+        assert torch.equal(wrapped[name].correct_mask, by_state[name].correct_mask)
 
 
 def test_second_evaluation_is_served_from_the_cache(trained, tmp_path):
