@@ -177,17 +177,10 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
         return source
     if isinstance(source, Mapping):
         return _parse(dict(source), "<recipe>", Path.cwd())
-    import yaml
+    from soupkit.yaml_file import read_yaml
 
     path = find_recipe(source)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"{path}: cannot read recipe: {error}") from None
+    data = read_yaml(path, "recipe")
     if not isinstance(data, Mapping):
         raise RecipeError(f"{path}: a recipe is a mapping with keys model, data, batch_size, device, precision")
     return _parse(dict(data), str(path), path.parent.absolute())

@@ -63,14 +63,9 @@ def load_merge_config(path_or_dict: str | Path | Mapping[str, Any]) -> MergeConf
     path = Path(path_or_dict)
     if not path.is_file():
         raise RecipeError(f"{path}: no such merge config file")
-    import yaml
+    from soupkit.yaml_file import read_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    data = read_yaml(path, "merge config")
     if not isinstance(data, Mapping):
         raise RecipeError(f"{path}: a merge config is a mapping with fields {', '.join(FIELDS)}")
     return _Parser(str(path), path.resolve().parent).parse(data)
