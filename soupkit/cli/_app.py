@@ -7,6 +7,8 @@ argument errors answer without loading torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 app = typer.Typer(
@@ -50,3 +52,12 @@ def parse_size(value: str, option: str) -> int:
     if size <= 0:
         raise ParameterError(f"{option}: must be positive, got {value!r}")
     return size
+
+
+def wide_console(*, stderr: bool = False, min_width: int = 120) -> Any:
+    """A rich console at least ``min_width`` columns wide: result tables (one column per dataset) stay readable
+    when stdout is a pipe or a narrow terminal instead of being squeezed to 80 columns."""
+    from rich.console import Console
+
+    width = Console(stderr=stderr).width
+    return Console(stderr=stderr, highlight=False, width=max(width, min_width))

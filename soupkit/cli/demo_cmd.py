@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app
+from soupkit.cli._app import app, wide_console
 
 
 @app.command(epilog="Examples:\n\n  soupkit demo\n\n  soupkit demo --ingredients 8 --seed 1 --out runs/demo\n\n"
@@ -30,9 +30,7 @@ def demo(
     console = Console(stderr=True, highlight=False)
     result = run_demo(out, ingredients=ingredients, seed=seed, quick=quick, device=device,
                       log=lambda line: console.print(f"[dim]{line}[/dim]"), progress=sys.stderr.isatty())
-    stdout = Console(highlight=False)
-    wide = Console(highlight=False, width=max(stdout.width, 118))  # nine columns of numbers need the room
-    wide.print(results_table(result.rows))
-    stdout.print(result.summary)
+    wide_console().print(results_table(result.rows))
+    Console(highlight=False).print(result.summary)
     console.print(f"wrote {out / 'demo.json'}, " + ", ".join(str(out / name) for name in result.files)
                   + f" in {result.seconds:.0f} s")

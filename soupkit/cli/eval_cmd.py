@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app
+from soupkit.cli._app import app, wide_console
 
 
 @app.command("eval", epilog="Examples:\n\n"
@@ -46,9 +46,7 @@ def eval_command(
     import os
 
     if not quiet and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first process reports
-        from rich.console import Console
-
-        console = Console(highlight=False)
+        console = wide_console()
         console.print(report.table())
         for note in report.notes():
             console.print(note, style="dim", soft_wrap=True)

@@ -18,7 +18,7 @@ BUILTIN_METHODS = "uniform, linear, wise, task_arithmetic, ties, dare_linear, da
 # Options shared by merge and wise: (name, help) pairs keep the two commands in step.
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output file (.safetensors, or .pt).", show_default=False)]
 Dtype = Annotated[str | None, typer.Option(help="Output dtype for floating tensors: fp32, fp16 or bf16 "
-                                                "[default: each tensor's input dtype].", show_default=False)]
+                                                "\\[default: each tensor's input dtype].", show_default=False)]
 Precise = Annotated[bool, typer.Option("--precise", help="Accumulate in float64 instead of float32.")]
 Device = Annotated[str, typer.Option(help="Where the arithmetic runs: cpu, cuda, cuda:N or auto.")]
 ShardSize = Annotated[str | None, typer.Option(help="Write Hugging Face-style shards of at most this size "
@@ -37,7 +37,7 @@ EvalRecipe = Annotated[str | None, typer.Option("--eval", help="Evaluation recip
                                                               "for greedy/learned soups and α sweeps.",
                                                 show_default=False)]
 ReportDir = Annotated[Path | None, typer.Option(help="Folder for the JSON report and plots "
-                                                     "[default: next to the output].", show_default=False)]
+                                                     "\\[default: next to the output].", show_default=False)]
 
 
 def _show_progress(quiet: bool) -> bool:
@@ -74,7 +74,7 @@ def merge(
     output: Output = ...,  # type: ignore[assignment]
     method: Annotated[str | None, typer.Option("--method", "-m", help=f"Merge method: {BUILTIN_METHODS}; or a "
                                                "soup algorithm needing --eval: greedy, learned. `soupkit methods` "
-                                               "lists them. [default: uniform, or linear with --weights]",
+                                               "lists them. \\[default: uniform, or linear with --weights]",
                                                show_default=False)] = None,
     weights: Annotated[str | None, typer.Option(help="Per-model weights, comma-separated (linear, task "
                                                      "arithmetic, TIES, DARE, fisher).", show_default=False)] = None,
@@ -184,7 +184,7 @@ def wise(
                                             "(one output each) or a range start:stop:step.")] = "0.5",
     evaluate: EvalRecipe = None,
     select: Annotated[str | None, typer.Option(help="With --eval: choose α by this dataset's accuracy "
-                                                    "[default: held-out].", show_default=False)] = None,
+                                                    "\\[default: held-out].", show_default=False)] = None,
     fisher: Annotated[str | None, typer.Option(help="ZS_FISHER,FT_FISHER: Fisher-weighted interpolation "
                                                     "(with --eval).", show_default=False)] = None,
     fisher_floor: Annotated[float, typer.Option(help="Floor applied to Fisher values.")] = 1e-8,
