@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import functools
-import io
 import math
 import os
 import pickle
@@ -964,7 +963,7 @@ class _Loader:
 
     def _load_zip(self) -> Any:
         try:
-            archive = zipfile.ZipFile(io.FileIO(self.path, "r"))
+            archive = zipfile.ZipFile(self.path)  # owns (and closes) its file
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
             raise _Problem(f"truncated or corrupt zip archive ({err})") from None
         self.archive = archive
