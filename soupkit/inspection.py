@@ -129,13 +129,15 @@ def convert(source: CheckpointSource, output: str | Path, *, dtype: str | None =
 
     reader = open_checkpoint(source, ema=ema)
     try:
-        out = check_output_path(output, inputs=input_files(reader), force=force)
+        protected = input_files(reader)
+        out = check_output_path(output, inputs=protected, force=force)
         target = parse_dtype(dtype)
         keys = reader.keys()
         metadata = provenance_metadata("convert", {"dtype": dtype, "ema": ema},
                                        [ingredient_record(reader.name, reader.path, reader.nbytes)])
         with OutputSet() as files:
-            sink = CheckpointSink(out, output_plan([reader], keys, target), metadata, files, shard_size)
+            sink = CheckpointSink(out, output_plan([reader], keys, target), metadata, files, shard_size,
+                                  protect=protected, force=force)
             for key in keys:
                 sink.write(key, reader.get(key).to(sink.dtype_of(key)).reshape(-1))
             result = sink.finish()

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,8 @@ class CheckpointSink:
     in memory (``output=None``), as one safetensors file, as Hugging Face shards + index, or as ``.pt``."""
 
     def __init__(self, output: Path | None, plan: list[TensorInfo], metadata: dict[str, str] | None,
-                 outputs: OutputSet | None, shard_size: int | None = None):
+                 outputs: OutputSet | None, shard_size: int | None = None, *, protect: Sequence[Path] = (),
+                 force: bool = False):
         self.output = output
         self._plan = {info.key: info for info in plan}
         self._tensors: dict[str, torch.Tensor] | None = None
@@ -177,7 +178,7 @@ class CheckpointSink:
         names = shard_names(output, len(groups))
         self._result = index_path(output)
         for derived in (*names, self._result):  # named only now: checked like the output itself
-            check_derived_output(derived, output)
+            check_derived_output(derived, inputs=protect, force=force)
         weight_map = {}
         for shard_path, group in zip(names, groups):
             writer = SafetensorsWriter(outputs.open(shard_path), group, self._metadata, str(shard_path))
@@ -247,12 +248,13 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, me
     state = {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
     if len(state) != len(state_dict) or not all(isinstance(k, str) for k in state):
         raise OutputError(f"{path}: state dict values must be tensors and keys strings")
-    out = check_output_path(path, inputs=[Path(p) for p in protect], force=force)
+    protected = [Path(p) for p in protect]
+    out = check_output_path(path, inputs=protected, force=force)
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise OutputError(f"{out}: metadata must map strings to strings")
     meta = {"format": "pt", **(metadata or {})}
     with OutputSet() as outputs:
-        sink = CheckpointSink(out, plan_of(state), meta, outputs, shard_size)
+        sink = CheckpointSink(out, plan_of(state), meta, outputs, shard_size, protect=protected, force=force)
         for key, tensor in state.items():
             sink.write(key, tensor.detach().cpu())
         result = sink.finish()

@@ -19,28 +19,20 @@ from soupkit.errors import OutputError
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
-#: what ``check_output_path`` was told about each output it approved, so that files derived from that output
-#: once the tensors are planned (the shards and index of a sharded write) get the same checks
-_approved: dict[Path, tuple[tuple[Path, ...], bool]] = {}
-
-
 def check_output_path(path: str | Path, *, inputs: Iterable[Path] = (), force: bool = False) -> Path:
     """Refuse outputs that would lose data or fail late; returns the path. Called before reading tensors."""
     out = Path(path)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise OutputError(f"{out}: output must end in .safetensors (or .pt/.pth/.bin for torch.save)")
-    protected = tuple(Path(p) for p in inputs)
-    _check(out, protected, force)
-    _approved[out.absolute()] = (protected, force)
+    _check(out, tuple(Path(p) for p in inputs), force)
     return out
 
 
-def check_derived_output(path: str | Path, main: str | Path) -> Path:
-    """Check a file derived from the approved output ``main`` (a shard or the index of a sharded write) the way
-    ``main`` was checked: never one of its inputs, and replaced only with ``force``."""
-    protected, force = _approved.get(Path(main).absolute(), ((), False))
+def check_derived_output(path: str | Path, *, inputs: Iterable[Path] = (), force: bool = False) -> Path:
+    """Check a file named only once the tensors are planned (a shard or the index of a sharded write) the way
+    its output was checked: never one of the inputs, and replaced only with ``force``."""
     out = Path(path)
-    _check(out, protected, force)
+    _check(out, tuple(Path(p) for p in inputs), force)
     return out
 
 

@@ -122,7 +122,8 @@ def merge_variants(
             sinks = []
             for params, out in zip(bound, outputs):
                 meta = provenance_metadata(method, params, ingredients, _extra(metadata, base_reader, options))
-                sinks.append(CheckpointSink(out, plan, meta, files if out is not None else None, shard_size))
+                sinks.append(CheckpointSink(out, plan, meta, files if out is not None else None, shard_size,
+                                            protect=protected, force=force))
             run_merge(spec, readers, [Variant(p, s) for p, s in zip(bound, sinks)], options, base_reader, keys)
             results = [sink.finish() for sink in sinks]
         return results
