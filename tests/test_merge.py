@@ -123,7 +123,7 @@ def test_allow_missing_averages_over_holders(make_ckpt) -> None:
     a["extra"] = torch.full((3,), 2.0)
     b.pop("head.bias")
     paths = [make_ckpt("a", state=a), make_ckpt("b", state=b)]
-    with pytest.raises(IncompatibleCheckpointsError, match="b.safetensors lacks 2 key"):
+    with pytest.raises(IncompatibleCheckpointsError, match="b.safetensors lacks 2 key.* that .*a.safetensors has"):
         soupkit.uniform_soup(paths)
     out = soupkit.uniform_soup(paths, allow_missing=True)
     assert torch.equal(out["extra"], a["extra"]) and torch.equal(out["head.bias"], a["head.bias"])
@@ -140,6 +140,12 @@ def test_incompatible_inputs_name_keys_and_files(make_ckpt) -> None:
     c["head.bias"] = torch.arange(10)
     with pytest.raises(IncompatibleCheckpointsError, match="dtype mismatch at 'head.bias'"):
         soupkit.uniform_soup([paths[0], make_ckpt("c", state=c)])
+
+
+def test_empty_checkpoints_are_refused_not_merged_into_nothing(make_ckpt) -> None:
+    paths = [make_ckpt("a", state={}), make_ckpt("b", state={})]
+    with pytest.raises(IncompatibleCheckpointsError, match="a.safetensors: no tensors to merge"):
+        soupkit.uniform_soup(paths)
 
 
 def test_nonfinite_inputs_refused_unless_allowed(make_ckpt) -> None:

@@ -114,12 +114,15 @@ def check_compatible(readers: Sequence[CheckpointReader], *, allow_missing: bool
     everyone = ([base] if base is not None else []) + list(readers)
     infos = [r.infos() for r in everyone]
     order = list(dict.fromkeys(k for info in infos for k in info))
+    if not order:
+        raise IncompatibleCheckpointsError(f"{everyone[0].name}: no tensors to merge (the checkpoints are empty)")
     for reader, info in zip(everyone, infos):
         missing = [k for k in order if k not in info]
         if missing and not (allow_missing and reader is not base):
+            holder = next(r for r, i in zip(everyone, infos) if missing[0] in i)
             hint = "" if reader is base else " (--allow-missing merges each key over the inputs that have it)"
             raise IncompatibleCheckpointsError(
-                f"{reader.name} lacks {len(missing)} key(s) the other inputs have: {_short(missing)}{hint}"
+                f"{reader.name} lacks {len(missing)} key(s) that {holder.name} has: {_short(missing)}{hint}"
             )
     for key in order:
         holders = [(r, info[key]) for r, info in zip(everyone, infos) if key in info]
