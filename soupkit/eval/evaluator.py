@@ -83,6 +83,9 @@ class Evaluator:
         self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._channels_last = self.device.type == "cuda"
         self.batch_size = recipe.batch_size
+        # early-stopping evaluations (greedy soup candidates) check after every batch of at most this many
+        # examples: small enough to drop a losing candidate early, large enough to keep the device busy
+        self.early_stop_batch = 64 if self.device.type == "cpu" else 256
         self.use_cache = use_cache
         self.cache = ScoreCache(cache_dir)
         self.forward_passes = 0
@@ -150,16 +153,20 @@ class Evaluator:
         process's shard under torchrun). For learned soups, Fisher information and BatchNorm recalibration."""
         yield from self._batches(self._prepared(dataset), batch_size or self.batch_size)
 
-    def _batches(self, data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, data: Any, batch_size: int, order: torch.Tensor | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, data.n, batch_size):
-            x = data.images[start:start + batch_size].to(self.device, non_blocking=True)
+            rows: slice | torch.Tensor = slice(start, start + batch_size)
+            if order is not None:
+                rows = order[start:start + batch_size].to(data.images.device)
+            x = data.images[rows].to(self.device, non_blocking=True)
             if x.dtype == torch.uint8:
                 x = x.float().div_(255.0)
                 if data.mean is not None:
                     x = x.sub_(data.mean).div_(data.std)
             if self._channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, data.labels[start:start + batch_size]
+            yield x, data.labels[rows.to(data.labels.device) if order is not None else rows]
 
     # -------------------------------------------------------------------------------------------- weights
 
@@ -222,12 +229,17 @@ class Evaluator:
         return self.evaluate(state_dict_or_path, datasets, **options)
 
     def evaluate(self, state_or_path: Any, datasets: list[str] | None = None, *, need_correct: int | None = None,
-                 use_cache: bool | None = None, progress: bool = False) -> EvalResult:
+                 order: torch.Tensor | None = None, use_cache: bool | None = None,
+                 progress: bool = False) -> EvalResult:
         """Score a checkpoint path or state dict on ``datasets`` (all when None).
 
         ``need_correct`` (one dataset only): stop as soon as ``correct_so_far + remaining < need_correct``; the
         result is then marked ``stopped_early`` (and not cached). Whether the checkpoint reaches
         ``need_correct`` is decided exactly as by a full evaluation. Under torchrun it is ignored (full runs).
+        Early-stopping evaluations run in batches of at most ``early_stop_batch`` so a candidate that cannot
+        win is dropped soon. ``order`` (with ``need_correct``): a permutation of the dataset's examples to
+        evaluate them in — hardest first makes losing candidates fail fastest; the count, and so the decision,
+        does not depend on the order, and the returned mask is in dataset order.
         """
         started = time.perf_counter()
         names = list(self.dataset_names if datasets is None else datasets)
@@ -237,6 +249,13 @@ class Evaluator:
             self._check_name(name)
         if need_correct is not None and len(names) != 1:
             raise ParameterError(f"need_correct applies to exactly one dataset, got {len(names)}")
+        if order is not None:
+            if need_correct is None:
+                raise ParameterError("order applies only to early-stopping evaluations (with need_correct)")
+            order = torch.as_tensor(order, dtype=torch.int64).reshape(-1)
+            n = self._prepared(names[0]).n
+            if len(order) != n or not torch.equal(torch.sort(order).values, torch.arange(n)):
+                raise ParameterError(f"order must be a permutation of the {n} examples of {names[0]!r}")
         label = str(state_or_path) if isinstance(state_or_path, (str, Path)) else getattr(
             state_or_path, "name", "<state dict>")
         if isinstance(state_or_path, Mapping) and not all(torch.is_tensor(v) for v in state_or_path.values()):
@@ -267,7 +286,8 @@ class Evaluator:
             bar = _Progress(sum(-(-self._prepared(n).n // self.batch_size) for n in todo) if progress else 0, label)
             try:
                 for name in todo:
-                    result = self._score(name, need_correct if self.world == 1 else None, bar)
+                    result = self._score(name, need_correct if self.world == 1 else None, bar,
+                                         order if self.world == 1 else None)
                     results[name] = result
                     if fingerprint is not None and not result.stopped_early and self.rank == 0:
                         self.cache.put(fingerprint, self._keys[name], correct=result.correct, n=result.n,
@@ -282,7 +302,8 @@ class Evaluator:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
 
-    def _score(self, name: str, need_correct: int | None, bar: Any) -> DatasetResult:
+    def _score(self, name: str, need_correct: int | None, bar: Any, order: torch.Tensor | None = None
+               ) -> DatasetResult:
         started = time.perf_counter()
         data = self._prepared(name)
         total = data.total
@@ -291,7 +312,8 @@ class Evaluator:
         masks: list[torch.Tensor] = []
         seen, stopped = 0, False
         with torch.inference_mode(), self._autocast():
-            for images, labels in self._batches(data, self.batch_size):
+            batch_size = self.batch_size if need_correct is None else min(self.batch_size, self.early_stop_batch)
+            for images, labels in self._batches(data, batch_size, order):
                 if need_correct is not None and int(correct) + (total - seen) < need_correct:
                     stopped = True
                     break
@@ -305,6 +327,10 @@ class Evaluator:
                 seen += len(labels)
                 bar.advance()
         mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=self.device)
+        if order is not None and not stopped:  # back to dataset order
+            ordered = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+            ordered[order[: len(mask)].to(mask.device)] = mask
+            mask = ordered
         if need_correct is not None and not stopped and seen < total and int(correct) + (total - seen) < need_correct:
             stopped = True
         if self.world > 1:

@@ -11,6 +11,7 @@ Scores are kept as integer counts of correct held-out examples whenever the eval
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Score:
     stopped_early: bool = False
     examples_seen: int | None = None
     cached: bool = False
+    correct_mask: Any = None  # per-example correctness (bool tensor) when the evaluator gives it
 
     @property
     def valid(self) -> bool:
@@ -79,7 +81,10 @@ class Judge:
         if self.is_evaluator:
             self.heldout: str = self.evaluator.heldout_name
             self.device = torch.device(self.evaluator.device)
+            # duck-typed evaluators predating example orders are still welcome: they just see dataset order
+            self.takes_order = "order" in inspect.signature(self.evaluator.evaluate).parameters
         else:
+            self.takes_order = False
             self.heldout = "heldout"
             self.device = torch.device("cpu")
 
@@ -99,11 +104,14 @@ class Judge:
     def shift_names(self) -> list[str]:
         return list(getattr(self.evaluator, "shift_names", []) or []) if self.is_evaluator else []
 
-    def score(self, source: Any, *, need_correct: int | None = None, use_cache: bool | None = None) -> Score:
+    def score(self, source: Any, *, need_correct: int | None = None, use_cache: bool | None = None,
+              order: Any = None) -> Score:
         """Held-out score of a path or state dict. ``need_correct`` lets an ``Evaluator`` stop as soon as the
-        candidate provably cannot reach that many correct examples."""
+        candidate provably cannot reach that many correct examples; ``order`` is the example order to try."""
         if self.is_evaluator:
-            result = self.evaluator.evaluate(source, [self.heldout], need_correct=need_correct, use_cache=use_cache)
+            options = {"order": order} if self.takes_order and order is not None and need_correct is not None else {}
+            result = self.evaluator.evaluate(source, [self.heldout], need_correct=need_correct, use_cache=use_cache,
+                                             **options)
             return _from_dataset(result.datasets[self.heldout])
         state = source if isinstance(source, Mapping) else load_checkpoint(source)
         return from_value(self.evaluator(state), self.heldout)
@@ -134,6 +142,7 @@ def _from_dataset(result: Any) -> Score:
         stopped_early=bool(getattr(result, "stopped_early", False)),
         examples_seen=getattr(result, "examples_seen", None),
         cached=bool(getattr(result, "cached", False)),
+        correct_mask=None if getattr(result, "stopped_early", False) else getattr(result, "correct_mask", None),
     )
 
 

@@ -109,6 +109,25 @@ def test_early_stop_decides_exactly_as_a_full_evaluation(trained, ckpt, tmp_path
     assert as_score(ev.evaluate(trained.paths[ckpt], ["heldout"], need_correct=full.n + 1)) != as_score(full)
 
 
+def test_an_example_order_changes_nothing_but_how_soon_a_loser_stops(trained):
+    ev = Evaluator.from_recipe(digits_recipe(batch_size=16), use_cache=False)
+    full = ev(trained.paths[0], ["heldout"])["heldout"]
+    wrong_first = torch.sort(full.correct_mask.to(torch.int8), stable=True).indices  # its misses first
+    for need in (full.correct, full.correct + 1):
+        plain = ev.evaluate(trained.states[0], ["heldout"], need_correct=need)["heldout"]
+        ordered = ev.evaluate(trained.states[0], ["heldout"], need_correct=need, order=wrong_first)["heldout"]
+        reaches = [not r.stopped_early and r.correct >= need for r in (plain, ordered)]
+        assert reaches == [need <= full.correct] * 2  # the same decision either way
+        if need > full.correct:
+            assert ordered.stopped_early and ordered.examples_seen < plain.examples_seen  # misses first: fails sooner
+        else:
+            assert ordered.correct == full.correct and torch.equal(ordered.correct_mask, full.correct_mask)
+    with pytest.raises(ParameterError, match="permutation"):
+        ev.evaluate(trained.states[0], ["heldout"], need_correct=1, order=wrong_first[:-1])
+    with pytest.raises(ParameterError, match="need_correct"):
+        ev.evaluate(trained.states[0], ["heldout"], order=wrong_first)
+
+
 def test_early_stopped_results_are_not_cached(trained, tmp_path):
     ev = Evaluator.from_recipe(digits_recipe(batch_size=16), cache_dir=tmp_path)
     stopped = ev.evaluate(trained.paths[0], ["heldout"], need_correct=10_000)["heldout"]

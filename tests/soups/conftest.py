@@ -82,12 +82,15 @@ class DigitsEvaluator:
         self.forward_passes = 0
         self.cache: dict[tuple[str, str], FakeDatasetResult] = {}
         self.loaded_paths: list[str] = []
+        self.orders_seen: list[torch.Tensor | None] = []
 
     def num_examples(self, name: str) -> int:
         return len(self.data.sets[name][1])
 
-    def batches(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, name: str, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x, y = self.data.sets[name]
+        if order is not None:
+            x, y = x[order], y[order]
         for start in range(0, len(y), self.batch_size):
             yield x[start:start + self.batch_size], y[start:start + self.batch_size]
 
@@ -99,7 +102,7 @@ class DigitsEvaluator:
     def __call__(self, state) -> FakeEvalResult:
         return self.evaluate(state)
 
-    def evaluate(self, state, datasets=None, *, need_correct=None, use_cache=None, progress=False):
+    def evaluate(self, state, datasets=None, *, need_correct=None, order=None, use_cache=None, progress=False):
         from soupkit.io import fingerprint, load_checkpoint
 
         names = list(datasets) if datasets is not None else list(self.dataset_names)
@@ -121,19 +124,20 @@ class DigitsEvaluator:
                     self.loaded_paths.append(str(state))
                 self.load_state(sd)
                 loaded = True
-            result.datasets[name] = self._run(name, need_correct)
+            result.datasets[name] = self._run(name, need_correct, order)
             if key is not None and not result.datasets[name].stopped_early:
                 self.cache[(key, name)] = result.datasets[name]
         return result
 
     @torch.no_grad()
-    def _run(self, name: str, need_correct: int | None) -> FakeDatasetResult:
+    def _run(self, name: str, need_correct: int | None, order: torch.Tensor | None = None) -> FakeDatasetResult:
         n = self.num_examples(name)
         correct = seen = 0
         loss = 0.0
         masks = []
         stopped = False
-        for x, y in self.batches(name):
+        self.orders_seen.append(order)
+        for x, y in self.batches(name, order):
             if need_correct is not None and correct + (n - seen) < need_correct:
                 stopped = True
                 break
@@ -147,6 +151,8 @@ class DigitsEvaluator:
         if need_correct is not None and not stopped and correct + (n - seen) < need_correct:
             stopped = seen < n
         mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+        if order is not None and not stopped:  # back to dataset order
+            mask = torch.zeros_like(mask).index_put_((order[: len(mask)],), mask)
         return FakeDatasetResult(name, correct / n if not stopped else correct / max(seen, 1), correct, n,
                                  loss / max(seen, 1) if seen else math.nan, mask, stopped_early=stopped,
                                  examples_seen=seen)

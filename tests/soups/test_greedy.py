@@ -176,6 +176,33 @@ def test_early_stop_gives_identical_decisions(digits_setup):
     assert soup_score == pytest.approx(fast.score)
 
 
+def test_candidates_see_the_hardest_examples_first(digits_setup):
+    ev = digits_setup.make_evaluator()
+    greedy_soup(digits_setup.paths, ev)
+    orders = [o for o in ev.orders_seen if o is not None]
+    assert orders, "candidate evaluations should be given an example order"
+    n = ev.num_examples("heldout")
+    wrong = torch.zeros(n, dtype=torch.int64)
+    for path in digits_setup.paths:
+        wrong += (~ev.evaluate(path, ["heldout"]).datasets["heldout"].correct_mask).long()
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(n))
+        assert torch.all(wrong[order][:-1] >= wrong[order][1:]), "most-missed examples must come first"
+
+
+def test_an_evaluator_without_example_orders_still_works(digits_setup):
+    ev = digits_setup.make_evaluator()
+    full = ev.evaluate
+
+    def evaluate(state, datasets=None, *, need_correct=None, use_cache=None, progress=False):
+        return full(state, datasets, need_correct=need_correct, use_cache=use_cache, progress=progress)
+
+    ev.evaluate = evaluate
+    result = greedy_soup(digits_setup.paths, ev)
+    assert result.ingredients == greedy_soup(digits_setup.paths, digits_setup.make_evaluator()).ingredients
+    assert all(o is None for o in ev.orders_seen)
+
+
 def test_cached_scores_and_each_ingredient_read_once(digits_setup, monkeypatch):
     from soupkit.io.safetensors_io import SafetensorsReader
 
