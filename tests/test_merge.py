@@ -158,6 +158,27 @@ def test_nonfinite_inputs_refused_unless_allowed(make_ckpt) -> None:
     assert torch.isnan(out["head.weight"][0, 0])
 
 
+@pytest.mark.parametrize("method", ["uniform", "linear", "wise"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_each_nonfinite_input_is_named_whichever_check_finds_it(make_ckpt, method: str, value: float) -> None:
+    # uniform checks its output (NaN/Inf always propagate through a mean) and re-reads to name the culprit;
+    # the other methods check every input: the same message either way
+    for position in (0, 1):
+        states = [tiny_state(0), tiny_state(1)]
+        states[position]["head.weight"][3, 4] = value
+        paths = [make_ckpt(f"in{i}_{position}", state=s) for i, s in enumerate(states)]
+        with pytest.raises(NonFiniteError, match=rf"in{position}_{position}.safetensors: tensor 'head.weight' "):
+            soupkit.merge(paths, method=method, chunk_elements=7)
+
+
+def test_a_mean_that_overflows_float32_is_refused_with_a_hint(make_ckpt) -> None:
+    big = {"w": torch.full((4,), 3e38)}
+    paths = [make_ckpt("plus", state=big), make_ckpt("minus", state={"w": -big["w"]})]
+    with pytest.raises(NonFiniteError, match="'w': the uniform of these finite inputs overflows.*--precise"):
+        soupkit.uniform_soup(paths)
+    assert torch.equal(soupkit.uniform_soup(paths, precise=True)["w"], torch.zeros(4))
+
+
 def test_include_exclude_copy_unmerged_from_first(make_ckpt) -> None:
     a, b = tiny_state(0), tiny_state(1)
     paths = [make_ckpt("a", state=a), make_ckpt("b", state=b)]

@@ -331,6 +331,9 @@ def run_merge(
     merged_keys = select_keys(keys, options.include, options.exclude)
     device = torch.device(options.device)
     acc_dtype = torch.float64 if options.precise else torch.float32
+    # NaN/Inf: check each merged output instead of every input when the method's output carries them
+    check_outputs = method.propagates_nonfinite and not options.allow_nonfinite
+    check_inputs = not check_outputs
     holders = {k: [r for r in readers if k in r] for k in keys}
     infos = {k: holders[k][0].info(k) for k in keys}
     auxiliary = _open_auxiliary(method, variants, readers, infos)
@@ -384,7 +387,8 @@ def run_merge(
 
                 def fetch() -> torch.Tensor:
                     reader = next(pending)  # noqa: B023 - used within this iteration only
-                    return _prepare(reads.next(), reader, key, shape, device, acc_dtype, options)  # noqa: B023
+                    return _prepare(reads.next(), reader, key, shape, device, acc_dtype, options,  # noqa: B023
+                                    check=check_inputs)
 
                 inputs = InputSequence(len(sources), fetch)
                 if len(variants) > 1 or not method.elementwise:
@@ -404,6 +408,9 @@ def run_merge(
                               for name, per_input in files.items()}
                     results.append(method.fn(inputs, **{**variant.params, **chunks}, **kwargs))
                 inputs.drain()  # inputs a method skipped (wise at alpha=0) keep the read order in step
+                if check_outputs:
+                    for result in results:
+                        _check_output(result, sources, key, start, stop, method.name)
                 for variant, result in zip(variants, results):
                     out = result.reshape(-1).to(device="cpu", dtype=variant.sink.dtype_of(key))
                     writes.put(variant.sink, key, out)
@@ -469,16 +476,35 @@ def _close_all(auxiliary: Sequence[dict[str, list[CheckpointReader]]]) -> None:
 
 
 def _prepare(raw: torch.Tensor, reader: CheckpointReader, key: str, shape: tuple[int, ...], device: torch.device,
-             acc_dtype: torch.dtype, options: MergeOptions) -> torch.Tensor:
+             acc_dtype: torch.dtype, options: MergeOptions, *, check: bool = True) -> torch.Tensor:
     """Move one raw input chunk to the compute device in the accumulation dtype; reject NaN/Inf."""
     tensor = raw.to(device=device, non_blocking=True).to(acc_dtype).reshape(shape)
-    # A sum is ~50x cheaper than isfinite().all() and is NaN/Inf whenever an element is; only a huge finite
-    # tensor whose sum overflows takes the exact (slow) check.
-    if not options.allow_nonfinite and not math.isfinite(tensor.sum()) and not bool(torch.isfinite(tensor).all()):
+    if check and not options.allow_nonfinite and not _all_finite(tensor):
         raise NonFiniteError(
             f"{reader.name}: tensor {key!r} contains NaN or Inf (pass --allow-nonfinite to merge anyway)"
         )
     return tensor
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # A sum is ~50x cheaper than isfinite().all() and is NaN/Inf whenever an element is; only a huge finite
+    # tensor whose sum overflows takes the exact (slow) check.
+    return math.isfinite(tensor.sum()) or bool(torch.isfinite(tensor).all())
+
+
+def _check_output(result: torch.Tensor, sources: Sequence[CheckpointReader], key: str, start: int, stop: int,
+                  method: str) -> None:
+    """For methods whose output is NaN/Inf whenever an input is: one check of the output stands for N input
+    checks. On failure, re-read this chunk of each input to name the one at fault (the error path only)."""
+    if _all_finite(result):
+        return
+    for reader in sources:
+        if not _all_finite(reader.read_flat(key, start, stop).to(torch.float64)):
+            raise NonFiniteError(
+                f"{reader.name}: tensor {key!r} contains NaN or Inf (pass --allow-nonfinite to merge anyway)"
+            )
+    raise NonFiniteError(f"tensor {key!r}: the {method} of these finite inputs overflows to Inf "
+                         f"(pass --precise to accumulate in float64)")
 
 
 class _Progress:

@@ -63,6 +63,7 @@ class MergeMethod:
     parameters: dict[str, Parameter] = field(default_factory=dict)
     needs_base: bool = False
     takes_key: bool = False
+    propagates_nonfinite: bool = False
 
     def bind(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Validate ``params`` for ``n_models`` inputs; returns the full parameter dict (defaults filled)."""
@@ -169,9 +170,12 @@ def merge_method(
     max_models: int | None = None,
     elementwise: bool = True,
     check: Callable[..., None] | None = None,
+    propagates_nonfinite: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as merge method ``name``. ``elementwise`` methods may be fed flat chunks of a tensor
-    (so huge tensors stream); others get whole tensors. ``check(n_models=..., **params)`` validates values."""
+    (so huge tensors stream); others get whole tensors. ``check(n_models=..., **params)`` validates values.
+    ``propagates_nonfinite``: a NaN/Inf in any input always makes the output NaN/Inf (true of a mean with
+    positive weights), so the engine checks the one output instead of every input."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
@@ -190,6 +194,7 @@ def merge_method(
             parameters=_parameters(fn),
             needs_base="base" in signature.parameters,
             takes_key="key" in signature.parameters,
+            propagates_nonfinite=propagates_nonfinite,
         )
         return fn
 

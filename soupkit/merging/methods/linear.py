@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from soupkit.errors import ParameterError
@@ -11,17 +12,25 @@ from soupkit.merging.registry import merge_method
 
 
 def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """Running weighted mean ``m += (w_i / W_i) (x_i - m)``: reads each input once, holds one at a time, and
-    returns exactly ``x`` when every input equals ``x`` (a plain sum-then-divide does not, in fp32)."""
+    """Running weighted mean ``m = lerp(m, x_i, w_i / W_i)``: reads each input once, holds one at a time, makes
+    one fused pass per input, and returns exactly ``x`` when every input equals ``x`` (a plain sum-then-divide
+    does not, in fp32). Zero-weight inputs are skipped."""
     mean: Tensor | None = None
+    first: Tensor | None = None
     total = 0.0
     for weight, tensor in zip(weights, tensors):
         total += weight
-        if mean is None:
-            mean = tensor.clone()
+        if mean is None and first is None:
+            first = tensor  # not copied: the first lerp writes a new tensor
         elif weight:
-            mean.add_(tensor - mean, alpha=weight / total)
-    assert mean is not None
+            if mean is None:
+                assert first is not None
+                mean, first = torch.lerp(first, tensor, weight / total), None
+            else:
+                mean.lerp_(tensor, weight / total)
+    if mean is None:  # one input (or only zero weights after the first)
+        assert first is not None
+        mean = first.clone()
     return mean
 
 
@@ -65,7 +74,8 @@ def linear(tensors: Sequence[Tensor], *, weights: list[float] | None = None, nor
     return weighted_sum(tensors, [w / total for w in weights])
 
 
-@merge_method("uniform", pretty_name="Uniform soup (plain mean)", reference="https://arxiv.org/abs/2203.05482")
+@merge_method("uniform", pretty_name="Uniform soup (plain mean)", reference="https://arxiv.org/abs/2203.05482",
+              propagates_nonfinite=True)
 def uniform(tensors: Sequence[Tensor]) -> Tensor:
     """The uniform soup: the plain mean of models fine-tuned from the same start (Wortsman et al., 2022)."""
     return weighted_mean(tensors, [1.0] * len(tensors))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from soupkit.merging.registry import merge_method
@@ -27,4 +28,4 @@ def wise(tensors: Sequence[Tensor], *, alpha: float = 0.5) -> Tensor:
         return zeroshot.clone()
     if alpha == 1.0:
         return finetuned.clone()
-    return zeroshot * (1.0 - alpha) + finetuned * alpha
+    return torch.lerp(zeroshot, finetuned, alpha)  # one fused pass: z + alpha * (f - z)
