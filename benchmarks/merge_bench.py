@@ -13,13 +13,14 @@ soup, wall time and peak RSS (``/usr/bin/time -v``, so memory-mapped pages count
 Targets (issue "Foundation"): (wall - interpreter start-up) <= 1.3x floor; peak RSS flat in N and
 <= 0.25x one checkpoint above the interpreter's baseline. Prints a table of medians and ratios.
 
-    python benchmarks/merge_bench.py --n 2 4 8 --repeats 3 [--workdir benchmarks/_work] [--method ties]
+    python benchmarks/merge_bench.py --n 2 4 8 --repeats 3 [--workdir benchmarks/_work] [--method ties --mb 350]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -59,8 +60,9 @@ TIMM_STYLE = textwrap.dedent("""
 """)
 
 
-def make_inputs(workdir: Path, count: int) -> tuple[list[Path], int]:
-    """``count`` ViT-B-32-shaped safetensors files (random weights, different seeds); reused across runs."""
+def make_inputs(workdir: Path, count: int, megabytes: int | None = None) -> tuple[list[Path], int]:
+    """``count`` ViT-B-32-shaped safetensors files (random weights, different seeds); reused across runs.
+    ``megabytes``: keep ViT-B-32's tensors in order until the file reaches that size (e.g. 350 MB inputs)."""
     import open_clip
     import torch
 
@@ -71,9 +73,18 @@ def make_inputs(workdir: Path, count: int) -> tuple[list[Path], int]:
         model = open_clip.create_model("ViT-B-32")
         shapes_file.write_text(json.dumps({k: list(v.shape) for k, v in model.state_dict().items()}))
     shapes = json.loads(shapes_file.read_text())
+    if megabytes is not None:
+        kept, total = {}, 0
+        for key, shape in shapes.items():
+            if total >= megabytes * 1e6:
+                break
+            kept[key] = shape
+            total += 4 * math.prod(shape)
+        shapes = kept
+    stem = "vit_b32" if megabytes is None else f"vit_b32_{megabytes}mb"
     paths = []
     for i in range(count):
-        path = workdir / f"vit_b32_{i}.safetensors"
+        path = workdir / f"{stem}_{i}.safetensors"
         if not path.exists():
             g = torch.Generator().manual_seed(i)
             state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
@@ -102,9 +113,10 @@ def main() -> None:
     parser.add_argument("--method", default="uniform", help="soupkit method (ties needs a base: uses input 0)")
     parser.add_argument("--peers", default="naive,timm", help="comma list of peers to run (naive, timm, none)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--mb", type=int, help="input size in MB (ViT-B-32's first tensors); default the whole 605 MB")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    paths, ckpt_bytes = make_inputs(args.workdir, max(args.n) + (1 if args.method != "uniform" else 0))
+    paths, ckpt_bytes = make_inputs(args.workdir, max(args.n) + (1 if args.method != "uniform" else 0), args.mb)
     out = args.workdir / "out.safetensors"
     peers = [p for p in args.peers.split(",") if p and p != "none"]
 

@@ -33,8 +33,9 @@ from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, Paramet
 from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo
 from soupkit.merging.registry import MergeMethod
 
-#: default flat chunk for elementwise methods: 4M elements = 16 MB per fp32 operand
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+#: default flat chunk for elementwise methods: 1M elements = 4 MB per fp32 operand, so a running mean's
+#: accumulator stays in the CPU's cache while each input streams through it (measured fastest here vs 256K-16M)
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
 
@@ -65,7 +66,7 @@ class MergeOptions:
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    read_ahead_bytes: int = 48 << 20
+    read_ahead_bytes: int = 32 << 20
     progress: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
 
