@@ -92,8 +92,7 @@ def interpolate_into(out: dict[str, torch.Tensor], theta0: Mapping[str, torch.Te
             c0, c1 = pair[0] * (1.0 - alpha), pair[1] * alpha
             torch.div(c0 * zs + c1 * ft, c0 + c1, out=buffer)
         else:
-            torch.mul(zs, 1.0 - alpha, out=buffer)  # same two roundings as the "wise" merge method
-            buffer.add_(ft * alpha)
+            torch.lerp(zs, ft, alpha, out=buffer)  # the same arithmetic as the "wise" merge method
 
 
 def wise_sweep(
