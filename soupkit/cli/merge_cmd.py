@@ -200,9 +200,10 @@ def wise(
 ) -> None:
     """WiSE-FT: (1 - α)·zeroshot + α·finetuned. With --eval, sweep α, pick the best and plot the curve."""
     from soupkit.errors import ParameterError
+    from soupkit.soups.alphas import parse_alphas
 
     started = time.perf_counter()
-    alphas = _parse_alphas(alpha)
+    alphas = parse_alphas(alpha)
     import soupkit
 
     if evaluate is not None:
@@ -226,22 +227,6 @@ def wise(
                               progress=_show_progress(quiet),
                               shard_size=parse_size(shard_size, "--shard-size") if shard_size else None)
     _summary([Path(p) for p in (written if isinstance(written, list) else [written])], started, quiet)
-
-
-def _parse_alphas(text: str) -> list[float]:
-    from soupkit.errors import ParameterError
-
-    if ":" in text:
-        parts = parse_float_list(text.replace(":", ","), "--alpha")
-        if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
-            raise ParameterError(f"--alpha: a range is start:stop:step with step > 0, got {text!r}")
-        start, stop, step = parts
-        count = round((stop - start) / step) + 1
-        return [round(start + i * step, 10) for i in range(count) if start + i * step <= stop + 1e-9]
-    values = parse_float_list(text, "--alpha")
-    if not values:
-        raise ParameterError("--alpha: give at least one value")
-    return values
 
 
 @app.command(epilog="Example:\n\n  soupkit methods")

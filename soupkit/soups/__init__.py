@@ -1,15 +1,46 @@
 """Soup algorithms that need an evaluator: greedy soup, WiSE-FT α sweep and learned soup.
 
 Each accepts an ``Evaluator`` (``soupkit.eval``), a recipe path, or any callable ``state_dict -> float |
-EvalResult``, and returns a ``SoupResult``.
+EvalResult``, and returns a ``SoupResult``. Imported lazily (PEP 562): ``soupkit.soups.alphas`` is usable by the
+CLI without loading torch.
 """
 
 from __future__ import annotations
 
-from soupkit.soups.greedy import greedy_soup
-from soupkit.soups.learned import learned_soup
-from soupkit.soups.result import GreedyStep, LearnedWeights, SoupResult, SweepPoint
-from soupkit.soups.sweep import parse_alphas, wise_sweep
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "greedy_soup": "soupkit.soups.greedy",
+    "learned_soup": "soupkit.soups.learned",
+    "wise_sweep": "soupkit.soups.sweep",
+    "parse_alphas": "soupkit.soups.alphas",
+    "GreedyStep": "soupkit.soups.result",
+    "LearnedWeights": "soupkit.soups.result",
+    "SoupResult": "soupkit.soups.result",
+    "SweepPoint": "soupkit.soups.result",
+}
 
 __all__ = ["GreedyStep", "LearnedWeights", "SoupResult", "SweepPoint", "greedy_soup", "learned_soup", "parse_alphas",
            "wise_sweep"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'soupkit.soups' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from soupkit.soups.alphas import parse_alphas
+    from soupkit.soups.greedy import greedy_soup
+    from soupkit.soups.learned import learned_soup
+    from soupkit.soups.result import GreedyStep, LearnedWeights, SoupResult, SweepPoint
+    from soupkit.soups.sweep import wise_sweep

@@ -26,38 +26,9 @@ from soupkit.errors import IncompatibleCheckpointsError, ParameterError, unknown
 from soupkit.io import CheckpointSource, check_output_path, load_checkpoint, provenance_metadata, save_checkpoint
 from soupkit.io.provenance import ingredient_record
 from soupkit.merging.engine import SoupkitWarning, check_compatible
+from soupkit.soups.alphas import parse_alphas
 from soupkit.soups.result import SoupResult, SweepPoint, _clean
 from soupkit.soups.scoring import Judge, Steps, close_all, input_name, open_inputs, protected_files, read_tensors
-
-
-def parse_alphas(text: str | float | Sequence[float]) -> list[float]:
-    """``"0:1:0.1"`` -> [0.0, 0.1, ..., 1.0] (stop included, values rounded to 10 decimals against float drift);
-    ``"0.3,0.5,0.7"`` -> a list; ``"0.5"`` or 0.5 -> [0.5]. Duplicates are an error."""
-    if isinstance(text, (int, float)):
-        values = [float(text)]
-    elif not isinstance(text, str):
-        values = [float(v) for v in text]
-    elif ":" in text:
-        try:
-            start, stop, step = (float(part) for part in text.split(":"))
-        except ValueError:
-            raise ParameterError(f"--alpha: a range is start:stop:step, e.g. 0:1:0.1; got {text!r}") from None
-        if not step > 0 or stop < start:
-            raise ParameterError(f"--alpha: a range needs step > 0 and stop >= start; got {text!r}")
-        count = math.floor((stop - start) / step + 1e-9) + 1
-        values = [round(start + i * step, 10) for i in range(count)]
-    else:
-        try:
-            values = [float(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise ParameterError(f"--alpha: expected numbers like 0.5, 0.3,0.5,0.7 or 0:1:0.1; got {text!r}") from None
-    if not values:
-        raise ParameterError("--alpha: give at least one value")
-    if any(not math.isfinite(v) for v in values):
-        raise ParameterError(f"--alpha: values must be finite, got {values}")
-    if len(set(values)) != len(values):
-        raise ParameterError(f"--alpha: duplicate values in {values}")
-    return values
 
 
 def _load_fishers(fisher: Sequence[CheckpointSource], floats: Mapping[str, torch.Tensor], device: torch.device,
