@@ -7,6 +7,8 @@ soup, wall time and peak RSS (``/usr/bin/time -v``, so memory-mapped pages count
 - soupkit: ``soupkit merge`` (the CLI, as users run it)
 - naive: ``safetensors.torch.load_file`` every input, average, ``save_file`` (load everything, then average)
 - timm-style: load one checkpoint at a time into a float64 running sum (timm's avg_checkpoints.py approach)
+- mergekit: ``mergekit-pytorch`` (mergekit's raw-PyTorch merge; ``linear`` with weight 1 per model = the uniform
+  soup) when ``--mergekit PATH`` names its executable (it needs transformers etc.; install it in its own venv)
 - interpreter: ``python -c "import torch, soupkit.cli, soupkit.merging"`` (start-up + exit cost, subtracted for
   the wall target)
 
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--method", default="uniform", help="soupkit method (ties needs a base: uses input 0)")
     parser.add_argument("--peers", default="naive,timm", help="comma list of peers to run (naive, timm, none)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--mergekit", help="path of a mergekit-pytorch executable: adds mergekit as a peer (uniform)")
     parser.add_argument("--mb", type=int, help="input size in MB (ViT-B-32's first tensors); default the whole 605 MB")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +153,14 @@ def main() -> None:
             row["naive"] = runs([PYTHON, "-c", NAIVE, *inputs, str(out)])
         if "timm" in peers:
             row["timm-style"] = runs([PYTHON, "-c", TIMM_STYLE, *inputs, str(out)])
+        if args.mergekit and args.method == "uniform":
+            config = args.workdir / f"mergekit_{n}.yaml"
+            config.write_text(json.dumps({"merge_method": "linear", "dtype": "float32",
+                                          "models": [{"model": p, "parameters": {"weight": 1.0}} for p in inputs]}))
+            mk_out = args.workdir / "mergekit_out"
+            row["mergekit"] = runs(f"rm -rf {mk_out} && {args.mergekit} {config} {mk_out} --quiet > /dev/null 2>&1",
+                                   shell=True)
+            shutil.rmtree(mk_out, ignore_errors=True)
         results["by_n"][n] = row
         out.unlink(missing_ok=True)
 
