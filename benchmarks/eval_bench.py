@@ -15,7 +15,7 @@ The three are interleaved round by round (evaluator, forward, DataLoader on chec
 processes on a shared machine drifts over all of them alike; medians are reported.
 
     python benchmarks/eval_bench.py [--images 512] [--checkpoints 6] [--model test_resnet] [--batch-size 128]
-                                    [--workers 2] [--threads N] [--write benchmarks/RESULTS_eval.md]
+                                    [--workers 2] [--threads N] [--write FILE]
 """
 
 from __future__ import annotations
