@@ -7,8 +7,9 @@ CLI without loading torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from soupkit._lazy import lazy_exports
 
 _LAZY = {
     "greedy_soup": "soupkit.soups.greedy",
@@ -25,17 +26,7 @@ __all__ = ["GreedyStep", "LearnedWeights", "SoupResult", "SweepPoint", "greedy_s
            "wise_sweep"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'soupkit.soups' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
