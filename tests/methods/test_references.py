@@ -142,3 +142,22 @@ def test_fisher(tmp_path: Path, weights) -> None:
             else:  # no Fisher for this tensor: the plain weighted mean
                 expected = sum(wi * m for wi, m in zip(w, ms)) / sum(w)
             assert_close(out[key], expected, tol=1e-4)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.97])
+@pytest.mark.parametrize("kind", ["normal", "few distinct values", "heavy tail"])
+def test_trim_of_large_tensors_equals_a_stable_sort(density: float, kind: str) -> None:
+    # large tensors take the sampled-bracket selection path; the kept set must be exactly a stable sort's top k
+    from soupkit.merging.methods.ties import trim
+    from tests.methods._common import ref_trim
+
+    g = torch.Generator().manual_seed(7)
+    n = 1_200_000
+    if kind == "normal":
+        delta = torch.randn(n, generator=g)
+    elif kind == "few distinct values":  # ties everywhere, at the cut too
+        delta = torch.randint(-3, 4, (n,), generator=g).float()
+    else:
+        delta = torch.randn(n, generator=g) ** 5
+    got = trim(delta, density).numpy()
+    np.testing.assert_array_equal(got, ref_trim(delta.numpy(), density))

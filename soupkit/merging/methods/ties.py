@@ -36,17 +36,45 @@ def check_task_weights(method: str, weights: list[float] | None) -> None:
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``k = round(density * numel)`` largest-magnitude entries of ``delta``; zero the rest."""
+    """Keep the ``k = round(density * numel)`` largest-magnitude entries of ``delta``; zero the rest. Among equal
+    magnitudes at the cut, the lowest indices are kept (a stable sort's choice), so the result is unique."""
     numel = delta.numel()
     k = round(density * numel)
     if k >= numel:
         return delta
     flat = delta.reshape(-1)
-    kept = torch.zeros_like(flat)
-    if k > 0:
-        index = flat.abs().topk(k, sorted=False).indices
-        kept[index] = flat[index]
+    if k == 0:
+        return torch.zeros_like(delta)
+    magnitude = flat.abs()
+    cut = kth_largest(magnitude, k)
+    above = magnitude > cut
+    kept = torch.where(above, flat, 0.0)
+    ties_needed = k - int(above.sum())
+    if ties_needed > 0:
+        at_cut = torch.nonzero(magnitude == cut).reshape(-1)[:ties_needed]
+        kept[at_cut] = flat[at_cut]
     return kept.view_as(delta)
+
+
+def kth_largest(values: Tensor, k: int, *, sample: int = 1 << 16) -> Tensor:
+    """The k-th largest of a flat tensor, exactly. Large tensors first bracket it with a fixed-seed sample, then
+    select within the bracket (a few percent of the values): several times faster than ``topk`` or
+    ``kthvalue`` over everything, with the same answer (falls back to ``kthvalue`` if the bracket misses)."""
+    n = values.numel()
+    if n < 16 * sample:
+        return torch.kthvalue(values, n - k + 1).values
+    generator = torch.Generator(device=values.device).manual_seed(0)
+    probe = values[torch.randint(n, (sample,), generator=generator, device=values.device)].sort().values
+    quantile = 1.0 - k / n
+    margin = 6.0 / sample ** 0.5  # ~ 6 standard deviations of a sample quantile's position
+    low = probe[max(0, int((quantile - margin) * sample))]
+    high = probe[min(sample - 1, int((quantile + margin) * sample))]
+    larger = int((values > high).sum())
+    band = values[(values >= low) & (values <= high)]
+    rank = k - larger  # the answer is the rank-th largest inside the band
+    if not 1 <= rank <= band.numel():  # the answer lies outside [low, high]
+        return torch.kthvalue(values, n - k + 1).values
+    return torch.kthvalue(band, band.numel() - rank + 1).values
 
 
 def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
