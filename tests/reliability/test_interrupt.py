@@ -39,6 +39,11 @@ def big_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def temporaries(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.soupkit-tmp"))
 
@@ -54,8 +59,11 @@ def test_signal_mid_write_leaves_nothing(big_inputs: list[Path], tmp_path: Path,
     out_dir.mkdir()
     output = out_dir / "soup.safetensors"
     for _attempt in range(5):  # a busy machine can let a whole merge finish between two polls: try again
+        # the child gets default signal dispositions: a run started in the background by a non-interactive shell
+        # (`pytest &`) inherits an ignored SIGINT, which Python and so soupkit rightly keep ignoring
         process = subprocess.Popen([str(SOUPKIT), "merge", *map(str, big_inputs), "-o", str(output), "--quiet",
-                                    "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=_default_signals)
         try:
             deadline = time.monotonic() + 60
             written = 0
