@@ -13,6 +13,7 @@ on first use (gloo on the CPU, nccl on CUDA).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import time
@@ -368,6 +369,9 @@ class Evaluator:
 
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            # we opened the group, so we close it: a gloo/NCCL group still alive at interpreter exit can abort
+            # the process ("terminate called without an active exception") after all the work succeeded
+            atexit.register(_destroy_process_group)
 
     def _all_min(self, flags: list[int]) -> list[int]:
         import torch.distributed as dist
@@ -398,6 +402,13 @@ class Evaluator:
     def __repr__(self) -> str:
         return (f"Evaluator({self.recipe.source!r}, model={self.recipe.model.kind}:{_model_label(self.recipe)}, "
                 f"datasets={self.dataset_names}, device={self.device}, precision={self.precision})")
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _check_paths(recipe: Recipe) -> None:
