@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -249,3 +250,49 @@ def test_uniform_of_identical_inputs_is_exact(make_ckpt) -> None:
     paths = [make_ckpt(f"same{i}", state=state) for i in range(5)]
     out = soupkit.uniform_soup(paths)
     assert all(torch.equal(out[k], state[k]) for k in state)
+
+
+def test_mapped_and_copied_inputs_give_identical_outputs(tmp_path: Path, monkeypatch) -> None:
+    """Large chunks are read through short-lived memory maps, small ones copied; both paths, and sharded,
+    half-precision and whole-tensor (TIES) inputs, give the same bytes, and no input changes."""
+    from soupkit.io import safetensors_io
+    from soupkit.merging.engine import ReadAhead
+
+    def state(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {"embed": torch.randn(700, 300, generator=g).to(dtype), "bias": torch.randn(5, generator=g),
+                "proj": torch.randn(90_001, generator=g).to(dtype), "steps": torch.tensor(3)}
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = []
+    for i, dtype in enumerate([torch.float32, torch.float16, torch.float32]):
+        paths.append(folder / f"m{i}.safetensors")
+        soupkit.save_checkpoint(state(i, dtype), paths[-1], shard_size=500_000 if i == 2 else None)
+    paths[2] = paths[2].with_name("m2.safetensors.index.json")
+    base = folder / "base.safetensors"
+    soupkit.save_checkpoint(state(9, torch.float32), base)
+    before = snapshot(folder)
+    mapped = []
+    original = safetensors_io.map_range
+
+    def spy(*args):
+        result = original(*args)
+        mapped.append(result is not None)
+        return result
+
+    monkeypatch.setattr(safetensors_io, "map_range", spy)
+    outputs = {}
+    for label, threshold in [("mapped", 64 << 10), ("copied", 1 << 62)]:
+        monkeypatch.setattr(ReadAhead, "MAP_MIN_BYTES", threshold)
+        for method, extra in [("uniform", {}), ("ties", {"base": base, "density": 0.5})]:
+            out = tmp_path / f"{method}-{label}.safetensors"
+            soupkit.merge(paths, method, out, chunk_elements=50_000, **extra)
+            outputs[method, label] = out.read_bytes()
+        if label == "mapped" and sys.platform == "linux" and not safetensors_io._mapping_works:
+            pytest.skip("memory-mapped reads need Linux >= 5.14 (MADV_POPULATE_READ)")
+        if label == "mapped" and sys.platform == "linux":
+            assert mapped and all(mapped), "large chunks were not memory-mapped"
+    assert outputs["uniform", "mapped"] == outputs["uniform", "copied"]
+    assert outputs["ties", "mapped"] == outputs["ties", "copied"]
+    assert snapshot(folder) == before

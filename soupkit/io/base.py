@@ -74,6 +74,12 @@ class CheckpointReader(ABC):
         buffer.copy_(data.reshape(-1).view(torch.uint8))
         return buffer.view(data.dtype)
 
+    def map_flat(self, key: str, start: int, stop: int) -> torch.Tensor | None:
+        """Elements ``[start, stop)`` of the flattened tensor without copying them: a private (copy-on-write)
+        memory map of just that byte range, unmapped when the tensor is freed. None where the format or the
+        system cannot (the caller then uses ``read_flat_into``)."""
+        return None
+
     @property
     def metadata(self) -> dict[str, str]:
         """Free-form string metadata (safetensors ``__metadata__``); empty where the format has none."""

@@ -60,6 +60,12 @@ class ShardedReader(CheckpointReader):
     def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
         return self._where[key].read_flat(key, start, stop)
 
+    def read_flat_into(self, key: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        return self._where[key].read_flat_into(key, start, stop, buffer)
+
+    def map_flat(self, key: str, start: int, stop: int) -> torch.Tensor | None:
+        return self._where[key].map_flat(key, start, stop)
+
     @property
     def metadata(self) -> dict[str, str]:
         first = next(iter(self._shards.values()))

@@ -4,7 +4,8 @@
    data is read; validate every output path.
 2. Stream key by key. Elementwise methods get each tensor in flat chunks of ``chunk_elements`` (so memory
    stays flat in both the number of inputs and the size of the largest tensor); other methods get whole
-   tensors. Reads run ahead on a thread pool, bounded by bytes, while the previous chunk is combined.
+   tensors. Reads run ahead on a thread pool, bounded by bytes, while the previous chunk is combined; large
+   chunks of safetensors inputs are memory-mapped (no copy) and unmapped as soon as they are combined.
 3. Floating tensors are upcast to float32 (float64 with ``precise``) on the compute device, combined by the
    method, cast to the output dtype and appended to every output. Integer and bool tensors are copied from the
    first input (a warning names keys where inputs disagree).
@@ -67,6 +68,8 @@ class MergeOptions:
     exclude: Sequence[str] = ()
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     read_ahead_bytes: int = 32 << 20
+    #: read large chunks through short-lived memory maps instead of copying them (safetensors on Linux)
+    map_inputs: bool = True
     progress: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -200,15 +203,25 @@ class ReadAhead:
     ``preadv`` and torch copies release the GIL, so the next chunk is read while this one is combined.
     """
 
-    def __init__(self, requests: Iterator[tuple[CheckpointReader, str, int, int, int]], max_bytes: int):
+    #: chunks at least this big are memory-mapped (when ``map_inputs``); smaller ones cost less to copy than
+    #: to map and unmap
+    MAP_MIN_BYTES = 256 << 10
+
+    def __init__(self, requests: Iterator[tuple[CheckpointReader, str, int, int, int]], max_bytes: int,
+                 map_inputs: bool = False):
         self._requests = requests
         self._max_bytes = max_bytes
+        self._map_inputs = map_inputs
         self._pending: deque[tuple[int, Future[torch.Tensor]]] = deque()
         self._in_flight = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="soupkit-read")
         self._buffers = BufferPool(keep_bytes=2 * max_bytes)
 
     def _read(self, reader: CheckpointReader, key: str, start: int, stop: int, nbytes: int) -> torch.Tensor:
+        if self._map_inputs and nbytes >= self.MAP_MIN_BYTES:
+            mapped = reader.map_flat(key, start, stop)
+            if mapped is not None:
+                return mapped
         return reader.read_flat_into(key, start, stop, self._buffers.acquire(nbytes))
 
     def _fill(self) -> None:
@@ -355,10 +368,16 @@ def run_merge(
                 for reader in ([base] if base is not None else []) + sources:
                     yield reader, key, start, stop, (stop - start) * reader.info(key).dtype.itemsize
 
-    reads = ReadAhead(schedule(), options.read_ahead_bytes)
+    reads = ReadAhead(schedule(), options.read_ahead_bytes, options.map_inputs)
     writes = WriteBehind(options.read_ahead_bytes)
     progress = _Progress(sum(r.info(k).nbytes for k in keys for r in holders[k]), options.progress)
     disagreements: list[str] = []
+    # Chunked CPU merges run torch ops on one thread: a few-MB chunk gains nothing from intra-op threads, and
+    # their spin-waiting between ops takes the cores the reader and writer threads need (~1 CPU-s per GB here)
+    threads = torch.get_num_threads()
+    single_thread = device.type == "cpu" and method.elementwise and threads > 1
+    if single_thread:
+        torch.set_num_threads(1)
     try:
         for key in keys:
             info, sources = infos[key], holders[key]
@@ -418,6 +437,8 @@ def run_merge(
                 progress.advance(sum(r.info(key).dtype.itemsize for r in sources) * (stop - start))
         writes.flush()
     finally:
+        if single_thread:
+            torch.set_num_threads(threads)
         writes.close()
         reads.close()
         progress.close()
