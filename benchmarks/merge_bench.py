@@ -123,19 +123,23 @@ def main() -> None:
     out = args.workdir / "out.safetensors"
     peers = [p for p in args.peers.split(",") if p and p != "none"]
 
-    def runs(cmd: list[str] | str, shell: bool = False) -> tuple[float, int]:
-        walls, rsss = [], []
+    def interleaved(commands: dict[str, tuple[list[str] | str, bool]]) -> dict[str, tuple[float, int]]:
+        """Median wall and max peak RSS per tool, the tools taking turns in every round (on a noisy machine a
+        drift then hits every tool alike instead of whichever ran during it)."""
+        walls: dict[str, list[float]] = {tool: [] for tool in commands}
+        rsss: dict[str, list[int]] = {tool: [] for tool in commands}
         for _ in range(args.repeats):
-            out.unlink(missing_ok=True)
-            wall, rss = timed(cmd, shell)
-            walls.append(wall)
-            rsss.append(rss)
-        return statistics.median(walls), max(rsss)
+            for tool, (cmd, shell) in commands.items():
+                out.unlink(missing_ok=True)
+                wall, rss = timed(cmd, shell)
+                walls[tool].append(wall)
+                rsss[tool].append(rss)
+        return {tool: (statistics.median(walls[tool]), max(rsss[tool])) for tool in commands}
 
     # the fixed cost of any `soupkit` invocation: interpreter, torch, the CLI and the engine imported, then exit
-    interp_wall, interp_rss = runs([PYTHON, "-c", "import torch, soupkit.cli, soupkit.merging"])
+    startup = ([PYTHON, "-c", "import torch, soupkit.cli, soupkit.merging"], False)
     results = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "checkpoint_bytes": ckpt_bytes,
-               "interpreter": {"wall": interp_wall, "rss": interp_rss}, "by_n": {}}
+               "by_n": {}}
     for n in args.n:
         inputs = [str(p) for p in paths[:n]]
         if args.method != "uniform":
@@ -144,32 +148,34 @@ def main() -> None:
             subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
         floor_cmd = (f"cat {' '.join(inputs)} > /dev/null && dd if=/dev/zero of={out} bs=4M "
                      f"count={ckpt_bytes // (4 << 20) + 1} conv=fsync status=none")
-        row = {"floor": runs(floor_cmd, shell=True)}
         soup_cmd = [SOUPKIT, "merge", *inputs, "-o", str(out), "--force", "-q", "--method", args.method]
         if args.method in ("ties", "task_arithmetic", "dare_ties", "dare_linear"):
             soup_cmd += ["--base", base] + (["--density", "0.2"] if "ties" in args.method else [])
-        row["soupkit"] = runs(soup_cmd)
+        commands: dict[str, tuple[list[str] | str, bool]] = {
+            "interpreter": startup, "floor": (floor_cmd, True), "soupkit": (soup_cmd, False)}
         if "naive" in peers:
-            row["naive"] = runs([PYTHON, "-c", NAIVE, *inputs, str(out)])
+            commands["naive"] = ([PYTHON, "-c", NAIVE, *inputs, str(out)], False)
         if "timm" in peers:
-            row["timm-style"] = runs([PYTHON, "-c", TIMM_STYLE, *inputs, str(out)])
+            commands["timm-style"] = ([PYTHON, "-c", TIMM_STYLE, *inputs, str(out)], False)
+        mk_out = args.workdir / "mergekit_out"
         if args.mergekit and args.method == "uniform":
             config = args.workdir / f"mergekit_{n}.yaml"
             config.write_text(json.dumps({"merge_method": "linear", "dtype": "float32",
                                           "models": [{"model": p, "parameters": {"weight": 1.0}} for p in inputs]}))
-            mk_out = args.workdir / "mergekit_out"
-            row["mergekit"] = runs(f"rm -rf {mk_out} && {args.mergekit} {config} {mk_out} --quiet > /dev/null 2>&1",
-                                   shell=True)
-            shutil.rmtree(mk_out, ignore_errors=True)
-        results["by_n"][n] = row
+            commands["mergekit"] = (f"rm -rf {mk_out} && {args.mergekit} {config} {mk_out} --quiet > /dev/null 2>&1",
+                                    True)
+        results["by_n"][n] = interleaved(commands)
+        shutil.rmtree(mk_out, ignore_errors=True)
         out.unlink(missing_ok=True)
 
-    print(f"\ncheckpoint {ckpt_bytes / 1e6:.0f} MB; interpreter start-up {interp_wall:.2f} s, "
-          f"{interp_rss / 1e6:.0f} MB RSS; method {args.method}; medians of {args.repeats}\n")
+    print(f"\ncheckpoint {ckpt_bytes / 1e6:.0f} MB; method {args.method}; medians of {args.repeats} interleaved "
+          f"rounds; 'interpreter' = start-up + exit, subtracted from wall and RSS for the targets\n")
     header = f"{'N':>3} {'tool':<11} {'wall s':>7} {'peak RSS MB':>12} {'RSS-baseline MB':>16} {'vs floor':>9}"
     print(header + "\n" + "-" * len(header))
     for n, row in results["by_n"].items():
         floor_wall = row["floor"][0]
+        interp_wall, interp_rss = row.pop("interpreter")
+        print(f"{n:>3} {'interpreter':<11} {interp_wall:>7.2f} {interp_rss / 1e6:>12.0f}")
         for tool, (wall, rss) in row.items():
             above = rss - interp_rss if tool != "floor" else rss
             net = wall - interp_wall if tool != "floor" else wall
@@ -180,6 +186,7 @@ def main() -> None:
         verdict += [f"soupkit/{peer} wall = {soup_wall / row[peer][0]:.2f}, RSS = {soup_rss / row[peer][1]:.2f}"
                     for peer in row if peer not in ("floor", "soupkit")]
         print("    " + "; ".join(verdict))
+        row["interpreter"] = (interp_wall, interp_rss)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if os.environ.get("SOUPKIT_BENCH_KEEP") != "1":
