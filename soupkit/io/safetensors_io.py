@@ -73,7 +73,9 @@ _madvise = None
 def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
     """``nbytes`` of ``fd`` from ``offset`` as a uint8 tensor over a private, prefaulted memory map, or None where
     that is not possible here (not Linux, kernel without MADV_POPULATE_READ, the range no longer in the file).
-    Writes to the tensor stay private (copy-on-write); the map is released when the tensor is freed."""
+    Writes to the tensor stay private (copy-on-write); the map is released when the tensor is freed. As with any
+    memory-mapped reader (``safe_open``, ``torch.load(mmap=True)``), another process truncating the file between
+    the prefault here and the read would raise SIGBUS; a file already short is caught here (EFAULT)."""
     global _mapping_works, _madvise
     if not _mapping_works or nbytes == 0:
         return None

@@ -68,8 +68,6 @@ class MergeOptions:
     exclude: Sequence[str] = ()
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     read_ahead_bytes: int = 32 << 20
-    #: read large chunks through short-lived memory maps instead of copying them (safetensors on Linux)
-    map_inputs: bool = True
     progress: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -203,22 +201,20 @@ class ReadAhead:
     ``preadv`` and torch copies release the GIL, so the next chunk is read while this one is combined.
     """
 
-    #: chunks at least this big are memory-mapped (when ``map_inputs``); smaller ones cost less to copy than
-    #: to map and unmap
+    #: chunks at least this big are memory-mapped where the reader can (safetensors on Linux): no copy, and the
+    #: map is released with the chunk; smaller ones cost less to copy than to map and unmap
     MAP_MIN_BYTES = 256 << 10
 
-    def __init__(self, requests: Iterator[tuple[CheckpointReader, str, int, int, int]], max_bytes: int,
-                 map_inputs: bool = False):
+    def __init__(self, requests: Iterator[tuple[CheckpointReader, str, int, int, int]], max_bytes: int):
         self._requests = requests
         self._max_bytes = max_bytes
-        self._map_inputs = map_inputs
         self._pending: deque[tuple[int, Future[torch.Tensor]]] = deque()
         self._in_flight = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="soupkit-read")
         self._buffers = BufferPool(keep_bytes=2 * max_bytes)
 
     def _read(self, reader: CheckpointReader, key: str, start: int, stop: int, nbytes: int) -> torch.Tensor:
-        if self._map_inputs and nbytes >= self.MAP_MIN_BYTES:
+        if nbytes >= self.MAP_MIN_BYTES:
             mapped = reader.map_flat(key, start, stop)
             if mapped is not None:
                 return mapped
@@ -368,7 +364,7 @@ def run_merge(
                 for reader in ([base] if base is not None else []) + sources:
                     yield reader, key, start, stop, (stop - start) * reader.info(key).dtype.itemsize
 
-    reads = ReadAhead(schedule(), options.read_ahead_bytes, options.map_inputs)
+    reads = ReadAhead(schedule(), options.read_ahead_bytes)
     writes = WriteBehind(options.read_ahead_bytes)
     progress = _Progress(sum(r.info(k).nbytes for k in keys for r in holders[k]), options.progress)
     disagreements: list[str] = []
