@@ -125,11 +125,15 @@ def main() -> None:
 
     def interleaved(commands: dict[str, tuple[list[str] | str, bool]]) -> dict[str, tuple[float, int]]:
         """Median wall and max peak RSS per tool, the tools taking turns in every round (on a noisy machine a
-        drift then hits every tool alike instead of whichever ran during it)."""
+        drift then hits every tool alike instead of whichever ran during it), in an order rotated each round (so
+        no tool always runs right after the same neighbour, e.g. right after a big file was written and deleted)."""
         walls: dict[str, list[float]] = {tool: [] for tool in commands}
         rsss: dict[str, list[int]] = {tool: [] for tool in commands}
-        for _ in range(args.repeats):
-            for tool, (cmd, shell) in commands.items():
+        tools = list(commands)
+        for round_ in range(args.repeats):
+            shift = round_ % len(tools)
+            for tool in tools[shift:] + tools[:shift]:
+                cmd, shell = commands[tool]
                 out.unlink(missing_ok=True)
                 wall, rss = timed(cmd, shell)
                 walls[tool].append(wall)
