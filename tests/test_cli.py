@@ -33,6 +33,25 @@ def test_help_answers_without_importing_torch() -> None:
     assert "NO-TORCH" in out and "soupkit merge" in out
 
 
+def test_missing_inputs_are_refused_before_torch_loads(tmp_path: Path, make_ckpt) -> None:
+    """A typo in a path answers at once: the one-line error comes before the ~3 s torch import."""
+    real = make_ckpt("a", 0)
+    commands = [["merge", str(real), str(tmp_path / "typo.safetensors"), "-o", str(tmp_path / "o.safetensors")],
+                ["merge", str(real), str(real), "--method", "ties", "--base", str(tmp_path / "typo.safetensors"),
+                 "-o", str(tmp_path / "o.safetensors")],
+                ["wise", str(real), str(tmp_path / "typo.safetensors"), "-o", str(tmp_path / "o.safetensors")],
+                ["eval", str(tmp_path / "typo.safetensors"), "--eval", "digits"]]
+    for argv in commands:
+        code = ("import sys; from soupkit.cli import main\n"
+                f"try:\n    main({argv!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
+                "print('EXIT', code, 'TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.stdout.split() == ["EXIT", "2", "NO-TORCH"], (argv, done.stdout, done.stderr)
+        assert done.stderr.strip().splitlines() == [f"soupkit {argv[0]}: error: {tmp_path / 'typo.safetensors'}: "
+                                                    "no such file"], done.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_merge_uniform_and_linear(tmp_path: Path, make_ckpt, cli) -> None:
     a, b = make_ckpt("a", 0), make_ckpt("b", 1)
     result = cli("merge", a, b, "-o", tmp_path / "soup.safetensors")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app, wide_console
+from soupkit.cli._app import app, require_files, wide_console
 
 
 @app.command("eval", epilog="Examples:\n\n"
@@ -37,6 +37,7 @@ def eval_command(
 ) -> None:
     """Score checkpoints on a recipe's held-out and test sets: a table of accuracy per dataset, plus the mean
     over distribution shifts."""
+    require_files(*checkpoints)
     from soupkit.eval.report import evaluate_checkpoints
 
     names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None

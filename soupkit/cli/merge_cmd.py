@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app, parse_float_list, parse_size
+from soupkit.cli._app import app, parse_float_list, parse_size, require_files
 
 SOUP_ALGORITHMS = ("greedy", "learned")
 BUILTIN_METHODS = "uniform, linear, wise, task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock, fisher"
@@ -135,6 +135,7 @@ def merge(
         return
     if not checkpoints:
         raise ParameterError("give at least one input checkpoint (or --config)")
+    require_files(*checkpoints, base)
     if method is None:
         method = "linear" if weights is not None else "uniform"
     if method in SOUP_ALGORITHMS:
@@ -204,6 +205,7 @@ def wise(
 
     started = time.perf_counter()
     alphas = parse_alphas(alpha)
+    require_files(zeroshot, finetuned)
     import soupkit
 
     if evaluate is not None:
