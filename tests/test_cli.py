@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from soupkit.io import load_checkpoint, open_checkpoint
+from soupkit.merging import list_methods
 from tests.conftest import snapshot, tiny_state
 
 
@@ -40,16 +41,26 @@ def test_missing_inputs_are_refused_before_torch_loads(tmp_path: Path, make_ckpt
                 ["merge", str(real), str(real), "--method", "ties", "--base", str(tmp_path / "typo.safetensors"),
                  "-o", str(tmp_path / "o.safetensors")],
                 ["wise", str(real), str(tmp_path / "typo.safetensors"), "-o", str(tmp_path / "o.safetensors")],
-                ["eval", str(tmp_path / "typo.safetensors"), "--eval", "digits"]]
+                ["eval", str(tmp_path / "typo.safetensors"), "--eval", "digits"],
+                ["merge", str(real), str(real), "--method", "tie", "-o", str(tmp_path / "o.safetensors")]]
     for argv in commands:
         code = ("import sys; from soupkit.cli import main\n"
                 f"try:\n    main({argv!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
                 "print('EXIT', code, 'TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.stdout.split() == ["EXIT", "2", "NO-TORCH"], (argv, done.stdout, done.stderr)
-        assert done.stderr.strip().splitlines() == [f"soupkit {argv[0]}: error: {tmp_path / 'typo.safetensors'}: "
-                                                    "no such file"], done.stderr
+        expected = ("unknown merge method 'tie'. Did you mean 'ties'?" if "tie" in argv else
+                    f"{tmp_path / 'typo.safetensors'}: no such file")
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"soupkit {argv[0]}: error: {expected}"), done.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_method_names_match_the_registry() -> None:
+    from soupkit.cli.merge_cmd import BUILTIN_METHODS, SOUP_ALGORITHMS
+
+    assert set(BUILTIN_METHODS) == set(list_methods())
+    assert not set(SOUP_ALGORITHMS) & set(list_methods())
 
 
 def test_merge_uniform_and_linear(tmp_path: Path, make_ckpt, cli) -> None:

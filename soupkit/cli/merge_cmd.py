@@ -13,7 +13,11 @@ import typer
 from soupkit.cli._app import app, parse_float_list, parse_size, require_files
 
 SOUP_ALGORITHMS = ("greedy", "learned")
-BUILTIN_METHODS = "uniform, linear, wise, task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock, fisher"
+#: the registry's built-in methods, named here so that help and a misspelt --method answer without torch (a test
+#: keeps this in step with the registry)
+BUILTIN_METHODS = ("uniform", "linear", "wise", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
+                   "model_stock", "fisher")
+_METHOD_LIST = ", ".join(BUILTIN_METHODS)
 
 # Options shared by merge and wise: (name, help) pairs keep the two commands in step.
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output file (.safetensors, or .pt).", show_default=False)]
@@ -72,7 +76,7 @@ def merge(
     checkpoints: Annotated[list[Path] | None, typer.Argument(help="Input checkpoints (.safetensors, .pt/.pth/.bin, "
                                                              "sharded index or folder).", show_default=False)] = None,
     output: Output = ...,  # type: ignore[assignment]
-    method: Annotated[str | None, typer.Option("--method", "-m", help=f"Merge method: {BUILTIN_METHODS}; or a "
+    method: Annotated[str | None, typer.Option("--method", "-m", help=f"Merge method: {_METHOD_LIST}; or a "
                                                "soup algorithm needing --eval: greedy, learned. `soupkit methods` "
                                                "lists them. \\[default: uniform, or linear with --weights]",
                                                show_default=False)] = None,
@@ -138,6 +142,11 @@ def merge(
     require_files(*checkpoints, base)
     if method is None:
         method = "linear" if weights is not None else "uniform"
+    if method not in BUILTIN_METHODS + SOUP_ALGORITHMS and "soupkit.merging.registry" not in sys.modules:
+        # nothing can have registered another method yet (that needs the registry): answer before torch loads
+        from soupkit.errors import unknown_choice
+
+        raise ParameterError(unknown_choice("merge method", method, BUILTIN_METHODS + SOUP_ALGORITHMS))
     if method in SOUP_ALGORITHMS:
         if evaluate is None:
             raise ParameterError(f"--method {method} needs --eval RECIPE to score candidates")
