@@ -117,7 +117,7 @@ def make_ingredients(ev, folder: Path, count: int, seed: int) -> list[Path]:
             torch.nn.functional.cross_entropy(model(xs[index]), labels).backward()
             optimiser.step()
 
-    base = copy.deepcopy(ev.model).cpu().train()
+    base = copy.deepcopy(ev.model).cpu().to(memory_format=torch.contiguous_format).train()
     run(base, torch.Generator().manual_seed(seed), 0.05, 150, 0.0)
     paths = []
     for i in range(count):
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
     reference_times, loop_times, per_sample_times, cold_times, warm_times = [], [], [], [], []
     for repeat in range(args.repeats):
-        model = copy.deepcopy(ev0.model).to(device)
+        # as main.py builds it: default (contiguous) memory format, whatever the evaluator chose for itself
+        model = copy.deepcopy(ev0.model).to(device, memory_format=torch.contiguous_format)
         t0 = time.perf_counter()
         ref_selected, ref_best, ref_passes, loop_seconds = reference_greedy(paths, model, loader, device)
         reference_times.append(time.perf_counter() - t0)

@@ -3,8 +3,9 @@
 Why it is fast: the model is built once and each candidate's weights are copied into it in place; every dataset
 is decoded and preprocessed once into tensors (on the GPU when they fit, else pinned memory; uint8 where the
 transform allows, normalised on the device per batch) that every later evaluation reuses; inference runs under
-``torch.inference_mode`` with bf16 autocast and channels_last on CUDA; a score cache on disk keyed by content
-skips checkpoints already scored; ``need_correct`` stops a hopeless greedy-soup candidate early, exactly.
+``torch.inference_mode`` with bf16 autocast on CUDA and channels_last for convnets; a score cache on disk keyed
+by content skips checkpoints already scored; ``need_correct`` stops a hopeless greedy-soup candidate early,
+exactly.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every process scores its contiguous shard of each dataset and the counts,
 losses and per-example masks are combined, so results equal a single process's. The process group is created
@@ -82,7 +83,6 @@ class Evaluator:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
         self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self._channels_last = self.device.type == "cuda"
         self.batch_size = recipe.batch_size
         # early-stopping evaluations (greedy soup candidates) check after every batch of at most this many
         # examples: small enough to drop a losing candidate early, large enough to keep the device busy
@@ -97,11 +97,14 @@ class Evaluator:
         where = f"{recipe.source}: model"
         built = adapter.fn(**recipe.model.params, context=BuildContext(recipe.folder, self.device, where))
         model = built.module.to(self.device).eval()
+        self.memory_format = _memory_format(recipe.memory_format, self.device, model)
+        self._channels_last = self.memory_format == "channels_last"
         if self._channels_last:
             model = model.to(memory_format=torch.channels_last)
         self._built = built
         self.model: torch.nn.Module = model
-        self._keys = {name: recipe.dataset_key(name, precision=precision, device_type=self.device.type)
+        self._keys = {name: recipe.dataset_key(name, precision=precision, device_type=self.device.type,
+                                               memory_format=self.memory_format)
                       for name in recipe.datasets}
 
     @classmethod
@@ -409,6 +412,16 @@ def _destroy_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _memory_format(requested: str, device: torch.device, model: torch.nn.Module) -> str:
+    """``auto``: channels_last on CUDA, and on the CPU for models with 2-D convolutions (oneDNN's NHWC kernels:
+    1.9x faster forward passes for the digits CNN here, mostly in max-pooling); contiguous otherwise."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" or any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return "channels_last"
+    return "contiguous"
 
 
 def _check_paths(recipe: Recipe) -> None:

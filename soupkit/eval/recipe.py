@@ -10,6 +10,7 @@ data:
 batch_size: 256
 device: auto          # auto | cpu | cuda | cuda:1
 precision: auto       # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+memory_format: auto   # auto (channels_last on CUDA and for convnets on CPU) | channels_last | contiguous
 ```
 
 Every dataset also takes these keys, handled by the evaluator whatever the kind: ``class_subset`` (class ids,
@@ -79,6 +80,7 @@ class Recipe:
     batch_size: int = 256
     device: str = "auto"
     precision: str = "auto"
+    memory_format: str = "auto"
     num_workers: int | None = None
     name: str | None = None
     description: str | None = None
@@ -96,9 +98,10 @@ class Recipe:
     def shift_names(self) -> list[str]:
         return [n for n, s in self.datasets.items() if s.role == "shift"]
 
-    def dataset_key(self, name: str, *, precision: str, device_type: str) -> str:
+    def dataset_key(self, name: str, *, precision: str, device_type: str, memory_format: str = "contiguous") -> str:
         """What a cached score of ``name`` depends on besides the checkpoint: the model's architecture, the
-        dataset definition (and the size/mtime of its files), the numeric precision and the device type."""
+        dataset definition (and the size/mtime of its files), the numeric precision, the device type and the
+        memory format (channels_last convolutions may round differently)."""
         spec = self.datasets[name]
         payload = {
             "schema": CACHE_SCHEMA,
@@ -107,6 +110,7 @@ class Recipe:
                      "holdout": [spec.holdout_fraction, spec.holdout_seed], "limit": spec.limit},
             "precision": precision,
             "device": device_type,
+            "memory_format": memory_format,
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -182,7 +186,8 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     path = find_recipe(source)
     data = read_yaml(path, "recipe")
     if not isinstance(data, Mapping):
-        raise RecipeError(f"{path}: a recipe is a mapping with keys model, data, batch_size, device, precision")
+        raise RecipeError(f"{path}: a recipe is a mapping with keys model, data, batch_size, device, precision, "
+                          "memory_format")
     return _parse(dict(data), str(path), path.parent.absolute())
 
 
@@ -203,6 +208,7 @@ def _schemas() -> tuple[Any, Any]:
         batch_size: PositiveInt = 256
         device: str = "auto"
         precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+        memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
         num_workers: NonNegativeInt | None = None
 
     return RecipeFile, DataSection
@@ -236,6 +242,7 @@ def _parse(data: dict[str, Any], source: str, folder: Path) -> Recipe:
         datasets[name] = _dataset(name, spec, default_role, f"{source}: data.test.{name}", folder)
     return Recipe(source=source, folder=folder, model=ModelSpec(model_kind, model_params), datasets=datasets,
                   batch_size=parsed.batch_size, device=parsed.device, precision=parsed.precision,
+                  memory_format=parsed.memory_format,
                   num_workers=parsed.num_workers, name=parsed.name, description=parsed.description, raw=data)
 
 

@@ -249,3 +249,21 @@ def test_cuda_bf16_matches_cpu_fp32_closely(trained):
     assert (a.correct_mask == b.correct_mask).float().mean() > 0.97
     x, _ = next(gpu.batches("clean"))
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_memory_format_channels_last_for_convnets_scores_like_contiguous(trained, tmp_path):
+    from soupkit.eval.evaluator import _memory_format
+
+    nhwc = Evaluator.from_recipe(digits_recipe(), cache_dir=tmp_path)
+    nchw = Evaluator.from_recipe(digits_recipe(memory_format="contiguous"), cache_dir=tmp_path)
+    assert nhwc.memory_format == "channels_last" and nchw.memory_format == "contiguous"
+    assert nhwc.model.features[3].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.model.features[3].weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = nhwc(trained.paths[0]), nchw(trained.paths[0])
+    assert not b["heldout"].cached  # one format's cached scores are not served to the other
+    for name in nhwc.dataset_names:
+        assert torch.equal(a[name].correct_mask, b[name].correct_mask)
+        assert a[name].loss == pytest.approx(b[name].loss, rel=1e-5)
+    assert _memory_format("auto", torch.device("cpu"), torch.nn.Linear(4, 2)) == "contiguous"
+    assert _memory_format("auto", torch.device("cuda"), torch.nn.Linear(4, 2)) == "channels_last"
+    assert _memory_format("contiguous", torch.device("cpu"), make_model()) == "contiguous"

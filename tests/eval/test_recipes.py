@@ -45,6 +45,7 @@ def error_of(source) -> str:
     (lambda r: r["data"]["test"]["noise"].update(shift="fog"), r"data.test.noise.shift: Input should be 'noise'"),
     (lambda r: r.update(precision="fp8"), r"recipe.yaml: precision: Input should be 'auto', 'fp32'"),
     (lambda r: r.update(batch_size=0), r"recipe.yaml: batch_size: Input should be greater than 0"),
+    (lambda r: r.update(memory_format="nhwc"), r"recipe.yaml: memory_format: Input should be 'auto', 'channels_last'"),
     (lambda r: r.update(device="gpu"), r"recipe.yaml: device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (lambda r: r.pop("model"), r"recipe.yaml: model: missing required key"),
     (lambda r: r["data"]["test"].update(heldout={"kind": "digits"}), r"data.test.heldout: the name 'heldout' is"),
