@@ -10,7 +10,7 @@ data:
 batch_size: 256
 device: auto          # auto | cpu | cuda | cuda:1
 precision: auto       # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-memory_format: auto   # auto (channels_last on CUDA and for convnets on CPU) | channels_last | contiguous
+memory_format: auto   # auto (channels_last on CUDA, and for convnets on CPU) | channels_last | contiguous
 ```
 
 Every dataset also takes these keys, handled by the evaluator whatever the kind: ``class_subset`` (class ids,

@@ -265,5 +265,7 @@ def test_memory_format_channels_last_for_convnets_scores_like_contiguous(trained
         assert torch.equal(a[name].correct_mask, b[name].correct_mask)
         assert a[name].loss == pytest.approx(b[name].loss, rel=1e-5)
     assert _memory_format("auto", torch.device("cpu"), torch.nn.Linear(4, 2)) == "contiguous"
+    vit_like = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    assert _memory_format("auto", torch.device("cpu"), vit_like) == "contiguous"  # one patch-embedding conv
     assert _memory_format("auto", torch.device("cuda"), torch.nn.Linear(4, 2)) == "channels_last"
     assert _memory_format("contiguous", torch.device("cpu"), make_model()) == "contiguous"
