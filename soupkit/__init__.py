@@ -27,6 +27,9 @@ _LAZY = {
     "list_methods": "soupkit.merging",
     "get_method": "soupkit.merging",
     "merge_method": "soupkit.merging",
+    "Param": "soupkit.merging",
+    "TensorFiles": "soupkit.merging",
+    "OutputOptions": "soupkit.options",
     # evaluator
     "Evaluator": "soupkit.eval",
     "EvalResult": "soupkit.eval",
@@ -49,5 +52,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from soupkit.errors import SoupkitError
     from soupkit.eval import EvalResult, Evaluator
     from soupkit.io import CheckpointReader, fingerprint, load_checkpoint, open_checkpoint, save_checkpoint
-    from soupkit.merging import get_method, list_methods, merge, merge_method, uniform_soup, wise_ft
+    from soupkit.merging import Param, TensorFiles, get_method, list_methods, merge, merge_method, uniform_soup, wise_ft
+    from soupkit.options import OutputOptions
     from soupkit.soups import SoupResult, greedy_soup, learned_soup, wise_sweep

@@ -24,3 +24,22 @@ def lazy_exports(package: str, table: Mapping[str, str], namespace: dict[str, An
         return sorted({*table, *(k for k in namespace if not k.startswith("_"))})
 
     return __getattr__, __dir__
+
+
+class LazyModule:
+    """A module imported on first attribute access: ``torch = LazyModule("torch")`` lets a module that only
+    *declares* things (a merge method's signature) be imported without paying for torch (~3 s here)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._name)  # a dict lookup once imported
+        return getattr(module, attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
+
+
+#: torch, imported when first used
+torch: Any = LazyModule("torch")

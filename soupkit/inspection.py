@@ -120,28 +120,9 @@ def _diff_rows(left: CheckpointReader, right: CheckpointReader) -> list[tuple[Te
     return rows
 
 
-def convert(source: CheckpointSource, output: str | Path, *, dtype: str | None = None, ema: bool = False,
-            force: bool = False, shard_size: int | None = None) -> Path:
-    """Rewrite any readable checkpoint (e.g. a pickled wise-ft ``.pt``) as safetensors, one tensor at a time."""
-    from soupkit.io import CheckpointSink, OutputSet, check_output_path, input_files, provenance_metadata
-    from soupkit.io.provenance import ingredient_record
-    from soupkit.merging.engine import output_plan, parse_dtype
+def convert(source: CheckpointSource, output: str | Path, **options: Any) -> Path:
+    """Rewrite any readable checkpoint (e.g. a pickled wise-ft ``.pt``) as safetensors, one tensor at a time;
+    ``options``: the output options (dtype, shard_size, ema, force, ...)."""
+    from soupkit.merging.api import write_checkpoint
 
-    reader = open_checkpoint(source, ema=ema)
-    try:
-        protected = input_files(reader)
-        out = check_output_path(output, inputs=protected, force=force)
-        target = parse_dtype(dtype)
-        keys = reader.keys()
-        metadata = provenance_metadata("convert", {"dtype": dtype, "ema": ema},
-                                       [ingredient_record(reader.name, reader.path, reader.nbytes)])
-        with OutputSet() as files:
-            sink = CheckpointSink(out, output_plan([reader], keys, target), metadata, files, shard_size,
-                                  protect=protected, force=force)
-            for key in keys:
-                sink.write(key, reader.get(key).to(sink.dtype_of(key)).reshape(-1))
-            result = sink.finish()
-        assert isinstance(result, Path)
-        return result
-    finally:
-        reader.close()
+    return write_checkpoint(source, output, record_as="convert", **options)

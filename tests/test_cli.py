@@ -56,13 +56,6 @@ def test_missing_inputs_are_refused_before_torch_loads(tmp_path: Path, make_ckpt
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_cli_method_names_match_the_registry() -> None:
-    from soupkit.cli.merge_cmd import BUILTIN_METHODS, SOUP_ALGORITHMS
-
-    assert set(BUILTIN_METHODS) == set(list_methods())
-    assert not set(SOUP_ALGORITHMS) & set(list_methods())
-
-
 def test_merge_uniform_and_linear(tmp_path: Path, make_ckpt, cli) -> None:
     a, b = make_ckpt("a", 0), make_ckpt("b", 1)
     result = cli("merge", a, b, "-o", tmp_path / "soup.safetensors")
@@ -136,7 +129,7 @@ def test_methods_lists_registry(cli) -> None:
 @pytest.mark.parametrize("args, needles", [
     (["merge", "{a}", "{b}", "-o", "{out}", "--method", "unifrom"], ["unknown merge method 'unifrom'",
                                                                      "Did you mean 'uniform'"]),
-    (["merge", "{a}", "{b}", "-o", "{out}", "--weights", "a,b"], ["--weights: expected comma-separated numbers"]),
+    (["merge", "{a}", "{b}", "-o", "{out}", "--weights", "a,b"], ["weights[0] must be a number, got a"]),
     (["merge", "{a}", "{b}", "-o", "{out}", "--weights", "1,2,3"], ["has 3 values for 2 input models"]),
     (["merge", "{a}", "{b}", "-o", "{out}", "--dtype", "fp8"], ["--dtype: unknown dtype 'fp8'"]),
     (["merge", "{a}", "{b}", "-o", "{out}", "--shard-size", "banana"], ["--shard-size: expected a size"]),

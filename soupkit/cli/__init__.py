@@ -15,6 +15,7 @@ import typer
 # Each import registers that module's commands on `app`.
 from soupkit.cli import demo_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
 from soupkit.cli._app import app
+from soupkit.cli._help import tidy
 
 __all__ = ["app", "main"]
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             warnings.filterwarnings("ignore", category=ResourceWarning)
             warnings.showwarning = show_warning
             # non-standalone typer returns the exit code of Exit (and of Ctrl-C: 130) instead of raising
-            code = app(args=args, prog_name="soupkit", standalone_mode=False)
+            code = tidy(typer.main.get_command(app)).main(args=args, prog_name="soupkit", standalone_mode=False)
         if isinstance(code, int) and code == 130:
             raise Terminated() if _signals else KeyboardInterrupt()
         if isinstance(code, int) and code != 0:

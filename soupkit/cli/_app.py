@@ -37,6 +37,9 @@ def parse_float_list(value: str, option: str) -> list[float]:
         raise ParameterError(f"{option}: expected comma-separated numbers, got {value!r}") from None
 
 
+from soupkit.options import parse_size  # noqa: E402, F401  (one size parser, shared with the library)
+
+
 def require_files(*paths: Path | None) -> None:
     """Fail fast on an input path that does not exist, before the command imports torch (~3 s); the library
     raises the same one-line error where it opens the file."""
@@ -45,24 +48,6 @@ def require_files(*paths: Path | None) -> None:
     for path in paths:
         if path is not None and not path.exists():
             raise CheckpointError(f"{path}: no such file")
-
-
-def parse_size(value: str, option: str) -> int:
-    """Parse ``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count into bytes."""
-    from soupkit.errors import ParameterError
-
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    text = value.strip().upper()
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number):]
-    try:
-        size = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}") from None
-    if size <= 0:
-        raise ParameterError(f"{option}: must be positive, got {value!r}")
-    return size
 
 
 def wide_console(*, stderr: bool = False, min_width: int = 120) -> Any:

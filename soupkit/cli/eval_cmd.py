@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from soupkit.cli._app import app, require_files, wide_console
+from soupkit.cli.options import CacheDir, NoCache, generated_options
+from soupkit.options import OutputOptions
 
 
 @app.command("eval", epilog="Examples:\n\n"
@@ -30,9 +32,8 @@ def eval_command(
                                                  show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N \\[default: the recipe's].",
                                                show_default=False)] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Score again even if the score cache has it.")] = False,
-    cache_dir: Annotated[Path | None, typer.Option(help="Score cache folder \\[default: $SOUPKIT_CACHE_DIR or "
-                                                        "~/.cache/soupkit/scores].", show_default=False)] = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; no table.")] = False,
 ) -> None:
     """Score checkpoints on a recipe's held-out and test sets: a table of accuracy per dataset, plus the mean
@@ -57,6 +58,7 @@ def eval_command(
              "  soupkit zeroshot --model ViT-B-32 --weights vit_b32_openai.safetensors -o zs.safetensors\n\n"
              "  soupkit zeroshot --model ViT-B-32 --weights W.safetensors --classes classes.txt "
              "--templates openai -o zs.safetensors")
+@generated_options()
 def zeroshot(
     model: Annotated[str, typer.Option(help="open_clip model name, e.g. ViT-B-32.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).",
@@ -70,14 +72,12 @@ def zeroshot(
     config: Annotated[Path | None, typer.Option(help="An open_clip model-config JSON for an architecture "
                                                      "open_clip does not ship (named by the file's stem).",
                                                 show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help="Device for encoding the prompts \\[default: cuda if "
-                                                     "available].", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    options: OutputOptions | None = None,
 ) -> None:
     """Write a CLIP zero-shot classifier (image encoder + WiSE-FT-style head) as a checkpoint: the start of
     WiSE-FT and of fine-tuned ingredients."""
     from soupkit.eval.models.clip import zeroshot_checkpoint
 
     path = zeroshot_checkpoint(model, classes, templates, weights=weights, output=output, config=config,
-                               device=device, force=force)
+                               options=options)
     print(f"wrote {path}", file=sys.stderr)

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app, parse_size
+from soupkit.cli._app import app, require_files
+from soupkit.cli.options import Quiet, generated_options
+from soupkit.options import OutputOptions
 
 
 def _size(n: int | None) -> str:
@@ -91,20 +93,18 @@ def _num(value: float | None) -> str:
 
 @app.command(epilog="Examples:\n\n  soupkit convert wiseft_zeroshot.pt zeroshot.safetensors\n\n"
              "  soupkit convert model.ckpt model.safetensors --ema --dtype bf16")
+@generated_options()
 def convert(
     source: Annotated[Path, typer.Argument(help="Any checkpoint soupkit reads (.pt, pickled module, shards...).",
                                            show_default=False)],
     output: Annotated[Path, typer.Argument(help="Output file (.safetensors or .pt).", show_default=False)],
-    dtype: Annotated[str | None, typer.Option(help="Cast floating tensors to fp32, fp16 or bf16.",
-                                              show_default=False)] = None,
-    ema: Annotated[bool, typer.Option("--ema", help="Take the EMA weights of a .pt checkpoint.")] = False,
-    shard_size: Annotated[str | None, typer.Option(help="Write shards of at most this size (e.g. 5GB).",
-                                                   show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output (never the input).")] = False,
+    quiet: Quiet = False,
+    options: OutputOptions | None = None,
 ) -> None:
     """Convert a checkpoint to safetensors (e.g. a pickled wise-ft .pt), streaming one tensor at a time."""
+    require_files(source)
     from soupkit import inspection
 
-    written = inspection.convert(source, output, dtype=dtype, ema=ema, force=force,
-                                 shard_size=parse_size(shard_size, "--shard-size") if shard_size else None)
-    typer.echo(f"wrote {written}", err=True)
+    written = inspection.convert(source, output, options=options)
+    if not quiet:
+        typer.echo(f"wrote {written}", err=True)

@@ -159,3 +159,16 @@ class OutputSet:
                 raise OutputError(f"{target}: cannot write output: {exc.strerror}") from None
         elif self._files:
             self.commit()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a small file (a report, a plot, a cache entry) whole or not at all: a temporary next to it, fsynced,
+    renamed into place. The one home of this for every file soupkit writes."""
+    with OutputSet() as files:
+        files.open(path).write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``atomic_write_bytes`` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import threading
-import typing
 import warnings
 import weakref
 from collections import deque
@@ -32,13 +31,13 @@ import torch
 
 from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError, suggest
 from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo
-from soupkit.merging.registry import MergeMethod
+from soupkit.merging.registry import MergeMethod, TensorFiles
+from soupkit.options import OutputOptions
 
 #: default flat chunk for elementwise methods: 1M elements = 4 MB per fp32 operand, so a running mean's
 #: accumulator stays in the CPU's cache while each input streams through it (measured fastest here vs 256K-16M)
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 class SoupkitWarning(UserWarning):
@@ -46,60 +45,51 @@ class SoupkitWarning(UserWarning):
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` -> ``torch.bfloat16``; None keeps each tensor's input dtype."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return _DTYPES[name.lower()]
-    except KeyError:
-        raise ParameterError(f"--dtype: unknown dtype {name!r}; choose fp32, fp16 or bf16") from None
+    """``"bf16"`` -> ``torch.bfloat16`` (names as ``OutputOptions`` accepts them); None keeps each tensor's dtype."""
+    if name is None:
+        return None
+    return _DTYPES[OutputOptions.build({"dtype": name}).dtype]  # type: ignore[index]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``OutputOptions.device`` -> a torch device this machine has (``auto``: cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError(f"--device {device}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ParameterError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
 
 
 @dataclass
-class MergeOptions:
-    """Everything about a merge except the method and its parameters."""
+class EngineRun:
+    """One merge pass's settings: the user's ``OutputOptions`` resolved for torch, plus engine tuning."""
 
-    dtype: torch.dtype | None = None
-    precise: bool = False
-    device: str = "cpu"
-    allow_missing: bool = False
-    allow_nonfinite: bool = False
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
+    options: OutputOptions = field(default_factory=OutputOptions)
+    progress: bool = False
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     read_ahead_bytes: int = 32 << 20
-    progress: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
-class TensorFiles:
-    """Marks a per-model method parameter as auxiliary tensor files, one per input and keyed like the inputs
-    (e.g. Fisher information): ``fishers: Annotated[list[str], TensorFiles("Fisher")]``. The parameter is
-    given as paths; the engine opens and checks them before the merge and passes the method, in step with the
-    inputs, a list holding each file's chunk of the same tensor (upcast like the inputs) or None where a file
-    lacks the key."""
-
-    what: str
-
-
-def auxiliary_parameters(method: MergeMethod) -> dict[str, TensorFiles]:
-    """The method's parameters marked ``TensorFiles``: name -> marker."""
-    found: dict[str, TensorFiles] = {}
-    for name, hint in typing.get_type_hints(method.fn, include_extras=True).items():
-        for part in (hint, *typing.get_args(hint)):  # Annotated[...] or Annotated[...] | None
-            marker = next((m for m in getattr(part, "__metadata__", ()) if isinstance(m, TensorFiles)), None)
-            if marker is not None:
-                found[name] = marker
-    return found
+    def __post_init__(self) -> None:
+        self.dtype = parse_dtype(self.options.dtype)
+        self.device = resolve_device(self.options.device)
+        self.acc_dtype = torch.float64 if self.options.precise else torch.float32
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One output of a merge pass: the method's bound parameters and where the result goes."""
+    """One output of a merge pass: the method's bound parameters (or a function of the tensor name giving them,
+    for per-layer parameters) and where the result goes."""
 
-    params: dict[str, Any]
+    params: dict[str, Any] | Callable[[str], dict[str, Any]]
     sink: CheckpointSink
+
+    def params_for(self, key: str) -> dict[str, Any]:
+        return self.params(key) if callable(self.params) else self.params
 
 
 # --------------------------------------------------------------------------------------------- checking
@@ -157,9 +147,10 @@ def output_plan(
     readers: Sequence[CheckpointReader], keys: Sequence[str], dtype: torch.dtype | None
 ) -> list[TensorInfo]:
     """Shape and dtype of every output tensor: the first holder's, with ``dtype`` for floating tensors."""
+    infos = [r.infos() for r in readers]
     plan = []
     for key in keys:
-        info = next(r.info(key) for r in readers if key in r)
+        info = next(i[key] for i in infos if key in i)
         out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
         plan.append(TensorInfo(key, info.shape, out_dtype))
     return plan
@@ -229,13 +220,16 @@ class ReadAhead:
             self._pending.append((nbytes, self._pool.submit(self._read, *request)))
             self._in_flight += nbytes
 
-    def next(self) -> torch.Tensor:
+    def take(self, count: int) -> list[Future[torch.Tensor]]:
+        """The next ``count`` reads, in schedule order (a consumer takes exactly one step's reads at a time)."""
+        taken = []
+        for _ in range(count):
+            self._fill()
+            nbytes, future = self._pending.popleft()
+            self._in_flight -= nbytes
+            taken.append(future)
         self._fill()
-        nbytes, future = self._pending.popleft()
-        self._in_flight -= nbytes
-        tensor = future.result()
-        self._fill()
-        return tensor
+        return taken
 
     def close(self) -> None:
         for _, future in self._pending:
@@ -275,47 +269,52 @@ class WriteBehind:
 
 
 class InputSequence(Sequence[torch.Tensor]):
-    """The inputs of one (chunk of a) tensor, as the method sees them: upcast on the compute device, read
-    lazily in order. Iterating reads each input once and keeps none; indexing caches what it read."""
+    """The inputs of one (chunk of a) tensor, as the method sees them: upcast on the compute device, each
+    prepared on first use (iterating holds one at a time: a running mean never keeps all N)."""
 
-    def __init__(self, count: int, fetch: Callable[[], torch.Tensor]):
-        self._count = count
-        self._fetch = fetch
-        self._cache: list[torch.Tensor] = []
-        self._consumed = 0
+    def __init__(self, reads: Sequence[Future[torch.Tensor]], prepare: Callable[[int, torch.Tensor], torch.Tensor],
+                 keep: bool):
+        self._reads = reads
+        self._prepare = prepare
+        self._cache: dict[int, torch.Tensor] = {}
+        self._keep = keep  # several outputs, or whole tensors: prepare each input once for all of them
 
     def __len__(self) -> int:
-        return self._count
-
-    def _advance(self) -> torch.Tensor:
-        self._consumed += 1
-        return self._fetch()
+        return len(self._reads)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self._consumed > len(self._cache):
-            raise RuntimeError("merge method iterated its inputs twice; index them instead")  # method bug
-        yield from self._cache
-        while self._consumed < self._count:
-            yield self._advance()
+        for index in range(len(self._reads)):
+            yield self[index]
 
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._count))]  # type: ignore[return-value]
+            return [self[i] for i in range(*index.indices(len(self)))]  # type: ignore[return-value]
         if index < 0:
-            index += self._count
-        if not 0 <= index < self._count:
+            index += len(self)
+        if not 0 <= index < len(self):
             raise IndexError(index)
-        while len(self._cache) <= index:
-            self._cache.append(self._advance())
-        return self._cache[index]
-
-    def drain(self) -> None:
-        """Read (and cache) every input not read yet, keeping the read schedule in step."""
-        while self._consumed < self._count:
-            self._cache.append(self._advance())
+        if index in self._cache:
+            return self._cache[index]
+        tensor = self._prepare(index, self._reads[index].result())
+        if self._keep:
+            self._cache[index] = tensor
+        return tensor
 
 
 # --------------------------------------------------------------------------------------------- merging
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of the merge: a key, a flat range of it, and the reads it consumes, in order. The read schedule
+    and the consumer both walk the same list of steps, so they cannot drift apart."""
+
+    key: str
+    kind: str  # "merge" (base first when there is one, then the holders), "copy" (first holder), "integer" (all)
+    start: int
+    stop: int
+    reads: tuple[CheckpointReader, ...]
+    sources: tuple[CheckpointReader, ...]  # the inputs holding the key
 
 
 def _spans(numel: int, step: int) -> Iterator[tuple[int, int]]:
@@ -327,110 +326,62 @@ def _spans(numel: int, step: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, numel)
 
 
+def plan_steps(method: MergeMethod, readers: Sequence[CheckpointReader], keys: Sequence[str],
+               base: CheckpointReader | None, run: EngineRun) -> tuple[list[Step], dict[str, TensorInfo]]:
+    """Every step of the merge, in order, with the tensor infos of the first holder of each key."""
+    merged = select_keys(keys, run.options.include, run.options.exclude)
+    reader_infos = [r.infos() for r in readers]
+    steps: list[Step] = []
+    infos: dict[str, TensorInfo] = {}
+    for key in keys:
+        sources = tuple(r for r, i in zip(readers, reader_infos) if key in i)
+        info = infos[key] = next(i[key] for i in reader_infos if key in i)
+        if not info.is_float:
+            steps.append(Step(key, "integer", 0, info.numel, sources, sources))
+        elif key not in merged:
+            steps.append(Step(key, "copy", 0, info.numel, sources[:1], sources))
+        else:
+            size = max(1, run.chunk_elements) if method.elementwise else max(info.numel, 1)
+            reads = ((base,) if base is not None else ()) + sources
+            steps += [Step(key, "merge", start, stop, reads, sources) for start, stop in _spans(info.numel, size)]
+    return steps, infos
+
+
+def _read_requests(steps: Sequence[Step]) -> Iterator[tuple[CheckpointReader, str, int, int, int]]:
+    for step in steps:
+        for reader in step.reads:
+            itemsize = reader.info(step.key).dtype.itemsize
+            yield reader, step.key, step.start, step.stop, (step.stop - step.start) * itemsize
+
+
 def run_merge(
     method: MergeMethod,
     readers: Sequence[CheckpointReader],
     variants: Sequence[Variant],
-    options: MergeOptions,
+    run: EngineRun,
     base: CheckpointReader | None = None,
     keys: Sequence[str] | None = None,
 ) -> None:
     """Stream the merge of ``readers`` into every variant's sink (one read of the inputs for all variants)."""
     if keys is None:
-        keys = check_compatible(readers, allow_missing=options.allow_missing, base=base)
-    merged_keys = select_keys(keys, options.include, options.exclude)
-    device = torch.device(options.device)
-    acc_dtype = torch.float64 if options.precise else torch.float32
-    # NaN/Inf: check each merged output instead of every input when the method's output carries them
-    check_outputs = method.propagates_nonfinite and not options.allow_nonfinite
-    check_inputs = not check_outputs
-    holders = {k: [r for r in readers if k in r] for k in keys}
-    infos = {k: holders[k][0].info(k) for k in keys}
-    auxiliary = _open_auxiliary(method, variants, readers, infos)
-    position = {id(r): i for i, r in enumerate(readers)}  # input index, for auxiliary per-input files
-
-    def step_of(key: str) -> int:
-        return max(1, options.chunk_elements) if method.elementwise else max(infos[key].numel, 1)
-
-    def schedule() -> Iterator[tuple[CheckpointReader, str, int, int, int]]:
-        for key in keys:
-            info, sources = infos[key], holders[key]
-            if not info.is_float or key not in merged_keys:
-                # integer tensors: every input, to compare; unmerged float tensors: the first input only
-                for reader in sources if not info.is_float else sources[:1]:
-                    yield reader, key, 0, info.numel, reader.info(key).nbytes
-                continue
-            for start, stop in _spans(info.numel, step_of(key)):
-                for reader in ([base] if base is not None else []) + sources:
-                    yield reader, key, start, stop, (stop - start) * reader.info(key).dtype.itemsize
-
-    reads = ReadAhead(schedule(), options.read_ahead_bytes)
-    writes = WriteBehind(options.read_ahead_bytes)
-    progress = _Progress(sum(r.info(k).nbytes for k in keys for r in holders[k]), options.progress)
-    disagreements: list[str] = []
+        keys = check_compatible(readers, allow_missing=run.options.allow_missing, base=base)
+    steps, infos = plan_steps(method, readers, keys, base, run)
+    reads = ReadAhead(_read_requests(steps), run.read_ahead_bytes)
+    writes = WriteBehind(run.read_ahead_bytes)
+    progress = _Progress(sum(r.info(s.key).dtype.itemsize * (s.stop - s.start) for s in steps for r in s.sources
+                             if s.kind != "copy" or r is s.sources[0]), run.progress)
+    merger = _Merger(method, variants, run, infos, readers)
     # Chunked CPU merges run torch ops on one thread: a few-MB chunk gains nothing from intra-op threads, and
-    # their spin-waiting between ops takes the cores the reader and writer threads need (~1 CPU-s per GB here)
+    # their spin-waiting between ops takes the cores the reader and writer need (~1 CPU-s per GB here)
     threads = torch.get_num_threads()
-    single_thread = device.type == "cpu" and method.elementwise and threads > 1
+    single_thread = run.device.type == "cpu" and method.elementwise and threads > 1
     if single_thread:
         torch.set_num_threads(1)
     try:
-        for key in keys:
-            info, sources = infos[key], holders[key]
-            if not info.is_float:
-                first = reads.next()
-                for reader in sources[1:]:
-                    if not torch.equal(reads.next(), first) and key not in disagreements:
-                        disagreements.append(key)
-                        warnings.warn(f"{key!r}: integer tensor differs between {sources[0].name} and "
-                                      f"{reader.name}; kept the first input's", SoupkitWarning, stacklevel=2)
-                for variant in variants:
-                    writes.put(variant.sink, key, first.reshape(-1))
-                progress.advance(sum(r.info(key).nbytes for r in sources))
-                continue
-            if key not in merged_keys:
-                tensor = reads.next()
-                for variant in variants:
-                    writes.put(variant.sink, key, tensor.to(variant.sink.dtype_of(key)))
-                progress.advance(info.nbytes)
-                continue
-            for start, stop in _spans(info.numel, step_of(key)):
-                shape = (stop - start,) if method.elementwise else info.shape
-                base_chunk = None
-                if base is not None:
-                    base_chunk = _prepare(reads.next(), base, key, shape, device, acc_dtype, options)
-                pending = iter(sources)
-
-                def fetch() -> torch.Tensor:
-                    reader = next(pending)  # noqa: B023 - used within this iteration only
-                    return _prepare(reads.next(), reader, key, shape, device, acc_dtype, options,  # noqa: B023
-                                    check=check_inputs)
-
-                inputs = InputSequence(len(sources), fetch)
-                if len(variants) > 1 or not method.elementwise:
-                    inputs.drain()  # whole tensors, or several outputs: hold this chunk's inputs once
-                kwargs: dict[str, Any] = {}
-                if method.needs_base:
-                    kwargs["base"] = base_chunk
-                if method.takes_key:
-                    kwargs["key"] = key
-                    if method.elementwise:
-                        kwargs["offset"] = start
-                results = []
-                for variant, files in zip(variants, auxiliary):
-                    chunks = {name: [None if key not in r else
-                                     _prepare(r.read_flat(key, start, stop), r, key, shape, device, acc_dtype, options)
-                                     for r in (per_input[position[id(s)]] for s in sources)]
-                              for name, per_input in files.items()}
-                    results.append(method.fn(inputs, **{**variant.params, **chunks}, **kwargs))
-                inputs.drain()  # inputs a method skipped (wise at alpha=0) keep the read order in step
-                if check_outputs:
-                    for result in results:
-                        _check_output(result, sources, key, start, stop, method.name)
-                for variant, result in zip(variants, results):
-                    out = result.reshape(-1).to(device="cpu", dtype=variant.sink.dtype_of(key))
-                    writes.put(variant.sink, key, out)
-                progress.advance(sum(r.info(key).dtype.itemsize for r in sources) * (stop - start))
+        for step in steps:
+            for sink, chunk in merger.step(step, reads.take(len(step.reads))):
+                writes.put(sink, step.key, chunk)
+            progress.advance(sum(r.info(step.key).dtype.itemsize for r in step.reads) * (step.stop - step.start))
         writes.flush()
     finally:
         if single_thread:
@@ -438,8 +389,62 @@ def run_merge(
         writes.close()
         reads.close()
         progress.close()
-        _close_all(auxiliary)
-    options.stats["integer_disagreements"] = disagreements
+        merger.close()
+    run.stats["integer_disagreements"] = merger.disagreements
+
+
+class _Merger:
+    """Turns each step's reads into output chunks, one per variant."""
+
+    def __init__(self, method: MergeMethod, variants: Sequence[Variant], run: EngineRun,
+                 infos: dict[str, TensorInfo], readers: Sequence[CheckpointReader]):
+        self.method, self.variants, self.run, self.infos = method, variants, run, infos
+        self.auxiliary = _open_auxiliary(method, variants, readers, infos)
+        self.position = {id(r): i for i, r in enumerate(readers)}  # input index, for per-input auxiliary files
+        # NaN/Inf: when the method's output carries any input's, one check of the output stands for N inputs
+        self.check_inputs = not (method.propagates_nonfinite or run.options.allow_nonfinite)
+        self.disagreements: list[str] = []
+
+    def step(self, step: Step, reads: Sequence[Future[torch.Tensor]]) -> Iterator[tuple[CheckpointSink, torch.Tensor]]:
+        if step.kind == "integer":
+            first = reads[0].result()
+            for reader, other in zip(step.sources[1:], reads[1:]):
+                if not torch.equal(other.result(), first) and step.key not in self.disagreements:
+                    self.disagreements.append(step.key)
+                    warnings.warn(f"{step.key!r}: integer tensor differs between {step.sources[0].name} and "
+                                  f"{reader.name}; kept the first input's", SoupkitWarning, stacklevel=2)
+            return ((v.sink, first.reshape(-1)) for v in self.variants)
+        if step.kind == "copy":
+            tensor = reads[0].result()
+            return ((v.sink, tensor.to(v.sink.dtype_of(step.key))) for v in self.variants)
+        return self._merge(step, reads)
+
+    def _merge(self, step: Step, reads: Sequence[Future[torch.Tensor]]
+               ) -> Iterator[tuple[CheckpointSink, torch.Tensor]]:
+        method, key, run = self.method, step.key, self.run
+        shape = (step.stop - step.start,) if method.elementwise else self.infos[key].shape
+        offset = 1 if len(step.reads) > len(step.sources) else 0  # the base's read comes first
+
+        def prepare(index: int, raw: torch.Tensor) -> torch.Tensor:
+            return _prepare(raw, step.sources[index], key, shape, run, check=self.check_inputs)
+
+        inputs = InputSequence(reads[offset:], prepare, keep=len(self.variants) > 1 or not method.elementwise)
+        context: dict[str, Any] = {"key": key, "offset": step.start}
+        if offset:
+            context["base"] = _prepare(reads[0].result(), step.reads[0], key, shape, run)
+        context = {name: value for name, value in context.items() if name in method.context}
+        for variant, files in zip(self.variants, self.auxiliary):
+            chunks = {name: [None if key not in r else _prepare(r.read_flat(key, step.start, step.stop), r, key,
+                                                                   shape, run)
+                             for r in (per_input[self.position[id(s)]] for s in step.sources)]
+                      for name, per_input in files.items()}
+            result = method.fn(inputs, **{**variant.params_for(key), **chunks}, **context)
+            if not run.options.allow_nonfinite:
+                _check_output(result, step, method.name)
+            yield variant.sink, result.reshape(-1).to(device="cpu", dtype=variant.sink.dtype_of(key))
+
+    def close(self) -> None:
+        _close_all(self.auxiliary)
 
 
 def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: Sequence[CheckpointReader],
@@ -453,7 +458,7 @@ def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: S
     try:
         for variant in variants:
             files: dict[str, list[CheckpointReader]] = {}
-            for name, marker in auxiliary_parameters(method).items():
+            for name, marker in method.auxiliary.items():
                 paths = variant.params.get(name)
                 if paths is None:
                     continue
@@ -493,11 +498,11 @@ def _close_all(auxiliary: Sequence[dict[str, list[CheckpointReader]]]) -> None:
         reader.close()
 
 
-def _prepare(raw: torch.Tensor, reader: CheckpointReader, key: str, shape: tuple[int, ...], device: torch.device,
-             acc_dtype: torch.dtype, options: MergeOptions, *, check: bool = True) -> torch.Tensor:
+def _prepare(raw: torch.Tensor, reader: CheckpointReader, key: str, shape: tuple[int, ...], run: EngineRun, *,
+             check: bool = True) -> torch.Tensor:
     """Move one raw input chunk to the compute device in the accumulation dtype; reject NaN/Inf."""
-    tensor = raw.to(device=device, non_blocking=True).to(acc_dtype).reshape(shape)
-    if check and not options.allow_nonfinite and not _all_finite(tensor):
+    tensor = raw.to(device=run.device, non_blocking=True).to(run.acc_dtype).reshape(shape)
+    if check and not run.options.allow_nonfinite and not _all_finite(tensor):
         raise NonFiniteError(
             f"{reader.name}: tensor {key!r} contains NaN or Inf (pass --allow-nonfinite to merge anyway)"
         )
@@ -510,19 +515,19 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(tensor.sum()) or bool(torch.isfinite(tensor).all())
 
 
-def _check_output(result: torch.Tensor, sources: Sequence[CheckpointReader], key: str, start: int, stop: int,
-                  method: str) -> None:
-    """For methods whose output is NaN/Inf whenever an input is: one check of the output stands for N input
-    checks. On failure, re-read this chunk of each input to name the one at fault (the error path only)."""
+def _check_output(result: torch.Tensor, step: Step, method: str) -> None:
+    """Every method's output is checked. A NaN/Inf there comes from an input (methods whose output carries any
+    input's skip the input checks: re-read this chunk of each to name the one at fault, on the error path only)
+    or from the arithmetic overflowing on finite inputs."""
     if _all_finite(result):
         return
-    for reader in sources:
-        if not _all_finite(reader.read_flat(key, start, stop).to(torch.float64)):
+    for reader in step.sources:
+        if not _all_finite(reader.read_flat(step.key, step.start, step.stop).to(torch.float64)):
             raise NonFiniteError(
-                f"{reader.name}: tensor {key!r} contains NaN or Inf (pass --allow-nonfinite to merge anyway)"
+                f"{reader.name}: tensor {step.key!r} contains NaN or Inf (pass --allow-nonfinite to merge anyway)"
             )
-    raise NonFiniteError(f"tensor {key!r}: the {method} of these finite inputs overflows to Inf "
-                         f"(pass --precise to accumulate in float64)")
+    raise NonFiniteError(f"tensor {step.key!r}: the {method} of these finite inputs is not finite (it overflows; "
+                         f"smaller parameters or --precise may help)")
 
 
 class _Progress:

@@ -1,50 +1,127 @@
-"""The merge-method registry: one decorator on a plain function over tensors registers a method.
+"""Merge methods: one decorated, typed function per method, and everything else derived from its signature.
 
 ```python
-@merge_method("linear", pretty_name="Linear (weighted average)", reference="https://arxiv.org/abs/2203.05482")
-def linear(tensors: Sequence[Tensor], *, weights: list[float] | None = None, normalize: bool = True) -> Tensor:
+@merge_method("ties", pretty_name="TIES-merging", reference="https://arxiv.org/abs/2306.01708", elementwise=False)
+def ties(tensors: Sequence[Tensor], *, base: Tensor,
+         weights: list[float] | None = None,
+         density: Annotated[list[float] | None, Param("Fraction of each task vector kept.", gt=0, le=1)] = None,
+         scaling: Annotated[float, Param("Task-vector scaling λ.")] = 1.0) -> Tensor:
     ...
 ```
 
-The function's signature is the method's schema (as in mergekit's ``easy_define``): keyword parameters
-annotated ``list[float]`` are per-model (one value per input), everything else is global. Two names are
-reserved: ``base`` (the base model's tensor; declares that the method needs ``--base``) and ``key`` (the tensor
-name, for methods that seed randomness per tensor). The same schema validates library calls, YAML merge configs
-and writes the CLI help, so they never drift apart.
+The keyword-only parameters are the method's parameters: ``list[...]`` ones are per model (one value per input;
+one number applies to every input), the others global; ``Param`` adds help text and bounds. From this one
+declaration come the ``soupkit merge`` flags and their help, validation with one-line errors (a pydantic model:
+types, bounds, finite numbers), ``soupkit methods``, merge-config validation and the methods table in the docs.
 
-Methods are pure: they receive float32/float64 tensors on the compute device (a lazy, read-once sequence of the
-inputs, so a weighted mean never holds more than one input at a time), must not modify them in place, and
-return one tensor of the same shape.
+Engine context is asked for by name, never passed otherwise: ``base`` (the base model's tensor; the method then
+needs ``--base``), ``key`` (the tensor's name), ``offset`` (where an elementwise chunk starts in the flat tensor).
+A parameter annotated ``Annotated[..., TensorFiles("Fisher")]`` is given as one file per input and received as
+each file's matching tensor chunk (or None where a file lacks the key).
+
+Methods are pure functions over float32/float64 tensors on the compute device (a lazy, read-once sequence of the
+inputs, so a weighted mean holds one input at a time); they must not modify their inputs. Method modules import
+torch lazily (``soupkit._lazy.torch``) so that declaring them costs nothing: ``soupkit merge --help`` stays fast.
+Methods from other packages register through the ``soupkit.methods`` entry-point group.
 """
 
 from __future__ import annotations
 
+import builtins
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from soupkit.errors import ParameterError, suggest, unknown_choice
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
-_RESERVED = ("base", "key", "offset")
+from soupkit.errors import ParameterError, suggest
+from soupkit.registry import Registry
+
+#: engine context a method may declare, and what it receives
+CONTEXT = {
+    "base": "the base model's tensor (the method needs --base)",
+    "key": "the tensor's name (e.g. to seed randomness per tensor)",
+    "offset": "where this flat chunk starts in the tensor (elementwise methods)",
+}
+_KINDS = (float, int, bool, str)
+
+
+@dataclass(frozen=True)
+class Param:
+    """Help text and bounds of a parameter: ``Annotated[float, Param("Task-vector scaling.", ge=0)]``. Bounds
+    apply to each value of a per-model parameter."""
+
+    help: str = ""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+
+@dataclass(frozen=True)
+class TensorFiles:
+    """Marks a per-model parameter given as tensor files keyed like the inputs (e.g. Fisher information); the
+    method receives, in step with the inputs, each file's chunk of the same tensor (None where it lacks it)."""
+
+    what: str
 
 
 @dataclass(frozen=True)
 class Parameter:
-    """One method parameter, derived from the function signature."""
+    """One method parameter, read from the function's signature."""
 
     name: str
-    kind: type  # float, int, bool, str
+    kind: type  # float, int, bool or str
     per_model: bool
     default: Any
     required: bool
-    optional: bool  # annotation admits None
+    help: str = ""
+    files: TensorFiles | None = None
+    bounds: Param = field(default_factory=Param)
+
+    def interval(self) -> str:
+        """The allowed range, as a user reads it: ``in (0, 1]``, ``>= 0``."""
+        low = (f"({self.bounds.gt:g}" if self.bounds.gt is not None else
+               f"[{self.bounds.ge:g}" if self.bounds.ge is not None else None)
+        high = (f"{self.bounds.lt:g})" if self.bounds.lt is not None else
+                f"{self.bounds.le:g}]" if self.bounds.le is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>' if low[0] == '(' else '>='} {low[1:]}"
+        return f"{'<' if high[-1] == ')' else '<='} {high[:-1]}" if high else "valid"
+
+    def type_name(self) -> str:
+        kind = "path" if self.files else self.kind.__name__
+        return f"{kind} per model" if self.per_model else kind
 
     def describe(self) -> str:
-        kind = f"list[{self.kind.__name__}] (one per model)" if self.per_model else self.kind.__name__
-        default = "required" if self.required else f"default {self.default!r}"
-        return f"{self.name}: {kind}, {default}"
+        default = "required" if self.required else f"default {_show(self.default)}"
+        return f"{self.name} ({self.type_name()}, {default})"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class MethodParams(BaseModel):
+    """Bound, validated parameters of one method call; ``check`` callbacks receive this object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _n_models: int = PrivateAttr(default=0)
+
+    @property
+    def n_models(self) -> int:
+        return self._n_models
+
+    def values(self) -> dict[str, Any]:
+        """Parameter name -> value, as the method function receives them."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
 
 @dataclass(frozen=True)
@@ -59,106 +136,182 @@ class MergeMethod:
     min_models: int
     max_models: int | None
     elementwise: bool
-    check: Callable[..., None] | None
+    check: Callable[[Any], None] | None
     parameters: dict[str, Parameter] = field(default_factory=dict)
-    needs_base: bool = False
-    takes_key: bool = False
+    context: frozenset[str] = frozenset()
     propagates_nonfinite: bool = False
+    schema: type[MethodParams] = MethodParams
 
-    def bind(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
-        """Validate ``params`` for ``n_models`` inputs; returns the full parameter dict (defaults filled)."""
-        if n_models < self.min_models:
-            need = "exactly" if self.max_models == self.min_models else "at least"
-            raise ParameterError(f"method {self.name!r} needs {need} {self.min_models} input models, got {n_models}")
-        if self.max_models is not None and n_models > self.max_models:
-            need = "exactly" if self.max_models == self.min_models else "at most"
-            raise ParameterError(f"method {self.name!r} takes {need} {self.max_models} input models, got {n_models}")
+    @property
+    def needs_base(self) -> bool:
+        return "base" in self.context
+
+    @property
+    def auxiliary(self) -> dict[str, TensorFiles]:
+        """Parameters given as tensor files: name -> marker."""
+        return {p.name: p.files for p in self.parameters.values() if p.files is not None}
+
+    def validate(self, params: Mapping[str, Any], n_models: int) -> MethodParams:
+        """``params`` (library values, config values or CLI strings) checked for ``n_models`` inputs."""
+        self._check_count(n_models)
         unknown = [k for k in params if k not in self.parameters]
         if unknown:
-            valid = ", ".join(self.parameters) or "none"
-            raise ParameterError(
-                f"method {self.name!r} has no parameter {unknown[0]!r}.{suggest(unknown[0], self.parameters)} "
-                f"Its parameters: {valid}"
-            )
-        bound: dict[str, Any] = {}
-        for name, spec in self.parameters.items():
-            if name not in params or params[name] is None:
-                if spec.required:
-                    raise ParameterError(f"method {self.name!r} needs parameter {name!r}")
-                bound[name] = spec.default
-                continue
-            bound[name] = _coerce(self.name, spec, params[name], n_models)
+            raise ParameterError(f"method {self.name!r} has no parameter {unknown[0]!r}."
+                                 f"{suggest(unknown[0], self.parameters)} Its parameters: "
+                                 f"{', '.join(self.parameters) or 'none'}")
+        given = {k: _per_model(self.name, self.parameters[k], v, n_models) for k, v in params.items() if v is not None}
+        try:
+            bound = self.schema.model_validate(given)
+        except ValidationError as error:
+            raise ParameterError(_message(self, error)) from None
+        bound._n_models = n_models
         if self.check is not None:
-            self.check(n_models=n_models, **bound)
+            try:
+                self.check(bound)
+            except ParameterError as error:
+                message = str(error)
+                raise ParameterError(message if message.startswith(f"{self.name}:") else f"{self.name}: {message}"
+                                     ) from None
         return bound
 
-    def help(self) -> str:
-        lines = [f"{self.name}: {self.pretty_name}", f"  {self.description}"]
-        lines += [f"  - {p.describe()}" for p in self.parameters.values()]
-        if self.needs_base:
-            lines.append("  - needs a base model (--base)")
-        if self.reference:
-            lines.append(f"  paper: {self.reference}")
-        return "\n".join(lines)
+    def bind(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
+        """Validated parameters with defaults filled in, as the method function takes them."""
+        return self.validate(params, n_models).values()
+
+    def _check_count(self, n_models: int) -> None:
+        exact = self.max_models == self.min_models
+        if n_models < self.min_models:
+            raise ParameterError(f"method {self.name!r} needs {'exactly' if exact else 'at least'} "
+                                 f"{self.min_models} input models, got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise ParameterError(f"method {self.name!r} takes {'exactly' if exact else 'at most'} "
+                                 f"{self.max_models} input models, got {n_models}")
 
 
-def _coerce(method: str, spec: Parameter, value: Any, n_models: int) -> Any:
-    def one(item: Any) -> Any:
-        if spec.kind is bool:
-            if isinstance(item, bool):
-                return item
-            if isinstance(item, str) and item.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return item.lower() in ("true", "1", "yes")
-            raise ParameterError(f"{method}: parameter {spec.name!r} must be true or false, got {item!r}")
-        try:
-            if spec.kind is int and isinstance(item, float) and not item.is_integer():
-                raise ValueError
-            return spec.kind(item)
-        except (TypeError, ValueError):
-            raise ParameterError(
-                f"{method}: parameter {spec.name!r} must be a {spec.kind.__name__}, got {item!r}"
-            ) from None
-
-    if spec.per_model:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value] * n_models  # one number applies to every model
-        if not isinstance(value, (list, tuple)):
-            raise ParameterError(f"{method}: parameter {spec.name!r} must be a list with one value per model")
-        if len(value) != n_models:
-            raise ParameterError(
-                f"{method}: parameter {spec.name!r} has {len(value)} values for {n_models} input models"
-            )
-        return [one(v) for v in value]
-    if isinstance(value, (list, tuple)):
-        raise ParameterError(f"{method}: parameter {spec.name!r} takes one value, got a list")
-    return one(value)
+def _per_model(method: str, spec: Parameter, value: Any, n_models: int) -> Any:
+    """CLI strings split at commas; one value of a per-model parameter applies to every model."""
+    if isinstance(value, str) and spec.per_model:
+        value = [v.strip() for v in value.split(",") if v.strip()]
+        if len(value) == 1:
+            value = value[0]
+    if not spec.per_model:
+        return value
+    if not isinstance(value, (list, tuple)):
+        return [value] * n_models
+    if len(value) != n_models:
+        raise ParameterError(f"{method}: {spec.name} has {len(value)} values for {n_models} input models")
+    return list(value)
 
 
-def _parameters(fn: Callable[..., Any]) -> dict[str, Parameter]:
-    signature = inspect.signature(fn)
-    hints = typing.get_type_hints(fn)
-    result: dict[str, Parameter] = {}
-    positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) != 1:
-        raise TypeError(f"merge method {fn.__name__} must take exactly one positional argument (the tensors)")
-    for param in signature.parameters.values():
-        if param.kind is not param.KEYWORD_ONLY or param.name in _RESERVED:
+_PLAIN = {"int_parsing": "must be an integer", "int_from_float": "must be an integer", "int_type": "must be an integer",
+          "float_parsing": "must be a number", "float_type": "must be a number",
+          "finite_number": "must be a finite number", "bool_parsing": "must be true or false",
+          "bool_type": "must be true or false", "string_type": "must be text", "list_type": "must be a list"}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _message(method: MergeMethod, error: ValidationError) -> str:
+    """The first pydantic error as one line: ``ties: density[1] must be in (0, 1], got 1.5``."""
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    where = loc[0] + "".join(f"[{p}]" for p in loc[1:]) if loc else "parameters"
+    if first["type"] == "missing":
+        return f"method {method.name!r} needs parameter {loc[0]!r}"
+    spec = method.parameters.get(loc[0]) if loc else None
+    if first["type"] in _BOUNDS and spec is not None:
+        text = f"must be {spec.interval()}"
+    else:
+        text = _PLAIN.get(first["type"]) or first["msg"].removeprefix("Value error, ")
+    return f"{method.name}: {where} {text[0].lower()}{text[1:]}, got {_show(first.get('input'))}"
+
+
+# --------------------------------------------------------------------------------------------- signatures
+
+
+class _Names(dict):
+    """Evaluates a method's string annotations without importing torch: names the module defines only for type
+    checkers (``Tensor``) read as ``Any``."""
+
+    def __init__(self, namespace: Mapping[str, Any]):
+        super().__init__()
+        self._namespace = namespace
+
+    def __missing__(self, name: str) -> Any:
+        if name in self._namespace:
+            return self._namespace[name]
+        return getattr(builtins, name, Any)
+
+
+def _annotation(fn: Callable[..., Any], param: inspect.Parameter) -> Any:
+    hint = param.annotation
+    if hint is inspect.Parameter.empty:
+        return float
+    if isinstance(hint, str):
+        hint = eval(hint, {}, _Names(fn.__globals__))
+    return hint
+
+
+def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
+    """``Annotated[X, m...] | None`` -> (X without None, metadata)."""
+    metadata: list[Any] = []
+    if typing.get_origin(hint) is typing.Annotated:
+        hint, *metadata = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else hint
+        if typing.get_origin(hint) is typing.Annotated:
+            hint, *more = typing.get_args(hint)
+            metadata += more
+    return hint, metadata
+
+
+def _parameter(fn: Callable[..., Any], param: inspect.Parameter) -> tuple[Parameter, Any]:
+    """One keyword-only parameter -> (its description, its pydantic field)."""
+    hint, metadata = _unwrap(_annotation(fn, param))
+    files = next((m for m in metadata if isinstance(m, TensorFiles)), None)
+    info = next((m for m in metadata if isinstance(m, Param)), Param())
+    per_model = typing.get_origin(hint) in (list, tuple, Sequence)
+    kind = _unwrap(typing.get_args(hint)[0])[0] if per_model and typing.get_args(hint) else hint
+    if files is not None:
+        kind, per_model = str, True
+    if kind not in _KINDS:
+        raise TypeError(f"merge method {fn.__name__}: parameter {param.name} has unsupported type {hint}; "
+                        f"use float, int, bool, str or a list of one of them")
+    required = param.default is inspect.Parameter.empty
+    bounds = {k: v for k, v in (("ge", info.ge), ("gt", info.gt), ("le", info.le), ("lt", info.lt)) if v is not None}
+    item = typing.Annotated[kind, Field(strict=kind is str, **bounds)] if bounds or kind is str else kind
+    value_type = list[item] if per_model else item  # type: ignore[valid-type]
+    if not required and param.default is None:
+        value_type = value_type | None
+    spec = Parameter(param.name, kind, per_model, None if required else param.default, required,
+                     info.help, files, info)
+    return spec, (value_type, ... if required else param.default)
+
+
+def _signature(name: str, fn: Callable[..., Any]) -> tuple[dict[str, Parameter], type[MethodParams], frozenset[str]]:
+    parameters = inspect.signature(fn).parameters.values()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 1 or any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in parameters):
+        raise TypeError(f"merge method {fn.__name__} must take one positional argument (the tensors) and "
+                        f"keyword-only parameters (no *args/**kwargs)")
+    specs: dict[str, Parameter] = {}
+    fields: dict[str, Any] = {}
+    context = []
+    for param in parameters:
+        if param.kind is not param.KEYWORD_ONLY:
             continue
-        hint = hints.get(param.name, float)
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        core = next((a for a in args if a is not type(None)), hint) if args and optional else hint
-        per_model = typing.get_origin(core) in (list, Sequence, tuple)
-        kind = typing.get_args(core)[0] if per_model else core
-        if kind not in (float, int, bool, str):
-            raise TypeError(f"merge method {fn.__name__}: parameter {param.name} has unsupported type {hint}")
-        required = param.default is param.empty
-        result[param.name] = Parameter(param.name, kind, per_model, None if required else param.default,
-                                       required, optional)
-    return result
+        if param.name in CONTEXT:
+            context.append(param.name)
+            continue
+        specs[param.name], fields[param.name] = _parameter(fn, param)
+    schema = create_model(f"{name}_parameters", __base__=MethodParams, **fields)
+    return specs, schema, frozenset(context)
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+# --------------------------------------------------------------------------------------------- registry
+
+METHODS: Registry[MergeMethod] = Registry("merge method", "soupkit.merging.methods", group="soupkit.methods",
+                                          error=ParameterError)
 
 
 def merge_method(
@@ -169,52 +322,36 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     elementwise: bool = True,
-    check: Callable[..., None] | None = None,
+    check: Callable[[Any], None] | None = None,
     propagates_nonfinite: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn`` as merge method ``name``. ``elementwise`` methods may be fed flat chunks of a tensor
-    (so huge tensors stream); others get whole tensors. ``check(n_models=..., **params)`` validates values.
-    ``propagates_nonfinite``: a NaN/Inf in any input always makes the output NaN/Inf (true of a mean with
-    positive weights), so the engine checks the one output instead of every input."""
+    """Register ``fn`` as merge method ``name``; its signature declares the parameters (module docstring).
+
+    ``elementwise`` methods may be fed flat chunks of a tensor (so huge tensors stream); others get whole
+    tensors. ``check(params)`` validates values together (it receives the bound ``MethodParams``, with
+    ``n_models``) and raises ``ParameterError``. ``propagates_nonfinite``: NaN/Inf in any input always makes
+    the output NaN/Inf (a mean with positive weights), so the engine checks one output instead of every input.
+    """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY:
-            raise ValueError(f"merge method {name!r} is already registered (by {_REGISTRY[name].fn.__module__})")
-        signature = inspect.signature(fn)
-        _REGISTRY[name] = MergeMethod(
-            name=name,
-            fn=fn,
-            pretty_name=pretty_name,
-            reference=reference,
-            description=inspect.getdoc(fn).split("\n\n")[0].replace("\n", " ") if fn.__doc__ else pretty_name,
-            min_models=min_models,
-            max_models=max_models,
-            elementwise=elementwise,
-            check=check,
-            parameters=_parameters(fn),
-            needs_base="base" in signature.parameters,
-            takes_key="key" in signature.parameters,
-            propagates_nonfinite=propagates_nonfinite,
-        )
+        parameters, schema, context = _signature(name, fn)
+        doc = inspect.getdoc(fn)
+        METHODS.add(name, MergeMethod(
+            name=name, fn=fn, pretty_name=pretty_name, reference=reference,
+            description=doc.split("\n\n")[0].replace("\n", " ") if doc else pretty_name,
+            min_models=min_models, max_models=max_models, elementwise=elementwise, check=check,
+            parameters=parameters, context=context, propagates_nonfinite=propagates_nonfinite, schema=schema,
+        ), owner=fn.__module__)
         return fn
 
     return register
 
 
-def _load_builtin_methods() -> None:
-    import soupkit.merging.methods  # noqa: F401  (each module registers itself on import)
-
-
 def get_method(name: str) -> MergeMethod:
-    """Look up a method by name; unknown names list what is available and the nearest match."""
-    _load_builtin_methods()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ParameterError(unknown_choice("merge method", name, _REGISTRY)) from None
+    """Look up a method by name; an unknown name lists what is available and the nearest match."""
+    return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
-    """Names of every registered merge method."""
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
+    """Names of every registered merge method (built-ins and plugins)."""
+    return METHODS.names()

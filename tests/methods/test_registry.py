@@ -10,7 +10,6 @@ import torch
 
 import soupkit
 from soupkit.io import load_checkpoint
-from soupkit.merging.engine import auxiliary_parameters
 from tests.methods._common import FLOAT_KEYS, INT_KEYS, task_states, write
 
 METHODS = soupkit.list_methods()
@@ -19,7 +18,7 @@ METHODS = soupkit.list_methods()
 def arguments(name: str, models: list[dict], folder: Path) -> dict[str, Any]:
     """Values for a method's required parameters (auxiliary tensor files are written to ``folder``)."""
     spec = soupkit.get_method(name)
-    auxiliary = auxiliary_parameters(spec)
+    auxiliary = spec.auxiliary
     params: dict[str, Any] = {}
     for param in spec.parameters.values():
         if not param.required:
@@ -85,4 +84,6 @@ def test_schema_is_documented(name: str) -> None:
     assert spec.reference and spec.reference.startswith("https://")
     assert spec.description and spec.description != spec.pretty_name
     assert "offset" not in spec.parameters  # engine-supplied, never a user parameter
-    assert name in spec.help()
+    from soupkit.report.methods import method_text
+
+    assert name in method_text(name) and spec.reference in method_text(name)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from soupkit.errors import RecipeError
+from soupkit.errors import ParameterError, RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter, resolve_path
 
@@ -166,22 +166,29 @@ def open_clip_model(name: str, classes: list[str] | str = "imagenet", templates:
 def zeroshot_checkpoint(model: str, classes: str | Path | Sequence[str] = "imagenet",
                         templates: str | Path | Sequence[str] = "openai", weights: str | Path | None = None,
                         output: str | Path = "zeroshot.safetensors", *, config: str | Path | None = None,
-                        device: str | None = None, force: bool = False) -> Path:
+                        **options: Any) -> Path:
     """Write the zero-shot classifier (image encoder + head, see the module docstring) of an open_clip model as a
-    checkpoint, the starting point of WiSE-FT and of fine-tuned ingredients. Returns the written path."""
-    import torch
+    checkpoint, the starting point of WiSE-FT and of fine-tuned ingredients. Returns the written path.
+    ``options``: the output options (``device`` also encodes the prompts; default: cuda when available)."""
+    from soupkit.io import check_output_path
+    from soupkit.merging.api import write_checkpoint
+    from soupkit.merging.engine import resolve_device
+    from soupkit.options import split_options
 
-    from soupkit.io import check_output_path, save_checkpoint
-
-    out = check_output_path(output, inputs=[Path(weights)] if weights else [], force=force)
+    opts, rest = split_options(options)
+    if rest:
+        raise ParameterError(f"zeroshot has no option {next(iter(rest))!r}")
+    opts.refuse(["ema"], "soupkit zeroshot", "it reads CLIP weights, not a training checkpoint")
+    check_output_path(output, inputs=[Path(weights)] if weights else [], force=opts.force)
     folder = Path.cwd()
     class_names = read_classes(classes, folder, "--classes")
     prompts = read_templates(templates, folder, "--templates")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(opts.device if "device" in opts.changed() else "auto")
     module, _ = build_classifier(model, class_names, prompts, None if weights is None else Path(weights),
                                  None if config is None else Path(config), True, dev, "--model")
     metadata = {"soupkit.zeroshot.model": model, "soupkit.zeroshot.classes": str(len(class_names)),
                 "soupkit.zeroshot.templates": str(len(prompts)),
-                "soupkit.zeroshot.weights": str(weights) if weights else "random-init"}
+                "soupkit.zeroshot.weights": Path(weights).name if weights else "random-init"}
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    return save_checkpoint(state, out, metadata, force=force)
+    return write_checkpoint(state, output, record_as="zeroshot", metadata=metadata,
+                            options=opts.model_copy(update={"device": str(dev)}))

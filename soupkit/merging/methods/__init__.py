@@ -1,12 +1,8 @@
-"""Built-in merge methods, one small module each. Importing this package registers them all."""
+"""Built-in merge methods, one small module each. Importing this package imports (and so registers) every
+module in it: adding a method is adding a file."""
 
-from soupkit.merging.methods import (  # noqa: F401
-    dare,
-    fisher,
-    linear,
-    model_stock,
-    slerp,
-    task_arithmetic,
-    ties,
-    wise,
-)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-from torch import Tensor
-
+from soupkit._lazy import torch
 from soupkit.errors import ParameterError
-from soupkit.merging.methods.ties import check_density, check_task_weights, disjoint_merge, per_model, trim
-from soupkit.merging.registry import merge_method
+from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS
+from soupkit.merging.methods.task_arithmetic import SCALING
+from soupkit.merging.methods.ties import DENSITY, TASK_WEIGHTS, check_task_weights, disjoint_merge, per_model, trim
+from soupkit.merging.registry import Param, merge_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: the paper's typical drop rate (it reports that 90% of delta entries can go without loss)
 DEFAULT_DROP_RATE = 0.9
@@ -74,24 +77,14 @@ def drop_and_rescale(delta: Tensor, drop_rate: float, *, seed: int, key: str, in
     return torch.where(keep.view_as(delta), delta / (1.0 - drop_rate), 0.0)
 
 
-def _check_drop_rate(method: str, drop_rate: float) -> None:
-    if not 0.0 <= drop_rate < 1.0:
-        raise ParameterError(f"{method}: drop_rate must be in [0, 1) (the probability of dropping a delta entry), "
-                             f"got {drop_rate}")
+DROP_RATE = Param("DARE drop probability p of each task-vector entry, in [0, 1).", ge=0, lt=1)
+SEED = Param("Seed of the random drop masks (the same seed gives the same output on any device).", ge=0,
+             lt=2**63)
 
 
-def _check_dare_linear(*, n_models: int, weights: list[float] | None, normalize: bool, drop_rate: float,
-                       scaling: float, seed: int) -> None:
-    _check_drop_rate("dare_linear", drop_rate)
-    if weights is not None and normalize and abs(sum(weights)) < 1e-12:
+def _check_dare_linear(params: Any) -> None:
+    if params.weights is not None and params.normalize and abs(sum(params.weights)) < 1e-12:
         raise ParameterError("dare_linear: weights sum to 0 and cannot be normalised; pass normalize=false")
-
-
-def _check_dare_ties(*, n_models: int, weights: list[float] | None, density: list[float] | None,
-                     drop_rate: float, scaling: float, seed: int) -> None:
-    _check_drop_rate("dare_ties", drop_rate)
-    check_task_weights("dare_ties", weights)
-    check_density("dare_ties", density)
 
 
 @merge_method(
@@ -105,12 +98,12 @@ def dare_linear(
     *,
     base: Tensor,
     key: str,
-    weights: list[float] | None = None,
-    normalize: bool = True,
-    drop_rate: float = DEFAULT_DROP_RATE,
-    scaling: float = 1.0,
-    seed: int = 0,
-    **context: Any,
+    offset: int,
+    weights: Annotated[list[float] | None, WEIGHTS] = None,
+    normalize: Annotated[bool, NORMALIZE] = True,
+    drop_rate: Annotated[float, DROP_RATE] = DEFAULT_DROP_RATE,
+    scaling: Annotated[float, SCALING] = 1.0,
+    seed: Annotated[int, SEED] = 0,
 ) -> Tensor:
     """base + scaling * sum_i w_i DARE(theta_i - base), weights 1/N by default (normalised like linear).
 
@@ -122,7 +115,6 @@ def dare_linear(
     if normalize:
         total = sum(weights)
         weights = [w / total for w in weights]
-    offset = int(context.get("offset", 0))  # the engine passes where this flat chunk starts in the tensor
     merged: Tensor | None = None
     for index, (weight, tensor) in enumerate(zip(weights, tensors)):
         delta = drop_and_rescale(tensor - base, drop_rate, seed=seed, key=key, index=index, offset=offset)
@@ -139,18 +131,18 @@ def dare_linear(
     pretty_name="DARE + TIES (drop and rescale task vectors, then TIES)",
     reference="https://arxiv.org/abs/2311.03099",
     elementwise=False,
-    check=_check_dare_ties,
+    check=check_task_weights,
 )
 def dare_ties(
     tensors: Sequence[Tensor],
     *,
     base: Tensor,
     key: str,
-    weights: list[float] | None = None,
-    density: list[float] | None = None,
-    drop_rate: float = DEFAULT_DROP_RATE,
-    scaling: float = 1.0,
-    seed: int = 0,
+    weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
+    density: Annotated[list[float] | None, DENSITY] = None,
+    drop_rate: Annotated[float, DROP_RATE] = DEFAULT_DROP_RATE,
+    scaling: Annotated[float, SCALING] = 1.0,
+    seed: Annotated[int, SEED] = 0,
 ) -> Tensor:
     """base + scaling * TIES(DARE(theta_i - base)): random drop-and-rescale, then trim, sign election and
     disjoint mean.

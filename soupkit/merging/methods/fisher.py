@@ -4,26 +4,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
-from torch import Tensor
-
-from soupkit.errors import ParameterError
-from soupkit.merging.engine import TensorFiles
+from soupkit._lazy import torch
 from soupkit.merging.methods.linear import weighted_mean
-from soupkit.merging.registry import merge_method
+from soupkit.merging.methods.ties import TASK_WEIGHTS, check_task_weights
+from soupkit.merging.registry import Param, TensorFiles, merge_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Fisher values below this are raised to it (as in the WiSE-FT code), so entries no example's gradient
 #: touched still get a (tiny, equal) weight instead of a 0/0
 DEFAULT_FLOOR = 1e-8
-
-
-def _check_fisher(*, n_models: int, weights: list[float] | None, fishers: list[str], floor: float) -> None:
-    if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
-        raise ParameterError(f"fisher: weights must be >= 0 with at least one > 0, got {weights}")
-    if not floor > 0.0:
-        raise ParameterError(f"fisher: floor must be > 0 (it keeps the weighted average defined), got {floor}")
 
 
 @merge_method(
@@ -31,14 +24,16 @@ def _check_fisher(*, n_models: int, weights: list[float] | None, fishers: list[s
     pretty_name="Fisher merging (Fisher-weighted average)",
     reference="https://arxiv.org/abs/2111.09832",
     min_models=2,
-    check=_check_fisher,
+    check=check_task_weights,
 )
 def fisher(
     tensors: Sequence[Tensor],
     *,
-    fishers: Annotated[list[str], TensorFiles("Fisher")],
-    weights: list[float] | None = None,
-    floor: float = DEFAULT_FLOOR,
+    fishers: Annotated[Sequence[Tensor | None], TensorFiles("Fisher"),
+                       Param("Fisher files, comma-separated, one per model (`soupkit fisher` writes them).")],
+    weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
+    floor: Annotated[float, Param("Fisher values below this are raised to it (keeps the average defined).",
+                                  gt=0)] = DEFAULT_FLOOR,
 ) -> Tensor:
     """sum_i w_i F_i theta_i / sum_i w_i F_i per parameter, F_i = max(Fisher_i, floor); weights default to 1.
 
@@ -47,7 +42,7 @@ def fisher(
     plain weighted mean.
     """
     weights = list(weights) if weights is not None else [1.0] * len(tensors)
-    chunks: Sequence[Tensor | None] = fishers  # type: ignore[assignment]  # the engine passes tensor chunks
+    chunks = fishers
     if any(f is None for f in chunks):
         return weighted_mean(tensors, weights)
     # running mean m += (c_i / C_i) (theta_i - m) with per-entry weights c_i: one input at a time, and exactly

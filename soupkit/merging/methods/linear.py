@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-from torch import Tensor
-
+from soupkit._lazy import torch
 from soupkit.errors import ParameterError
-from soupkit.merging.registry import merge_method
+from soupkit.merging.registry import Param, merge_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -46,10 +48,15 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return result
 
 
-def _check_linear(*, n_models: int, weights: list[float] | None, normalize: bool) -> None:
-    if weights is None:
+#: help texts shared by every method that takes these parameters
+WEIGHTS = Param("Per-model weights, comma-separated (one number applies to every model).")
+NORMALIZE = Param("Divide by the sum of the weights (false: a plain weighted sum).")
+
+
+def _check_linear(params: Any) -> None:
+    if params.weights is None:
         return
-    if normalize and abs(sum(weights)) < 1e-12:
+    if params.normalize and abs(sum(params.weights)) < 1e-12:
         raise ParameterError("linear: weights sum to 0 and cannot be normalised; pass normalize=false")
 
 
@@ -59,7 +66,8 @@ def _check_linear(*, n_models: int, weights: list[float] | None, normalize: bool
     reference="https://arxiv.org/abs/2203.05482",
     check=_check_linear,
 )
-def linear(tensors: Sequence[Tensor], *, weights: list[float] | None = None, normalize: bool = True) -> Tensor:
+def linear(tensors: Sequence[Tensor], *, weights: Annotated[list[float] | None, WEIGHTS] = None,
+           normalize: Annotated[bool, NORMALIZE] = True) -> Tensor:
     """Weighted average of the models: sum_i w_i theta_i / sum_i w_i (plain weighted sum with normalize=false).
 
     The general form of a model soup; equal weights give the uniform soup.

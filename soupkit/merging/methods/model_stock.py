@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from soupkit._lazy import torch
 from soupkit.merging.methods.linear import weighted_mean
 from soupkit.merging.registry import merge_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def mean_pairwise_cosine(deltas: Sequence[Tensor]) -> float:

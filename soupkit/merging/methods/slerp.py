@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
-import torch
-from torch import Tensor
+from soupkit._lazy import torch
+from soupkit.merging.registry import Param, merge_method
 
-from soupkit.errors import ParameterError
-from soupkit.merging.registry import merge_method
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: above this |cos| the two directions are (anti-)parallel: sin(angle) ~ 0, so interpolate linearly
 PARALLEL_COS = 0.9995
-
-
-def _check_slerp(*, n_models: int, t: float) -> None:
-    if not 0.0 <= t <= 1.0:
-        raise ParameterError(f"slerp: t must be in [0, 1] (0 gives the first model, 1 the second), got {t}")
 
 
 @merge_method(
@@ -28,9 +24,10 @@ def _check_slerp(*, n_models: int, t: float) -> None:
     min_models=2,
     max_models=2,
     elementwise=False,
-    check=_check_slerp,
 )
-def slerp(tensors: Sequence[Tensor], *, t: float = 0.5) -> Tensor:
+def slerp(tensors: Sequence[Tensor], *,
+          t: Annotated[float, Param("SLERP interpolation factor: 0 gives the first model, 1 the second.", ge=0,
+                                    le=1)] = 0.5) -> Tensor:
     """Interpolate each tensor along the great circle between the two models: sin((1-t)a)/sin(a) x0 +
     sin(t a)/sin(a) x1, a the angle between them.
 

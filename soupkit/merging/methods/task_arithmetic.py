@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
-from torch import Tensor
+from soupkit.merging.methods.linear import WEIGHTS
+from soupkit.merging.registry import Param, merge_method
 
-from soupkit.merging.registry import merge_method
+SCALING = Param("Task-vector scaling λ (0 gives the base model).")
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @merge_method(
@@ -15,7 +20,8 @@ from soupkit.merging.registry import merge_method
     reference="https://arxiv.org/abs/2212.04089",
 )
 def task_arithmetic(
-    tensors: Sequence[Tensor], *, base: Tensor, weights: list[float] | None = None, scaling: float = 1.0
+    tensors: Sequence[Tensor], *, base: Tensor, weights: Annotated[list[float] | None, WEIGHTS] = None,
+    scaling: Annotated[float, SCALING] = 1.0
 ) -> Tensor:
     """base + scaling * sum_i w_i (theta_i - base); weights default to 1 each and are not normalised.
 

@@ -6,12 +6,15 @@ The helpers (``check_density``, ``trim``, ``disjoint_merge``) are shared with DA
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-from torch import Tensor
-
+from soupkit._lazy import torch
 from soupkit.errors import ParameterError
-from soupkit.merging.registry import merge_method
+from soupkit.merging.methods.task_arithmetic import SCALING
+from soupkit.merging.registry import Param, merge_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: the paper keeps the top 20% of each task vector (k = 20)
 DEFAULT_DENSITY = 0.2
@@ -22,17 +25,17 @@ def per_model(value: list[float] | None, default: float, n_models: int) -> list[
     return list(value) if value is not None else [default] * n_models
 
 
-def check_density(method: str, density: list[float] | None) -> None:
-    for value in density or ():
-        if not 0.0 < value <= 1.0:
-            raise ParameterError(f"{method}: density must be in (0, 1] (the fraction of each task vector kept), "
-                                 f"got {value}")
+DENSITY = Param("Fraction of each task vector kept (top magnitudes), in (0, 1]; one per model or one for all.",
+                gt=0, le=1)
+#: TIES-style weights: the sign election needs them non-negative
+TASK_WEIGHTS = Param("Per-model weights, comma-separated, >= 0 with at least one > 0.", ge=0)
 
 
-def check_task_weights(method: str, weights: list[float] | None) -> None:
-    if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
-        raise ParameterError(f"{method}: weights must be >= 0 with at least one > 0 (sign election needs them), "
-                             f"got {weights}")
+def check_task_weights(params: Any) -> None:
+    """Sign election: weights must not all be zero."""
+    if params.weights is not None and not any(w > 0 for w in params.weights):
+        raise ParameterError(f"weights must have at least one value > 0 (sign election needs them), got "
+                             f"{', '.join(map(str, params.weights))}")
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
@@ -90,25 +93,20 @@ def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor
     return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), 0.0)
 
 
-def _check_ties(*, n_models: int, weights: list[float] | None, density: list[float] | None, scaling: float) -> None:
-    check_task_weights("ties", weights)
-    check_density("ties", density)
-
-
 @merge_method(
     "ties",
     pretty_name="TIES-merging (trim, elect sign, merge)",
     reference="https://arxiv.org/abs/2306.01708",
     elementwise=False,
-    check=_check_ties,
+    check=check_task_weights,
 )
 def ties(
     tensors: Sequence[Tensor],
     *,
     base: Tensor,
-    weights: list[float] | None = None,
-    density: list[float] | None = None,
-    scaling: float = 1.0,
+    weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
+    density: Annotated[list[float] | None, DENSITY] = None,
+    scaling: Annotated[float, SCALING] = 1.0,
 ) -> Tensor:
     """base + scaling * disjoint mean of the task vectors, each trimmed to its top-density magnitudes.
 

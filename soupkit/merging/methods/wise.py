@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
-import torch
-from torch import Tensor
+from soupkit._lazy import torch
+from soupkit.merging.registry import Param, merge_method
 
-from soupkit.merging.registry import merge_method
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @merge_method(
@@ -17,7 +19,9 @@ from soupkit.merging.registry import merge_method
     min_models=2,
     max_models=2,
 )
-def wise(tensors: Sequence[Tensor], *, alpha: float = 0.5) -> Tensor:
+def wise(tensors: Sequence[Tensor], *,
+         alpha: Annotated[float, Param("WiSE-FT α, the fine-tuned model's weight: 0 gives the zero-shot model, 1 "
+                                       "the fine-tuned one.")] = 0.5) -> Tensor:
     """(1 - alpha) * zeroshot + alpha * finetuned; the inputs are (zeroshot, finetuned).
 
     alpha=0 gives the zero-shot model and alpha=1 the fine-tuned one, both exactly; alpha outside [0, 1]

@@ -1,0 +1,149 @@
+"""The output options: everything about how a checkpoint is written, declared once.
+
+Every command and library call that writes a checkpoint (``merge`` with any method, greedy / learned soups,
+``wise`` and its sweeps, ``convert``, ``zeroshot``) takes one ``OutputOptions``. The CLI flags, their help and
+their validation are generated from the fields below (``soupkit.cli.options``), so a new option is one field
+here. Torch-free: ``soupkit --help`` imports this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from soupkit.errors import ParameterError, suggest
+
+#: dtype names users may give -> the canonical name written to provenance
+DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+               "bf16": "bf16", "bfloat16": "bf16", "fp64": "fp64", "float64": "fp64", "double": "fp64"}
+#: where merge arithmetic can run; "auto" is cuda when available, else cpu
+DEVICE_KINDS = ("cpu", "cuda", "auto")
+#: the largest shard size accepted (an absurd value is a typo, not a plan): 1 PB
+MAX_SHARD_BYTES = 10**15
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int, option: str = "--shard-size") -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes, finite, positive and at most 1 PB."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}")
+    text = str(value).strip().upper()
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        scaled = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError, OverflowError):
+        raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}") from None
+    if not math.isfinite(scaled) or scaled > MAX_SHARD_BYTES:
+        raise ParameterError(f"{option}: {value!r} is not a usable size (at most 1PB)")
+    if scaled < 1:
+        raise ParameterError(f"{option}: must be at least one byte, got {value!r}")
+    return int(scaled)
+
+
+class OutputOptions(BaseModel):
+    """How a checkpoint is computed and written. Each field's description is its CLI help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    dtype: Annotated[str | None, Field(description="Output dtype of floating tensors: fp32, fp16, bf16 or fp64 "
+                                                   "[default: each tensor's input dtype].")] = None
+    precise: Annotated[bool, Field(description="Accumulate in float64 instead of float32.")] = False
+    device: Annotated[str, Field(description="Where the arithmetic runs: cpu, cuda, cuda:N or auto.")] = "cpu"
+    shard_size: Annotated[int | None, Field(description="Write Hugging Face-style shards of at most this size "
+                                                        "(e.g. 5GB) plus an index.")] = None
+    include: Annotated[tuple[str, ...], Field(description="Merge only tensors matching this glob (repeatable); "
+                                                          "the others are copied from the first input.")] = ()
+    exclude: Annotated[tuple[str, ...], Field(description="Do not merge tensors matching this glob (repeatable); "
+                                                          "they are copied from the first input.")] = ()
+    allow_missing: Annotated[bool, Field(description="Keep keys present in only some inputs (merged over the "
+                                                     "inputs that have them).")] = False
+    allow_nonfinite: Annotated[bool, Field(description="Merge even if an input holds NaN/Inf.")] = False
+    ema: Annotated[bool, Field(description="Read the EMA weights (state_dict_ema, model_ema) of .pt "
+                                           "inputs.")] = False
+    force: Annotated[bool, Field(description="Replace an existing output (never an input).")] = False
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        name = str(value).removeprefix("torch.") if type(value).__name__ == "dtype" else value
+        if not isinstance(name, str) or name.lower() not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {value!r}; choose fp32, fp16, bf16 or fp64")
+        return DTYPE_NAMES[name.lower()]
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> str:
+        text = str(value) if type(value).__name__ == "device" else value
+        if not isinstance(text, str):
+            raise ValueError(f"expected cpu, cuda, cuda:N or auto, got {value!r}")
+        kind, _, index = text.partition(":")
+        if kind not in DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
+            raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N or auto")
+        return text
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _shard_size(cls, value: Any) -> int | None:
+        return None if value is None else parse_size(value)
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _globs(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, Iterable) or not all(isinstance(v, str) and v for v in items):
+            raise ValueError("expected a glob or a list of globs")
+        return tuple(items)
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any]) -> OutputOptions:
+        """Validate ``values`` (library keyword arguments or CLI flags) with one-line errors naming the option."""
+        unknown = [k for k in values if k not in cls.model_fields]
+        if unknown:
+            raise ParameterError(f"unknown output option {unknown[0]!r}.{suggest(unknown[0], cls.model_fields)} "
+                                 f"Options: {', '.join(cls.model_fields)}")
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as error:
+            first = error.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "options"
+            message = first["msg"].removeprefix("Value error, ")
+            raise ParameterError(f"{flag(name)}: {message[0].lower()}{message[1:]}") from None
+
+    def changed(self) -> list[str]:
+        """Names of the options set to something other than their default."""
+        return [name for name, info in type(self).model_fields.items() if getattr(self, name) != info.default]
+
+    def refuse(self, names: Iterable[str], command: str, why: str) -> None:
+        """One-line error if any of ``names`` is set: ``command`` cannot honour it, ``why`` says why."""
+        given = [n for n in names if n in self.changed()]
+        if given:
+            raise ParameterError(f"{flag(given[0])} does not apply to {command}: {why}")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of an option or parameter name: ``shard_size`` -> ``--shard-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def split_options(kwargs: Mapping[str, Any]) -> tuple[OutputOptions, dict[str, Any]]:
+    """Library keyword arguments -> (the output options among them, the rest)."""
+    fields = OutputOptions.model_fields
+    given = kwargs.get("options")
+    if given is not None and not isinstance(given, OutputOptions):
+        raise ParameterError(f"options: expected an OutputOptions, got {type(given).__name__}")
+    own = {k: v for k, v in kwargs.items() if k in fields}
+    rest = {k: v for k, v in kwargs.items() if k not in fields and k != "options"}
+    if given is not None:
+        options = given.model_copy(update=OutputOptions.build(own).model_dump(include=set(own))) if own else given
+    else:
+        options = OutputOptions.build(own)
+    return options, rest
