@@ -8,8 +8,10 @@ here. Torch-free: ``soupkit --help`` imports this.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -116,7 +118,7 @@ class OutputOptions(BaseModel):
             first = error.errors()[0]
             name = str(first["loc"][0]) if first["loc"] else "options"
             message = first["msg"].removeprefix("Value error, ")
-            raise ParameterError(f"{flag(name)}: {message[0].lower()}{message[1:]}") from None
+            raise ParameterError(f"{user_name(name)}: {message[0].lower()}{message[1:]}") from None
 
     def changed(self) -> list[str]:
         """Names of the options set to something other than their default."""
@@ -126,12 +128,31 @@ class OutputOptions(BaseModel):
         """One-line error if any of ``names`` is set: ``command`` cannot honour it, ``why`` says why."""
         given = [n for n in names if n in self.changed()]
         if given:
-            raise ParameterError(f"{flag(given[0])} does not apply to {command}: {why}")
+            raise ParameterError(f"{user_name(given[0])} does not apply to {command}: {why}")
 
 
 def flag(name: str) -> str:
     """The CLI flag of an option or parameter name: ``shard_size`` -> ``--shard-size``."""
     return "--" + name.replace("_", "-")
+
+
+_CLI_NAMES = contextvars.ContextVar("soupkit_cli_names", default=False)
+
+
+def user_name(name: str) -> str:
+    """How to name an option or parameter in a message: ``--shard-size`` on the command line, ``shard_size`` in
+    library calls (each user sees their own syntax)."""
+    return flag(name) if _CLI_NAMES.get() else name
+
+
+@contextlib.contextmanager
+def cli_names() -> Iterator[None]:
+    """Messages raised inside name options as CLI flags (the CLI's entry point runs commands in this)."""
+    token = _CLI_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _CLI_NAMES.reset(token)
 
 
 def split_options(kwargs: Mapping[str, Any]) -> tuple[OutputOptions, dict[str, Any]]:

@@ -16,6 +16,7 @@ import typer
 from soupkit.cli import demo_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
 from soupkit.cli._app import app
 from soupkit.cli._help import tidy
+from soupkit.options import cli_names
 
 __all__ = ["app", "main"]
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{_prog(args)}: warning: {_one_line(str(message))}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), cli_names():
             warnings.simplefilter("default")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)

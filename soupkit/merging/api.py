@@ -214,6 +214,7 @@ def wise_ft(
     *,
     progress: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    chunk_elements: int | None = None,
     **kwargs: Any,
 ) -> Result | list[Result]:
     """WiSE-FT: ``(1 - alpha) * zeroshot + alpha * finetuned`` (the ``wise`` method).
@@ -242,7 +243,7 @@ def wise_ft(
     else:
         outputs = [wise_output_name(Path(output), a) for a in alphas] if several else [Path(output)]
     results = merge_variants([zeroshot, finetuned], "wise", [({"alpha": a}, o) for a, o in zip(alphas, outputs)],
-                             options=options, progress=progress, metadata=metadata)
+                             options=options, progress=progress, metadata=metadata, chunk_elements=chunk_elements)
     return results if several else results[0]
 
 

@@ -165,7 +165,8 @@ class _Parser:
                            options=options, eval=self.recipe(file.eval))
 
     def _explain(self, error: ValidationError) -> RecipeError:
-        first = error.errors()[0]
+        errors = error.errors()  # a misspelt field explains the "missing" one: name it first
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         loc = ".".join(str(p) for p in first["loc"]) or "config"
         if first["type"] == "extra_forbidden":
             name = str(first["loc"][-1])

@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
 from soupkit.errors import ParameterError, suggest
+from soupkit.options import user_name
 from soupkit.registry import Registry
 
 #: engine context a method may declare, and what it receives
@@ -156,9 +157,12 @@ class MergeMethod:
         self._check_count(n_models)
         unknown = [k for k in params if k not in self.parameters]
         if unknown:
-            raise ParameterError(f"method {self.name!r} has no parameter {unknown[0]!r}."
+            name = user_name(unknown[0])
+            owners = [m.name for m in METHODS if unknown[0] in m.parameters]
+            raise ParameterError(f"method {self.name!r} has no parameter {name if name != unknown[0] else repr(name)}."
                                  f"{suggest(unknown[0], self.parameters)} Its parameters: "
-                                 f"{', '.join(self.parameters) or 'none'}")
+                                 f"{', '.join(map(user_name, self.parameters)) or 'none'}"
+                                 + (f" ({name} is a parameter of {', '.join(owners)})" if owners else ""))
         given = {k: _per_model(self.name, self.parameters[k], v, n_models) for k, v in params.items() if v is not None}
         try:
             bound = self.schema.model_validate(given)
@@ -199,7 +203,7 @@ def _per_model(method: str, spec: Parameter, value: Any, n_models: int) -> Any:
     if not isinstance(value, (list, tuple)):
         return [value] * n_models
     if len(value) != n_models:
-        raise ParameterError(f"{method}: {spec.name} has {len(value)} values for {n_models} input models")
+        raise ParameterError(f"{method}: {user_name(spec.name)} has {len(value)} values for {n_models} input models")
     return list(value)
 
 
@@ -214,9 +218,9 @@ def _message(method: MergeMethod, error: ValidationError) -> str:
     """The first pydantic error as one line: ``ties: density[1] must be in (0, 1], got 1.5``."""
     first = error.errors()[0]
     loc = [str(p) for p in first["loc"]]
-    where = loc[0] + "".join(f"[{p}]" for p in loc[1:]) if loc else "parameters"
+    where = user_name(loc[0]) + "".join(f"[{p}]" for p in loc[1:]) if loc else "parameters"
     if first["type"] == "missing":
-        return f"method {method.name!r} needs parameter {loc[0]!r}"
+        return f"method {method.name!r} needs parameter {user_name(loc[0])}"
     spec = method.parameters.get(loc[0]) if loc else None
     if first["type"] in _BOUNDS and spec is not None:
         text = f"must be {spec.interval()}"

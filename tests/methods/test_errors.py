@@ -33,7 +33,7 @@ LIBRARY_CASES = [
     ("task_arithmetic", {}, False, 2, r"method 'task_arithmetic' needs a base model \(--base\)"),
     ("ties", {}, False, 2, r"method 'ties' needs a base model"),
     ("ties", {"densty": 0.5}, True, 2, r"no parameter 'densty'. Did you mean 'density'\?"),
-    ("fisher", {}, False, 2, r"method 'fisher' needs parameter 'fishers'"),
+    ("fisher", {}, False, 2, r"method 'fisher' needs parameter fishers"),
     ("fisher", {"fishers": ["a", "b"], "floor": 0.0}, False, 2, r"fisher: floor must be > 0, got 0.0"),
     ("dare_linear", {"seed": 1.5}, True, 2, r"dare_linear: seed must be an integer, got 1.5"),
 ]
@@ -90,9 +90,9 @@ def checkpoints(tmp_path: Path) -> Path:
 
 
 CLI_CASES = [
-    (["m0", "m1", "--method", "ties", "--base", "base", "--density", "1.5"], "density[0] must be in (0, 1]"),
-    (["m0", "m1", "--method", "dare_linear", "--base", "base", "--drop-rate", "1"], "drop_rate must be in [0, 1)"),
-    (["m0", "m1", "--method", "slerp", "--t", "2"], "t must be in [0, 1]"),
+    (["m0", "m1", "--method", "ties", "--base", "base", "--density", "1.5"], "--density[0] must be in (0, 1]"),
+    (["m0", "m1", "--method", "dare_linear", "--base", "base", "--drop-rate", "1"], "--drop-rate must be in [0, 1)"),
+    (["m0", "m1", "--method", "slerp", "--t", "2"], "--t must be in [0, 1]"),
     (["m0", "m1", "m2", "--method", "slerp"], "takes exactly 2 input models"),
     (["m0", "m1", "--method", "task_arithmetic", "--scaling", "0.5"], "needs a base model (--base)"),
 ]

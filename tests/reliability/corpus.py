@@ -532,11 +532,11 @@ def options_case(name: str, extra: list[str], *needles: str, inputs: int = 2) ->
 options_case("single input to slerp", ["--method", "slerp", "--t", "0.5"], "'slerp'", "exactly 2", inputs=1)
 options_case("three inputs to slerp", ["--method", "slerp", "--t", "0.5"], "'slerp'", "exactly 2", inputs=3)
 options_case("unknown method", ["--method", "unifrom"], "'unifrom'", "Did you mean 'uniform'", "Available")
-options_case("--weights not numbers", ["--weights", "a,b"], "--weights", "'a,b'")
+options_case("--weights not numbers", ["--weights", "a,b"], "--weights[0]", "got a")
 options_case("--weights wrong count", ["--weights", "0.2,0.3,0.5"], "weights", "3")
-options_case("--dtype fp8", ["--dtype", "fp8"], "--dtype", "'fp8'", "fp32, fp16 or bf16")
+options_case("--dtype fp8", ["--dtype", "fp8"], "--dtype", "'fp8'", "fp32, fp16, bf16 or fp64")
 options_case("--shard-size banana", ["--shard-size", "banana"], "--shard-size", "'banana'")
-options_case("--shard-size zero", ["--shard-size", "0"], "--shard-size", "positive")
+options_case("--shard-size zero", ["--shard-size", "0"], "--shard-size", "at least one byte")
 options_case("--density out of range", ["--method", "ties", "--density", "1.5", "--base", "BASE"], "density")
 options_case("--device nonsense", ["--device", "tpu9"], "--device", "'tpu9'")
 options_case("--include matching nothing", ["--include", "decoder.*"], "'decoder.*'", "matches no tensor")
@@ -563,7 +563,7 @@ def _duplicate_spelling(w: Workspace) -> Expect:
 @case("single input to wise")
 def _wise_one(w: Workspace) -> Expect:
     a = w.good("a.safetensors", 1)
-    return Expect(["wise", str(a), "-o", w.out], ("Missing argument", "'finetuned'"), w.canary)
+    return Expect(["wise", str(a), "-o", w.out], ("Missing argument", "'FINETUNED'"), w.canary)
 
 
 # --- outputs that would lose data ----------------------------------------------------------------------------------
