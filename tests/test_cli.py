@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from soupkit.io import load_checkpoint, open_checkpoint
-from soupkit.merging import list_methods
 from tests.conftest import snapshot, tiny_state
 
 
