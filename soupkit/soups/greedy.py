@@ -137,31 +137,35 @@ def greedy_soup(
         if prescreen is not None and scores[order[0]].accuracy < prescreen:  # type: ignore[operator]
             raise ParameterError(f"--prescreen {prescreen}: no ingredient reaches it (best held-out accuracy "
                                  f"{scores[order[0]].accuracy:.4f}, {run.names[order[0]]})")
-        # 2. the search
+        # 2. the search; 3. the soup, through the merge engine
         members, best, history, stats = _search(run, scores, order, accept, prescreen, progress)
         finished = time.perf_counter()
         stats = {"seconds": finished - run.started, "seconds_scoring": scored_at - run.started,
                  "seconds_greedy": finished - scored_at, "cached_scores": sum(s.cached for s in scores), **stats}
-        names = run.names
         result = SoupResult(
-            method="greedy", names=names, ingredients=members,
+            method="greedy", names=run.names, ingredients=members,
             scores=[s.accuracy if s.valid else None for s in scores], history=history, score=best.accuracy,
             rule={"accept": accept, "prescreen": prescreen, "order": order, "heldout": run.judge.heldout},
             stats=stats,
         )
-        # 3. the soup: the linear method over the members in selection order, through the merge engine
-        from soupkit.merging import merge
+        return _publish(run, checkpoints, result)
 
-        record = {"accept": accept, "prescreen": prescreen, "order": [names[i] for i in order],
-                  "selected": [names[i] for i in members],
-                  "scores": {names[i]: result.scores[i] for i in range(len(names))},
-                  "heldout_accuracy": best.accuracy}
-        selected = [checkpoints[i] for i in members]
 
-        def write(out: Path | None, **options: Any) -> Any:
-            return merge(selected, "linear", out, metadata={"soupkit.greedy": record}, **options)
+def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: SoupResult) -> SoupResult:
+    """Write the soup (the linear method over the members in selection order, through the merge engine) and the
+    report."""
+    from soupkit.merging import merge
 
-        return run.finish(result, write, "greedy.json", lambda folder: _plots(run, result, folder))
+    names, members = run.names, result.ingredients
+    record = {"accept": result.rule["accept"], "prescreen": result.rule["prescreen"],
+              "order": [names[i] for i in result.rule["order"]], "selected": [names[i] for i in members],
+              "scores": dict(zip(names, result.scores)), "heldout_accuracy": result.score}
+    selected = [checkpoints[i] for i in members]
+
+    def write(out: Path | None, **options: Any) -> Any:
+        return merge(selected, "linear", out, metadata={"soupkit.greedy": record}, **options)
+
+    return run.finish(result, write, "greedy.json", lambda folder: _plots(run, result, folder))
 
 
 def _search(run: SoupRun, scores: list[Score], order: list[int], accept: str, prescreen: float | None,

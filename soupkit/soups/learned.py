@@ -107,18 +107,15 @@ def learned_soup(
         with torch.no_grad():
             weights = torch.softmax(logits.detach(), dim=0)
             per_key = {k: weights[:, column[k]].cpu().tolist() for k in float_keys}
-            learned = ev.evaluate(layout(_mix(run, stacks, per_key)), [judge.heldout],
-                                  use_cache=False).datasets[judge.heldout]
-            uniform = ev.evaluate(layout(_mix(run, stacks, None)), [judge.heldout],
-                                  use_cache=False).datasets[judge.heldout]
+            learned, uniform = (ev.evaluate(layout(_mix(run, stacks, w)), [judge.heldout],
+                                            use_cache=False).datasets[judge.heldout] for w in (per_key, None))
         stacks.clear()  # free the N device copies before scoring
-        scores = [judge.score(src) for src in run.scoring_sources]
         per_ingredient = weights.mean(dim=1).cpu().tolist()
-        history = ([LearnedWeights(k, per_key[k]) for k in float_keys] if by_layer
-                   else [LearnedWeights("*", per_ingredient)])
         result = SoupResult(
             method="learned", names=run.names, ingredients=list(range(count)),
-            scores=[s.accuracy if s.valid else None for s in scores], history=history,
+            scores=[s.accuracy if s.valid else None for s in map(judge.score, run.scoring_sources)],
+            history=([LearnedWeights(k, per_key[k]) for k in float_keys] if by_layer
+                     else [LearnedWeights("*", per_ingredient)]),
             score=float(learned.accuracy),
             rule={"by_layer": by_layer, "steps": steps, "lr": lr, "weight_decay": weight_decay,
                   "heldout": judge.heldout},
@@ -127,23 +124,29 @@ def learned_soup(
                    "heldout_loss": _loss(learned), "uniform_loss": _loss(uniform),
                    "uniform_accuracy": float(uniform.accuracy), "train_losses": losses},
         )
-        record = {"weights": per_ingredient, "temperature": result.extra["temperature"], "by_layer": by_layer,
-                  "heldout_accuracy": result.score, **{k: v for k, v in result.rule.items() if k != "by_layer"}}
+        return _publish(run, checkpoints, result, per_key if by_layer else None)
 
-        def write(out: Path | None, **options: Any) -> Any:
-            if by_layer:
-                return _write_by_layer(run, per_key, out, {"soupkit.learned": record})
-            from soupkit.merging import merge
 
-            return merge(checkpoints, "linear", out, weights=per_ingredient,
-                         metadata={"soupkit.learned": record}, **options)
+def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: SoupResult,
+             per_key: Mapping[str, list[float]] | None) -> SoupResult:
+    """Write the soup (the linear method with the learned weights; ``per_key``: by layer) and the report."""
+    weights = result.extra["weights"]
+    record = {"weights": weights, "temperature": result.extra["temperature"], "heldout_accuracy": result.score,
+              **result.rule}
 
-        def plots(folder: Path) -> list[Path]:
-            from soupkit.report.plots import plot_learned_weights
+    def write(out: Path | None, **options: Any) -> Any:
+        if per_key is not None:
+            return _write_by_layer(run, per_key, out, {"soupkit.learned": record})
+        from soupkit.merging import merge
 
-            return [plot_learned_weights(run.names, per_ingredient, folder / "learned_weights.png")]
+        return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record}, **options)
 
-        return run.finish(result, write, "learned.json", plots)
+    def plots(folder: Path) -> list[Path]:
+        from soupkit.report.plots import plot_learned_weights
+
+        return [plot_learned_weights(run.names, weights, folder / "learned_weights.png")]
+
+    return run.finish(result, write, "learned.json", plots)
 
 
 def _check_model(run: SoupRun, model: torch.nn.Module) -> list[str]:

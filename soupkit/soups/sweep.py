@@ -139,7 +139,6 @@ def wise_sweep(
             raise ParameterError(f"--select {chooser}: no α gave a finite accuracy (NaN weights?)")
         chosen = max(finite, key=lambda i: (values[i], -i))
         points[chosen].chosen = True
-        alpha = alphas[chosen]
         by_alpha = {p.alpha: p.heldout for p in points}
         fisher_names = ingredient_names(fishers) if fishers else None
         result = SoupResult(
@@ -150,26 +149,32 @@ def wise_sweep(
             stats={"evaluations": len(alphas),
                    "fisher_tensors": (sum(all(f is not None for f in v) for v in model_at.fishers.values())
                                       if model_at.fishers is not None else None)},
-            extra={"alpha": alpha, "select": chooser},
+            extra={"alpha": alphas[chosen], "select": chooser},
         )
         sweep = _clean({"alphas": alphas, "select": chooser, chooser: values, "fisher": fisher_names})
+        return _publish(run, model_at, result, {"soupkit.sweep": sweep})
 
-        def write(out: Path | None, **options: Any) -> Any:
-            from soupkit.merging import merge, wise_ft
 
-            metadata = {"soupkit.sweep": sweep}
-            if fishers:
-                return merge(sources, "fisher", out, metadata=metadata, **model_at.params(alpha), **options)
-            with warnings.catch_warnings():  # the sweep has already warned about α outside [0, 1]
-                warnings.filterwarnings("ignore", message="alpha=.* is outside", category=SoupkitWarning)
-                return wise_ft(zeroshot, finetuned, alpha, out, metadata=metadata, **options)
+def _publish(run: SoupRun, model_at: Interpolation, result: SoupResult, metadata: dict[str, Any]) -> SoupResult:
+    """Write the model at the chosen α (``wise_ft``, or the ``fisher`` method) and the report."""
+    alpha = result.alpha
+    assert alpha is not None
 
-        def plots(folder: Path) -> list[Path]:
-            from soupkit.report.plots import plot_wise_curve
+    def write(out: Path | None, **options: Any) -> Any:
+        from soupkit.merging import merge, wise_ft
 
-            return [plot_wise_curve(points, folder / "wise_curve.png")]
+        if model_at.fishers is not None:
+            return merge(run.sources, "fisher", out, metadata=metadata, **model_at.params(alpha), **options)
+        with warnings.catch_warnings():  # the sweep has already warned about α outside [0, 1]
+            warnings.filterwarnings("ignore", message="alpha=.* is outside", category=SoupkitWarning)
+            return wise_ft(run.sources[0], run.sources[1], alpha, out, metadata=metadata, **options)
 
-        return run.finish(result, write, "wise.json", plots)
+    def plots(folder: Path) -> list[Path]:
+        from soupkit.report.plots import plot_wise_curve
+
+        return [plot_wise_curve(result.history, folder / "wise_curve.png")]
+
+    return run.finish(result, write, "wise.json", plots)
 
 
 def _sweep(run: SoupRun, model_at: Interpolation, alphas: Sequence[float], progress: bool) -> list[SweepPoint]:
