@@ -123,9 +123,10 @@ def test_learned_soup_is_merge_linear_with_its_weights(digits_setup, tmp_path, c
     paths = digits_setup.paths[:4]
     result = learned_soup(paths, ev, steps=5, lr=0.1, output=tmp_path / "learned.safetensors")
     weights = ",".join(repr(w) for w in result.extra["weights"])
-    assert cli("merge", *paths, "--method", "linear", "--weights", weights, "-o", tmp_path / "ref.safetensors").code == 0
+    reference = tmp_path / "ref.safetensors"
+    assert cli("merge", *paths, "--method", "linear", "--weights", weights, "-o", reference).code == 0
     written = load_checkpoint(result.path)
-    assert_same(written, load_checkpoint(tmp_path / "ref.safetensors"))
+    assert_same(written, load_checkpoint(reference))
     assert_same(seen[0], written)  # the learned soup was scored as written (seen[1] is the uniform soup)
     assert ev.evaluate(written, ["heldout"], use_cache=False)["heldout"].loss == result.extra["heldout_loss"]
 
