@@ -178,3 +178,31 @@ def test_refused_options_in_one_line(algorithm, setup):
     with pytest.raises(ParameterError, match="pattern 'nothing.*' matches no tensor name"):
         run(algorithm, paths, make_evaluator(), out, include=["nothing.*"])
     assert not out.exists()
+
+
+def test_by_layer_learned_soup_is_the_linear_method_per_tensor(digits_setup, tmp_path):
+    """Until the engine takes per-tensor parameters, a by-layer soup is written by hand: each tensor must still be
+    the engine's linear merge with that tensor's weights, under the same output options."""
+    paths = digits_setup.paths[:3]
+    options = {"dtype": "fp16", "exclude": ["2.bias"], "shard_size": 4096, "precise": True}
+    out = tmp_path / "soup.safetensors"
+    out.write_bytes(b"old")
+    ev = digits_setup.make_evaluator()
+    result = learned_soup(paths, ev, steps=3, by_layer=True, output=out, force=True, **options)
+    assert result.path.name.endswith(".index.json") and len(list(tmp_path.glob("soup-*.safetensors"))) >= 2
+    written = load_checkpoint(result.path)
+    assert [entry.key for entry in result.history] == ["0.weight", "0.bias", "2.weight"]
+    for entry in result.history:
+        expected = merge(paths, "linear", weights=entry.weights, **options)[entry.key]
+        assert written[entry.key].dtype == torch.float16 and torch.equal(written[entry.key], expected), entry.key
+    assert torch.equal(written["2.bias"], load_checkpoint(paths[0])["2.bias"].half())
+    assert ev.evaluate(written, ["heldout"], use_cache=False)["heldout"].loss == result.extra["heldout_loss"]
+
+
+def test_ingredient_names_are_file_names(tmp_path):
+    from soupkit.soups.common import ingredient_names
+
+    paths = [tmp_path / "run1" / "model.safetensors", tmp_path / "run2" / "model.safetensors",
+             tmp_path / "other.safetensors", "rel/x.pt"]
+    assert ingredient_names([*paths, {"w": torch.zeros(1)}]) == ["run1/model.safetensors", "run2/model.safetensors",
+                                                                 "other.safetensors", "x.pt", "<state dict #4>"]
