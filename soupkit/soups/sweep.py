@@ -4,13 +4,15 @@
 Both models are read once and kept on the evaluation device (fp32; fp64 with ``precise``); the model at each α is
 formed by the ``wise`` method's own function, so a sweep of 11 α costs 11 evaluations and no checkpoint reloads.
 The chosen model is written by ``wise_ft`` (the code behind ``soupkit wise``), so it is bit for bit the file
-``soupkit wise --alpha A`` writes, and the numbers that were scored (α=0 and α=1 give the inputs' floating tensors
-exactly; integer tensors always come from the zero-shot model, as the engine takes them from its first input).
+``soupkit wise --alpha A`` writes, and the numbers that were scored (``wise`` at α=0 and α=1 gives the inputs'
+floating tensors exactly; integer tensors always come from the zero-shot model, as the engine takes them from its
+first input).
 
 Fisher-weighted interpolation (Matena & Raffel, 2022, https://arxiv.org/abs/2111.09832, two-model case) is the
 ``fisher`` method with weights (1-α, α) and the two Fisher files: ``θ = (c0·θ0 + c1·θ1) / (c0 + c1)`` with
 ``c0 = (1-α)·max(F0, floor)`` and ``c1 = α·max(F1, floor)``, computed as that method computes it; tensors without
-a Fisher in both files are the plain weighted mean. Its chosen model is ``soupkit merge --method fisher --weights
+a Fisher in both files are the plain weighted mean (the method's running mean makes α=1 ``zs + (ft - zs)``, not
+``ft`` bit for bit). Its chosen model is ``soupkit merge --method fisher --weights
 1-α,α --fisher ZS_FISHER,FT_FISHER`` of (zeroshot, finetuned), bit for bit.
 """
 
