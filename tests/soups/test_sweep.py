@@ -134,3 +134,17 @@ def test_sweep_with_evaluator_no_reloads_and_report(digits_setup, tmp_path):
         p.test for p in by_test.history)
     with pytest.raises(ParameterError, match="--select: unknown dataset 'tset'. Did you mean 'test'?"):
         wise_sweep(zs, ft, "0.5", digits_setup.make_evaluator(), select="tset")
+
+
+def test_extrapolation_is_warned_about_once(tmp_path):
+    import warnings
+
+    zs, ft = pair(4), pair(5)
+    ft["n"] = zs["n"].clone()
+    target = {k: v.clone() for k, v in ft.items()}
+    target["w"] = ft["w"] + 0.2 * (ft["w"] - zs["w"])  # the model at α=1.2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = wise_sweep(zs, ft, "0.5,1.2", recording_evaluator([], target), output=tmp_path / "x.safetensors")
+    assert result.alpha == 1.2
+    assert [str(w.message) for w in caught] == ["α=[1.2] outside [0, 1]: extrapolating beyond the two models"]
