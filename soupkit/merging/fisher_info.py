@@ -73,39 +73,15 @@ def compute_fisher(
     ev = resolve_evaluator(evaluator_or_recipe)
     ev.load_state(state)
     model: nn.Module = ev.model
-    was_training = model.training
-    model.eval()
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     keys = checkpoint_keys(params, state)
     if not keys:
         raise ParameterError(f"compute_fisher: none of the model's parameters (e.g. {next(iter(params))!r}) is a "
                              "key of the checkpoint; is the recipe for this architecture?")
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    numel = sum(p.numel() for p in params.values())
-    micro = max(1, min(64, _VMAP_BYTES // max(4 * numel, 1)))
-    generator = torch.Generator(device=ev.device).manual_seed(seed)
-    vectorised, count = True, 0
+    was_training = model.training
+    model.eval()  # dropout off, BatchNorm on its running statistics: each example's gradient is its own
     try:
-        for images, _ in ev.batches(ev.heldout_name):
-            if max_examples is not None:
-                images = images[: max_examples - count]
-            with torch.no_grad():
-                probs = F.softmax(model(images).float(), dim=-1)
-            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # the model's own predictions
-            for start in range(0, len(images), micro):
-                x, y = images[start:start + micro], labels[start:start + micro]
-                try:
-                    batch = squared_grads(model, params, x, y, vectorised=vectorised)
-                except (RuntimeError, NotImplementedError):
-                    if not vectorised:
-                        raise
-                    vectorised = False  # an operation vmap cannot batch: one backward pass per example
-                    batch = squared_grads(model, params, x, y, vectorised=False)
-                for name, value in batch.items():
-                    sums[name] += value.float()
-            count += len(images)
-            if max_examples is not None and count >= max_examples:
-                break
+        sums, count = _squared_grad_sums(model, params, ev, max_examples, seed)
     finally:
         model.train(was_training)
     if count == 0:
@@ -118,3 +94,34 @@ def compute_fisher(
     return save_checkpoint(fisher, output, metadata, force=force,
                            protect=[checkpoint] if isinstance(checkpoint, (str, Path)) else [])
 
+
+def _squared_grad_sums(model: nn.Module, params: dict[str, Tensor], ev: Any, max_examples: int | None,
+                       seed: int) -> tuple[dict[str, Tensor], int]:
+    """Sum over the held-out examples (at most ``max_examples``) of each example's squared gradient, with labels
+    sampled from the model's own predictions; returns the sums and the number of examples."""
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    numel = sum(p.numel() for p in params.values())
+    micro = max(1, min(64, _VMAP_BYTES // max(4 * numel, 1)))
+    generator = torch.Generator(device=ev.device).manual_seed(seed)
+    vectorised, count = True, 0
+    for images, _ in ev.batches(ev.heldout_name):
+        if max_examples is not None:
+            images = images[: max_examples - count]
+        with torch.no_grad():
+            probs = F.softmax(model(images).float(), dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # the model's own predictions
+        for start in range(0, len(images), micro):
+            x, y = images[start:start + micro], labels[start:start + micro]
+            try:
+                batch = squared_grads(model, params, x, y, vectorised=vectorised)
+            except (RuntimeError, NotImplementedError):
+                if not vectorised:
+                    raise
+                vectorised = False  # an operation vmap cannot batch: one backward pass per example
+                batch = squared_grads(model, params, x, y, vectorised=False)
+            for name, value in batch.items():
+                sums[name] += value.float()
+        count += len(images)
+        if max_examples is not None and count >= max_examples:
+            break
+    return sums, count

@@ -5,25 +5,28 @@ tensor); a learned scalar β multiplies the logits during training, as in the pa
 bent to fix calibration. Both are trained with AdamW on the held-out cross-entropy through
 ``torch.func.functional_call``, so the evaluator's model is never modified. Every ingredient is held on the device
 at once (fp32), which is why this refuses early, with an estimate, when they would not fit.
+
+Training mixes with a differentiable ``tensordot``; the soup that is scored and written is the ``linear`` method
+with the learned weights (normalised by it), the soup scored in memory by the method's own function and the one
+written by the merge engine (``merge(ingredients, "linear", weights=...)``), so the two hold the same numbers.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from soupkit.errors import IncompatibleCheckpointsError, ParameterError, SoupkitError
-from soupkit.io import CheckpointSource, check_output_path, provenance_metadata, save_checkpoint
-from soupkit.io.provenance import ingredient_record
-from soupkit.merging.engine import check_compatible
+from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError, SoupkitError
+from soupkit.io import CheckpointSource
+from soupkit.merging.registry import get_method
+from soupkit.soups.common import Candidates, SoupRun, read_tensors
 from soupkit.soups.result import LearnedWeights, SoupResult
-from soupkit.soups.scoring import Judge, Steps, close_all, input_name, open_inputs, protected_files, read_tensors
+from soupkit.soups.scoring import Steps
 
 
 class InsufficientMemoryError(SoupkitError):
@@ -69,153 +72,217 @@ def learned_soup(
     lr: float = 0.05,
     weight_decay: float = 0.0,
     output: str | Path | None = None,
-    force: bool = False,
     report_dir: str | Path | None = None,
     progress: bool = False,
     memory_limit: int | None = None,
+    **output_options: Any,
 ) -> SoupResult:
     """Learn mixing weights for ``checkpoints`` on the evaluator's held-out set; write or return the soup.
 
     ``evaluator``: an ``Evaluator`` or recipe (the model and held-out batches are needed, so a plain callable is
     refused). ``steps``: AdamW steps, one held-out batch each (cycling). ``memory_limit``: bytes to plan for
-    instead of the device's free memory. The result's ``extra`` holds ``weights`` (per ingredient; the mean over
-    tensors with ``by_layer``), ``temperature``, and held-out ``heldout_loss`` vs ``uniform_loss``.
+    instead of the device's free memory. ``output_options``: the merge engine's (see ``soupkit.soups.common``).
+    The result's ``extra`` holds ``weights`` (per ingredient; the mean over tensors with ``by_layer``),
+    ``temperature``, and held-out ``heldout_loss`` vs ``uniform_loss``.
     """
     if not (isinstance(steps, int) and steps > 0):
         raise ParameterError(f"--steps: expected a positive integer, got {steps!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ParameterError(f"--lr: expected a positive learning rate, got {lr!r}")
-    started = time.perf_counter()
-    readers = open_inputs(checkpoints)
-    try:
-        keys = check_compatible(readers, allow_missing=False)
-        protect = protected_files(readers)
-        out = check_output_path(output, inputs=protect, force=force) if output is not None else None
-        judge = Judge(evaluator)
+    with SoupRun("learned soup", checkpoints, evaluator, output=output, report_dir=report_dir,
+                 output_options=output_options) as run:
+        judge = run.judge
         if not judge.is_evaluator:
             raise ParameterError("learned soup needs an Evaluator or a recipe (--eval RECIPE): it trains through "
                                  "the evaluator's model on its held-out batches; a scoring function is not enough")
-        ev = judge.evaluator
-        names = [input_name(src, i) for i, src in enumerate(checkpoints)]
-        model, device = ev.model, judge.device
-        model_keys = list(model.state_dict())
-        missing = [k for k in model_keys if k not in keys]
-        if missing:
-            raise IncompatibleCheckpointsError(f"{names[0]}: lacks {len(missing)} tensor(s) the evaluator's model "
-                                               f"has, e.g. {missing[0]!r}")
-        extra = [k for k in keys if k not in set(model_keys)]
-        if extra:
-            raise IncompatibleCheckpointsError(f"{names[0]}: has {len(extra)} tensor(s) the evaluator's model "
-                                               f"lacks, e.g. {extra[0]!r}; is the recipe's model the right one?")
-        float_keys = [k for k in model_keys if readers[0].info(k).is_float]
-
-        # refuse before loading anything when N fp32 copies + the mix + activations do not fit
-        count = len(readers)
-        model_bytes = sum(readers[0].info(k).numel * 4 for k in float_keys)
+        ev, device, count = judge.evaluator, judge.device, len(run.readers)
+        float_keys = _check_model(run, ev.model)
         batches = _cycle(ev, judge.heldout)
-        first_x, _ = next(batches)
-        was_training = model.training
-        model.eval()  # no BatchNorm statistics update from the probe; the soup trains in eval mode too
-        try:
-            activations = activation_bytes(model, first_x)
-        finally:
-            model.train(was_training)
-        need = (count + 1) * model_bytes + activations
-        free = memory_limit if memory_limit is not None else available_memory(device)
-        if need > 0.9 * free:
-            raise InsufficientMemoryError(
-                f"learned soup of {count} ingredients needs about {need / 1e9:.2f} GB on {device} ({count} x "
-                f"{model_bytes / 1e9:.2f} GB fp32 weights + the mix + {activations / 1e9:.2f} GB activations) but "
-                f"{free / 1e9:.2f} GB is free; use fewer ingredients or the greedy soup")
-
-        # every ingredient, read once, into one (N, ...) fp32 stack per tensor on the device
-        stacks = {k: torch.empty((count, *readers[0].info(k).shape), dtype=torch.float32, device=device)
-                  for k in float_keys}
-        fixed: dict[str, torch.Tensor] = {}
-        for i, reader in enumerate(readers):
-            for key, tensor in read_tensors(reader, model_keys if i == 0 else float_keys, device):
-                if key in stacks:
-                    stacks[key][i].copy_(tensor)
-                else:
-                    fixed[key] = tensor
-        dtypes = {k: readers[0].info(k).dtype for k in model_keys}
-
-        shape = (count, len(float_keys)) if by_layer else (count, 1)
-        logits = torch.zeros(shape, device=device, requires_grad=True)
-        beta = torch.ones((), device=device, requires_grad=True)
-        optimiser = torch.optim.AdamW([logits, beta], lr=lr, weight_decay=weight_decay)
+        need, free = _plan_memory(run, ev.model, float_keys, next(batches)[0], memory_limit)
+        stacks, layout = _load(run, float_keys, device)
         column = {k: (j if by_layer else 0) for j, k in enumerate(float_keys)}
-
-        def mix(weights: torch.Tensor) -> dict[str, torch.Tensor]:
-            mixed = {k: torch.tensordot(weights[:, column[k]], stacks[k], dims=1) for k in float_keys}
-            return {**mixed, **fixed}
-
-        model.eval()  # BatchNorm uses the mixed running statistics, as the soup will at test time
-        losses: list[float] = []
-        bar = Steps(steps, progress, "learned soup")
-        try:
-            for _ in range(steps):
-                x, y = next(batches)
-                weights = torch.softmax(logits, dim=0)
-                output_logits = torch.func.functional_call(model, mix(weights), (x,))
-                loss = torch.nn.functional.cross_entropy(beta * output_logits, y)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    raise ParameterError(f"--lr {lr}: the learned soup's loss became {losses[-1]} at step "
-                                         f"{len(losses)}; lower the learning rate")
-                bar.advance()
-        finally:
-            bar.close()
-            model.train(was_training)
-
+        shape = (count, len(float_keys) if by_layer else 1)
+        logits, beta, losses = _train(ev.model, stacks, layout, column, batches, shape, steps=steps, lr=lr,
+                                      weight_decay=weight_decay, progress=progress)
         with torch.no_grad():
             weights = torch.softmax(logits.detach(), dim=0)
-            learned_state = {k: v.detach() for k, v in mix(weights).items()}
-            uniform_state = mix(torch.full(shape, 1.0 / count, device=device))
-            learned = ev.evaluate(learned_state, [judge.heldout], use_cache=False).datasets[judge.heldout]
-            uniform = ev.evaluate(uniform_state, [judge.heldout], use_cache=False).datasets[judge.heldout]
-            soup = {k: learned_state[k].to(device="cpu", dtype=dtypes[k]) for k in model_keys}
+            per_key = {k: weights[:, column[k]].cpu().tolist() for k in float_keys}
+            learned, uniform = (ev.evaluate(layout(_mix(run, stacks, w)), [judge.heldout],
+                                            use_cache=False).datasets[judge.heldout] for w in (per_key, None))
         stacks.clear()  # free the N device copies before scoring
-        scores = [judge.score(src) for src in checkpoints]
         per_ingredient = weights.mean(dim=1).cpu().tolist()
-        history = ([LearnedWeights(k, weights[:, j].cpu().tolist()) for j, k in enumerate(float_keys)] if by_layer
-                   else [LearnedWeights("*", per_ingredient)])
         result = SoupResult(
-            method="learned", names=names, ingredients=list(range(count)),
-            scores=[s.accuracy if s.valid else None for s in scores], history=history,
+            method="learned", names=run.names, ingredients=list(range(count)),
+            scores=[s.accuracy if s.valid else None for s in map(judge.score, run.scoring_sources)],
+            history=([LearnedWeights(k, per_key[k]) for k in float_keys] if by_layer
+                     else [LearnedWeights("*", per_ingredient)]),
             score=float(learned.accuracy),
             rule={"by_layer": by_layer, "steps": steps, "lr": lr, "weight_decay": weight_decay,
                   "heldout": judge.heldout},
-            stats={"seconds": time.perf_counter() - started, "memory_estimate_bytes": need,
-                   "memory_free_bytes": free},
+            stats={"memory_estimate_bytes": need, "memory_free_bytes": free},
             extra={"weights": per_ingredient, "temperature": float(beta.detach()),
                    "heldout_loss": _loss(learned), "uniform_loss": _loss(uniform),
                    "uniform_accuracy": float(uniform.accuracy), "train_losses": losses},
         )
-        if out is not None:
-            records = [ingredient_record(names[i], readers[i].path, readers[i].nbytes,
-                                         checkpoints[i] if isinstance(checkpoints[i], Mapping) else None)
-                       for i in range(count)]
-            learned_record = {"weights": per_ingredient, "temperature": result.extra["temperature"],
-                              "by_layer": by_layer, "heldout_accuracy": result.score}
-            metadata = provenance_metadata("learned_soup", dict(result.rule), records,
-                                           {"soupkit.learned": learned_record})
-            result.path = save_checkpoint(soup, out, metadata, force=force, protect=protect)
-        else:
-            result.state_dict = soup
-        if report_dir is not None:
-            from soupkit.report.plots import plot_learned_weights, write_json
+        return _publish(run, checkpoints, result, per_key if by_layer else None)
 
-            folder = Path(report_dir)
-            result.report_files += [plot_learned_weights(names, per_ingredient, folder / "learned_weights.png"),
-                                    folder / "learned.json"]
-            write_json(result.to_dict(), folder / "learned.json")
-        return result
+
+def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: SoupResult,
+             per_key: Mapping[str, list[float]] | None) -> SoupResult:
+    """Write the soup (the linear method with the learned weights; ``per_key``: by layer) and the report."""
+    weights = result.extra["weights"]
+    record = {"weights": weights, "temperature": result.extra["temperature"], "heldout_accuracy": result.score,
+              **result.rule}
+
+    def write(out: Path | None, **options: Any) -> Any:
+        if per_key is not None:
+            return _write_by_layer(run, per_key, out, {"soupkit.learned": record})
+        from soupkit.merging import merge
+
+        return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record}, **options)
+
+    def plots(folder: Path) -> list[Path]:
+        from soupkit.report.plots import plot_learned_weights
+
+        return [plot_learned_weights(run.names, weights, folder / "learned_weights.png")]
+
+    return run.finish(result, write, "learned.json", plots)
+
+
+def _check_model(run: SoupRun, model: torch.nn.Module) -> list[str]:
+    """The merged floating keys in the model's order, after checking the inputs are the model's checkpoints."""
+    model_keys = list(model.state_dict())
+    missing = [k for k in model_keys if k not in run.keys]
+    if missing:
+        raise IncompatibleCheckpointsError(f"{run.names[0]}: lacks {len(missing)} tensor(s) the evaluator's model "
+                                           f"has, e.g. {missing[0]!r}")
+    extra = [k for k in run.keys if k not in set(model_keys)]
+    if extra:
+        raise IncompatibleCheckpointsError(f"{run.names[0]}: has {len(extra)} tensor(s) the evaluator's model "
+                                           f"lacks, e.g. {extra[0]!r}; is the recipe's model the right one?")
+    merged = set(run.float_keys(run.readers[0]))
+    return [k for k in model_keys if k in merged]
+
+
+def _plan_memory(run: SoupRun, model: torch.nn.Module, float_keys: Sequence[str], batch: torch.Tensor,
+                 memory_limit: int | None) -> tuple[int, int]:
+    """Refuse before loading anything when N fp32 copies + the mix + activations do not fit."""
+    count, device = len(run.readers), run.judge.device
+    model_bytes = sum(run.readers[0].info(k).numel * 4 for k in float_keys)
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics update from the probe; the soup trains in eval mode too
+    try:
+        activations = activation_bytes(model, batch)
     finally:
-        close_all(readers, checkpoints)
+        model.train(was_training)
+    need = (count + 1) * model_bytes + activations
+    free = memory_limit if memory_limit is not None else available_memory(device)
+    if need > 0.9 * free:
+        raise InsufficientMemoryError(
+            f"learned soup of {count} ingredients needs about {need / 1e9:.2f} GB on {device} ({count} x "
+            f"{model_bytes / 1e9:.2f} GB fp32 weights + the mix + {activations / 1e9:.2f} GB activations) but "
+            f"{free / 1e9:.2f} GB is free; use fewer ingredients or the greedy soup")
+    return need, free
+
+
+def _load(run: SoupRun, float_keys: Sequence[str], device: torch.device
+          ) -> tuple[dict[str, torch.Tensor], Candidates]:
+    """Every ingredient, read once, into one (N, ...) fp32 stack per merged tensor on the device; the layout
+    of the soups to score (the first ingredient's other tensors)."""
+    first = run.readers[0]
+    stacks = {k: torch.empty((len(run.readers), *first.info(k).shape), dtype=torch.float32, device=device)
+              for k in float_keys}
+    for i, reader in enumerate(run.readers):
+        for key, tensor in read_tensors(reader, float_keys, device):
+            stacks[key][i].copy_(tensor)
+    return stacks, run.candidates(first, device)
+
+
+def _mix(run: SoupRun, stacks: Mapping[str, torch.Tensor], weights: Mapping[str, list[float]] | None
+         ) -> dict[str, torch.Tensor]:
+    """The ``linear`` method's own function over the stacked ingredients (``weights`` per key; None: uniform)."""
+    spec = get_method("linear")
+    mixed = {}
+    for key, stack in stacks.items():
+        params = spec.bind({} if weights is None else {"weights": weights[key]}, len(stack))
+        mixed[key] = spec.fn([row.to(run.acc_dtype) for row in stack], **params)
+    return mixed
+
+
+def _train(model: torch.nn.Module, stacks: Mapping[str, torch.Tensor], layout: Candidates,
+           column: Mapping[str, int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int],
+           *, steps: int, lr: float, weight_decay: float, progress: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """AdamW on the logits and β through ``functional_call`` (the model itself is never modified)."""
+    device = next(iter(stacks.values())).device if stacks else torch.device("cpu")
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    # the unmerged tensors as the soup holds them, in the model's dtype (functional_call uses them as they are)
+    fixed = {k: v.to(dtypes[k]) if v.is_floating_point() else v for k, v in layout.fixed.items()}
+    logits = torch.zeros(shape, device=device, requires_grad=True)
+    beta = torch.ones((), device=device, requires_grad=True)
+    optimiser = torch.optim.AdamW([logits, beta], lr=lr, weight_decay=weight_decay)
+    was_training = model.training
+    model.eval()  # BatchNorm uses the mixed running statistics, as the soup will at test time
+    losses: list[float] = []
+    bar = Steps(steps, progress, "learned soup")
+    try:
+        for _ in range(steps):
+            x, y = next(batches)
+            weights = torch.softmax(logits, dim=0)
+            mixed = {k: torch.tensordot(weights[:, column[k]], stacks[k], dims=1) for k in stacks}
+            output_logits = torch.func.functional_call(model, {**mixed, **fixed}, (x,))
+            loss = torch.nn.functional.cross_entropy(beta * output_logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise ParameterError(f"--lr {lr}: the learned soup's loss became {losses[-1]} at step "
+                                     f"{len(losses)}; lower the learning rate")
+            bar.advance()
+    finally:
+        bar.close()
+        model.train(was_training)
+    return logits, beta, losses
+
+
+def _write_by_layer(run: SoupRun, weights: Mapping[str, list[float]], out: Path | None,
+                    metadata: Mapping[str, Any]) -> Any:
+    """A by-layer learned soup: the ``linear`` method per tensor with that tensor's weights.
+
+    TODO(lead): write this through ``merge(..., "linear", ...)`` once engine Variants take per-key parameters
+    (``params`` as a callable key -> dict); until then the engine's arithmetic by hand (inputs upcast on the
+    compute device, the method's function, cast to the output dtype, unmerged tensors from the first input) and
+    ``save_checkpoint``.
+    """
+    from soupkit.io import provenance_metadata, save_checkpoint
+    from soupkit.io.provenance import ingredient_record
+    from soupkit.merging import _device
+
+    spec, options, first = get_method("linear"), run.options, run.readers[0]
+    device = torch.device(_device(options.get("device") or "cpu"))
+    state = {}
+    for key in run.keys:
+        info = first.info(key)
+        target = run.dtype if run.dtype is not None and info.is_float else info.dtype
+        if key not in weights:
+            state[key] = first.get(key).to(target)
+            continue
+        tensors = [reader.get(key).to(device).to(run.acc_dtype) for reader in run.readers]
+        bad = next((r for r, t in zip(run.readers, tensors) if not bool(torch.isfinite(t).all())), None)
+        if bad is not None and not options.get("allow_nonfinite"):
+            raise NonFiniteError(f"{bad.name}: tensor {key!r} contains NaN or Inf (pass --allow-nonfinite to merge "
+                                 f"anyway)")
+        state[key] = spec.fn(tensors, **spec.bind({"weights": weights[key]}, len(tensors))).to("cpu", target)
+    if out is None:
+        return state
+    records = [ingredient_record(r.name, r.path, r.nbytes) for r in run.readers]
+    extra = dict(metadata)
+    if run.dtype is not None:
+        extra["soupkit.dtype"] = str(run.dtype).replace("torch.", "")
+    meta = provenance_metadata("linear", {"weights": "by_layer", "normalize": True}, records, extra)
+    return save_checkpoint(state, out, meta, force=bool(options.get("force")), shard_size=options.get("shard_size"),
+                           protect=run.protect)
 
 
 def _loss(result: Any) -> float | None:

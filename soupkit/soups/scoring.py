@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from soupkit.errors import CheckpointError, ParameterError
-from soupkit.io import CheckpointReader, load_checkpoint, open_checkpoint
+from soupkit.errors import ParameterError
+from soupkit.io import load_checkpoint
 
 
 @dataclass
@@ -165,60 +165,6 @@ def from_value(value: Any, heldout: str = "heldout") -> Score:
         return Score(float(value))
     except (TypeError, ValueError):
         raise ParameterError(f"evaluator must return a float or an EvalResult, got a {type(value).__name__}") from None
-
-
-# --------------------------------------------------------------------------------------------- inputs
-
-
-def input_name(source: Any, position: int) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    return getattr(source, "name", None) or f"<state dict #{position}>"
-
-
-def open_inputs(sources: Sequence[Any], what: str = "checkpoints") -> list[CheckpointReader]:
-    """Open every input lazily (headers only), refusing an empty list and a file given twice."""
-    if isinstance(sources, (str, Path, Mapping)):
-        raise ParameterError(f"{what} must be a list of paths or state dicts, not a single one")
-    if not sources:
-        raise ParameterError(f"{what}: give at least one checkpoint")
-    seen: dict[Path, int] = {}
-    readers: list[CheckpointReader] = []
-    try:
-        for position, source in enumerate(sources):
-            if isinstance(source, (str, Path)):
-                resolved = Path(source).resolve()
-                if resolved in seen:
-                    raise ParameterError(f"{source}: given twice (inputs #{seen[resolved] + 1} and #{position + 1})")
-                seen[resolved] = position
-            readers.append(open_checkpoint(source, name=input_name(source, position)))
-    except BaseException:
-        close_all(readers, sources)
-        raise
-    return readers
-
-
-def close_all(readers: Sequence[CheckpointReader], sources: Sequence[Any]) -> None:
-    for reader, source in zip(readers, sources):
-        if reader is not source:
-            reader.close()
-
-
-def protected_files(readers: Sequence[CheckpointReader]) -> list[Path]:
-    from soupkit.io import input_files
-
-    return [f for r in readers for f in input_files(r)]
-
-
-def read_tensors(reader: CheckpointReader, keys: Sequence[str], device: torch.device
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of ``reader``, read once and moved to ``device``, one at a time."""
-    for key in keys:
-        try:
-            tensor = reader.get(key)
-        except KeyError:
-            raise CheckpointError(f"{reader.name}: has no tensor {key!r}") from None
-        yield key, tensor.to(device, non_blocking=True)
 
 
 class Steps:

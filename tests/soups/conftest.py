@@ -119,7 +119,7 @@ class DigitsEvaluator:
                 result.datasets[name] = FakeDatasetResult(**{**cached.__dict__, "cached": True})
                 continue
             if not loaded:
-                sd = load_checkpoint(state) if isinstance(state, (str, Path)) else state
+                sd = state if isinstance(state, Mapping) else load_checkpoint(state)  # a path or a reader
                 if isinstance(state, (str, Path)):
                     self.loaded_paths.append(str(state))
                 self.load_state(sd)

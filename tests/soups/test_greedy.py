@@ -59,7 +59,8 @@ def test_late_helper_is_kept_and_matches_reference():
     assert [s.index for s in result.history] == [2, 0, 1]
     assert [s.accepted for s in result.history] == [True, False, True]
     assert result.score == pytest.approx(1.0)
-    assert torch.equal(result.state_dict["w"], (states[2]["w"] + states[1]["w"]) / 2)
+    # the linear method's running mean of the members in selection order (not a sum then a division)
+    assert torch.equal(result.state_dict["w"], torch.lerp(states[2]["w"], states[1]["w"], 0.5))
 
 
 def test_ties_keep_input_order():
@@ -240,9 +241,12 @@ def test_output_report_and_provenance(digits_setup, tmp_path):
     reader = open_checkpoint(out)
     meta = reader.metadata
     reader.close()
-    assert meta["soupkit.method"] == "greedy_soup"
+    assert meta["soupkit.method"] == "linear"  # written by the linear method over the selected ingredients
     record = json.loads(meta["soupkit.greedy"])
-    assert record["selected"] == [str(digits_setup.paths[i]) for i in result.ingredients]
+    # ingredient names (file names), never the absolute paths the inputs were given as
+    assert record["selected"] == [digits_setup.paths[i].name for i in result.ingredients]
+    assert record["order"] == [digits_setup.paths[i].name for i in result.rule["order"]]
+    assert record["accept"] == "gt" and not any("/" in name for name in record["scores"])
     assert len(json.loads(meta["soupkit.ingredients"])) == len(result.ingredients)
     report = json.loads((tmp_path / "report" / "greedy.json").read_text())
     assert report["ingredients"] == result.ingredients and len(report["history"]) == len(digits_setup.paths)

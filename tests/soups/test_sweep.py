@@ -9,7 +9,6 @@ import torch
 
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError
 from soupkit.soups import parse_alphas, wise_sweep
-from soupkit.soups.sweep import interpolate_into
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,16 +48,18 @@ def test_endpoints_equal_inputs_bitwise():
     seen: list[dict] = []
     wise_sweep(zs, ft, "0:1:0.5", recording_evaluator(seen))
     assert len(seen) == 3
-    for key in ("w", "n"):
-        assert torch.equal(seen[0][key], zs[key]) and torch.equal(seen[2][key], ft[key])
+    assert torch.equal(seen[0]["w"], zs["w"]) and torch.equal(seen[2]["w"], ft["w"])
     assert torch.equal(seen[0]["b"].half(), zs["b"]) and torch.equal(seen[2]["b"].half(), ft["b"])
-    # the written model at a chosen endpoint is the input, dtype and all
+    # integer tensors come from the zero-shot model at every α, as `soupkit wise` takes them from its first input
+    assert all(torch.equal(state["n"], zs["n"]) for state in seen)
+    # the written model at a chosen endpoint has the input's floating tensors, dtype and all
     for prefer, expected in ((zs, zs), (ft, ft)):
         result = wise_sweep(zs, ft, [0.0, 0.5, 1.0], recording_evaluator([], prefer))
         assert result.alpha == (0.0 if expected is zs else 1.0)
-        for key in expected:
+        for key in ("w", "b"):
             assert result.state_dict[key].dtype == expected[key].dtype
             assert torch.equal(result.state_dict[key], expected[key])
+        assert torch.equal(result.state_dict["n"], zs["n"])
 
 
 def test_interior_alpha_matches_wise_ft_bitwise(tmp_path):
@@ -106,14 +107,6 @@ def test_fisher_formula_by_hand(tmp_path):
                    fisher=(tmp_path / "f0.safetensors", tmp_path / "f1.safetensors"))
 
 
-def test_interpolate_into_is_in_place():
-    theta0, theta1 = {"w": torch.zeros(3)}, {"w": torch.ones(3) * 4}
-    out = {"w": torch.empty(3)}
-    pointer = out["w"].data_ptr()
-    interpolate_into(out, theta0, theta1, 0.25)
-    assert out["w"].data_ptr() == pointer and torch.equal(out["w"], torch.ones(3))
-
-
 def test_sweep_with_evaluator_no_reloads_and_report(digits_setup, tmp_path):
     ev = digits_setup.make_evaluator()
     zs, ft = digits_setup.paths[5], digits_setup.paths[0]  # a weak model and a good one
@@ -141,3 +134,17 @@ def test_sweep_with_evaluator_no_reloads_and_report(digits_setup, tmp_path):
         p.test for p in by_test.history)
     with pytest.raises(ParameterError, match="--select: unknown dataset 'tset'. Did you mean 'test'?"):
         wise_sweep(zs, ft, "0.5", digits_setup.make_evaluator(), select="tset")
+
+
+def test_extrapolation_is_warned_about_once(tmp_path):
+    import warnings
+
+    zs, ft = pair(4), pair(5)
+    ft["n"] = zs["n"].clone()
+    target = {k: v.clone() for k, v in ft.items()}
+    target["w"] = ft["w"] + 0.2 * (ft["w"] - zs["w"])  # the model at α=1.2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = wise_sweep(zs, ft, "0.5,1.2", recording_evaluator([], target), output=tmp_path / "x.safetensors")
+    assert result.alpha == 1.2
+    assert [str(w.message) for w in caught] == ["α=[1.2] outside [0, 1]: extrapolating beyond the two models"]

@@ -13,6 +13,16 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
+def mean_step(mean: Tensor, tensor: Tensor, weight: float, total: float, *, out: Tensor | None = None) -> Tensor:
+    """One step of the running weighted mean: ``lerp(mean, tensor, weight / total)``, where ``mean`` is the mean
+    of the inputs so far and ``total`` their weight including ``tensor``'s. ``out`` receives it (it may be
+    ``mean``: in place). The single home of this arithmetic: ``weighted_mean`` and the greedy soup's incremental
+    candidates both call it, so a greedy soup equals ``linear`` of its members bit for bit."""
+    if out is None:
+        return torch.lerp(mean, tensor, weight / total)
+    return torch.lerp(mean, tensor, weight / total, out=out)
+
+
 def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Running weighted mean ``m = lerp(m, x_i, w_i / W_i)``: reads each input once, holds one at a time, makes
     one fused pass per input, and returns exactly ``x`` when every input equals ``x`` (a plain sum-then-divide
@@ -27,9 +37,9 @@ def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor
         elif weight:
             if mean is None:
                 assert first is not None
-                mean, first = torch.lerp(first, tensor, weight / total), None
+                mean, first = mean_step(first, tensor, weight, total), None
             else:
-                mean.lerp_(tensor, weight / total)
+                mean_step(mean, tensor, weight, total, out=mean)
     if mean is None:  # one input (or only zero weights after the first)
         assert first is not None
         mean = first.clone()
