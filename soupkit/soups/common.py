@@ -32,32 +32,24 @@ import torch
 
 from soupkit.errors import CheckpointError, ParameterError, unknown_choice
 from soupkit.io import CheckpointReader, check_output_path, input_files, open_checkpoint
-from soupkit.merging.engine import check_compatible, parse_dtype, select_keys
+from soupkit.merging.engine import check_compatible, parse_dtype, resolve_device, select_keys
+from soupkit.options import OutputOptions, split_options
 from soupkit.soups.result import SoupResult
 from soupkit.soups.scoring import Judge
 
-#: the merge engine's output options, which every soup algorithm takes as keyword arguments
-OUTPUT_OPTIONS = ("dtype", "precise", "device", "shard_size", "include", "exclude", "allow_missing",
-                  "allow_nonfinite", "ema", "force")
 
-
-def check_output_options(options: Mapping[str, Any], algorithm: str) -> dict[str, Any]:
-    """Refuse unknown names and options a soup algorithm cannot honour, in one line, before any work."""
-    for name in options:
-        if name not in OUTPUT_OPTIONS:
-            raise ParameterError(f"{algorithm}: " + unknown_choice("output option", name, OUTPUT_OPTIONS))
-    if options.get("allow_missing"):
-        raise ParameterError(f"--allow-missing: the {algorithm} scores every candidate as a whole model, so every "
-                             f"input must hold every tensor; merge checkpoints with different keys with "
-                             f"soupkit merge --method linear --allow-missing")
-    shard = options.get("shard_size")
-    if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or shard <= 0):
-        raise ParameterError(f"--shard-size: expected a positive number of bytes, got {shard!r}")
-    if options.get("device") is not None:
-        from soupkit.merging import _device  # the engine's own check (cuda available, a valid name)
-
-        _device(options["device"])
-    return dict(options)
+def check_output_options(options: Mapping[str, Any], algorithm: str) -> OutputOptions:
+    """The output options (keyword arguments or ``options=OutputOptions(...)``) validated, and those a soup
+    algorithm cannot honour refused in one line, before any work."""
+    checked, rest = split_options(options)
+    if rest:
+        name = next(iter(rest))
+        raise ParameterError(f"{algorithm}: " + unknown_choice("output option", name, OutputOptions.model_fields))
+    checked.refuse(["allow_missing"], f"the {algorithm}", "it scores every candidate as a whole model, so every "
+                   "input must hold every tensor (merge such checkpoints with soupkit merge --method linear "
+                   "--allow-missing)")
+    resolve_device(checked.device)
+    return checked
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -164,9 +156,9 @@ class SoupRun:
                  auxiliary: Sequence[Path] = ()):
         self.algorithm, self.sources, self.what = algorithm, sources, what
         self.options = check_output_options(output_options, algorithm)
-        self.dtype = parse_dtype(self.options.get("dtype"))
-        self.acc_dtype = torch.float64 if self.options.get("precise") else torch.float32
-        self.ema = bool(self.options.get("ema"))
+        self.dtype = parse_dtype(self.options.dtype)
+        self.acc_dtype = torch.float64 if self.options.precise else torch.float32
+        self.ema = self.options.ema
         self._evaluator, self._output, self._auxiliary = evaluator, output, list(auxiliary)
         self.report_dir = Path(report_dir) if report_dir is not None else None
 
@@ -175,9 +167,9 @@ class SoupRun:
         self.readers = open_inputs(self.sources, self.what, ema=self.ema)
         try:
             self.keys = check_compatible(self.readers, allow_missing=False)
-            self.merged = select_keys(self.keys, self.options.get("include", ()), self.options.get("exclude", ()))
+            self.merged = select_keys(self.keys, self.options.include, self.options.exclude)
             self.protect = [f for r in self.readers for f in input_files(r)] + self._auxiliary
-            force = bool(self.options.get("force"))
+            force = self.options.force
             self.out = (check_output_path(self._output, inputs=self.protect, force=force)
                         if self._output is not None else None)
             self.judge = Judge(self._evaluator)
@@ -224,7 +216,7 @@ class SoupRun:
         """Time the algorithm, write the soup (``write(output, **output_options)``: ``merge`` or ``wise_ft``; the
         state dict is returned when there is no output), then the report folder."""
         result.stats = {"seconds": time.perf_counter() - self.started, **result.stats}
-        written = write(self.out, **self.options)
+        written = write(self.out, options=self.options)
         if self.out is not None:
             result.path = Path(written)
         else:

@@ -154,7 +154,7 @@ def greedy_soup(
 def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: SoupResult) -> SoupResult:
     """Write the soup (the linear method over the members in selection order, through the merge engine) and the
     report."""
-    from soupkit.merging import merge
+    from soupkit.merging.api import merge_variants
 
     names, members = run.names, result.ingredients
     record = {"accept": result.rule["accept"], "prescreen": result.rule["prescreen"],
@@ -163,7 +163,8 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
     selected = [checkpoints[i] for i in members]
 
     def write(out: Path | None, **options: Any) -> Any:
-        return merge(selected, "linear", out, metadata={"soupkit.greedy": record}, **options)
+        # merge_variants, not merge: a soup of one ingredient is a legitimate outcome, not a user mistake
+        return merge_variants(selected, "linear", [({}, out)], metadata={"soupkit.greedy": record}, **options)[0]
 
     return run.finish(result, write, "greedy.json", lambda folder: _plots(run, result, folder))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError, SoupkitError
+from soupkit.errors import IncompatibleCheckpointsError, ParameterError, SoupkitError
 from soupkit.io import CheckpointSource
 from soupkit.merging.registry import get_method
 from soupkit.soups.common import Candidates, SoupRun, read_tensors
@@ -136,7 +136,7 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
 
     def write(out: Path | None, **options: Any) -> Any:
         if per_key is not None:
-            return _write_by_layer(run, per_key, out, {"soupkit.learned": record})
+            return _write_by_layer(run, checkpoints, per_key, out, {"soupkit.learned": record})
         from soupkit.merging import merge
 
         return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record}, **options)
@@ -246,43 +246,18 @@ def _train(model: torch.nn.Module, stacks: Mapping[str, torch.Tensor], layout: C
     return logits, beta, losses
 
 
-def _write_by_layer(run: SoupRun, weights: Mapping[str, list[float]], out: Path | None,
-                    metadata: Mapping[str, Any]) -> Any:
-    """A by-layer learned soup: the ``linear`` method per tensor with that tensor's weights.
+def _write_by_layer(run: SoupRun, checkpoints: Sequence[CheckpointSource], per_key: Mapping[str, list[float]],
+                    out: Path | None, metadata: Mapping[str, Any]) -> Any:
+    """A by-layer learned soup through the engine: the linear method with per-tensor weights (tensors without
+    learned weights are copied from the first input, as the engine does for excluded keys)."""
+    from soupkit.merging.api import merge_variants
 
-    TODO(lead): write this through ``merge(..., "linear", ...)`` once engine Variants take per-key parameters
-    (``params`` as a callable key -> dict); until then the engine's arithmetic by hand (inputs upcast on the
-    compute device, the method's function, cast to the output dtype, unmerged tensors from the first input) and
-    ``save_checkpoint``.
-    """
-    from soupkit.io import provenance_metadata, save_checkpoint
-    from soupkit.io.provenance import ingredient_record
-    from soupkit.merging import _device
-
-    spec, options, first = get_method("linear"), run.options, run.readers[0]
-    device = torch.device(_device(options.get("device") or "cpu"))
-    state = {}
-    for key in run.keys:
-        info = first.info(key)
-        target = run.dtype if run.dtype is not None and info.is_float else info.dtype
-        if key not in weights:
-            state[key] = first.get(key).to(target)
-            continue
-        tensors = [reader.get(key).to(device).to(run.acc_dtype) for reader in run.readers]
-        bad = next((r for r, t in zip(run.readers, tensors) if not bool(torch.isfinite(t).all())), None)
-        if bad is not None and not options.get("allow_nonfinite"):
-            raise NonFiniteError(f"{bad.name}: tensor {key!r} contains NaN or Inf (pass --allow-nonfinite to merge "
-                                 f"anyway)")
-        state[key] = spec.fn(tensors, **spec.bind({"weights": weights[key]}, len(tensors))).to("cpu", target)
-    if out is None:
-        return state
-    records = [ingredient_record(r.name, r.path, r.nbytes) for r in run.readers]
-    extra = dict(metadata)
-    if run.dtype is not None:
-        extra["soupkit.dtype"] = str(run.dtype).replace("torch.", "")
-    meta = provenance_metadata("linear", {"weights": "by_layer", "normalize": True}, records, extra)
-    return save_checkpoint(state, out, meta, force=bool(options.get("force")), shard_size=options.get("shard_size"),
-                           protect=run.protect)
+    options = run.options.model_copy(update={"exclude": (*run.options.exclude, *(k for k in run.keys
+                                                                                 if k not in per_key))})
+    default = {"weights": [1.0] * len(checkpoints)}
+    return merge_variants(checkpoints, "linear", [(lambda key: {"weights": per_key[key]} if key in per_key
+                                                   else default, out)],
+                          options=options, metadata=metadata)[0]
 
 
 def _loss(result: Any) -> float | None:

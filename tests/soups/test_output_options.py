@@ -138,7 +138,7 @@ def test_device_reaches_the_final_merge(algorithm, setup):
     paths, make_evaluator, out = setup
     result, reference, _ = run(algorithm, paths, make_evaluator(), out, device="cpu")
     check_against_reference(result, reference, device="cpu")
-    with pytest.raises(ParameterError, match="--device: unknown device 'tpu'"):
+    with pytest.raises(ParameterError, match="device: unknown device 'tpu'"):
         run(algorithm, paths, make_evaluator(), out, device="tpu", force=True)
 
 
@@ -168,12 +168,12 @@ def test_allow_nonfinite(algorithm, tmp_path):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_refused_options_in_one_line(algorithm, setup):
     paths, make_evaluator, out = setup
-    with pytest.raises(ParameterError, match=r"--allow-missing: the .* scores every candidate as a whole model"):
+    with pytest.raises(ParameterError, match=r"allow_missing does not apply to the .*: it scores every candidate as a whole model"):
         run(algorithm, paths, make_evaluator(), out, allow_missing=True)
     with pytest.raises(ParameterError, match=r"unknown output option 'shard'\. Did you mean 'shard_size'\? "
                                              r"Available: allow_missing, allow_nonfinite, device, dtype"):
         run(algorithm, paths, make_evaluator(), out, shard=1000)
-    with pytest.raises(ParameterError, match="--dtype: unknown dtype 'fp12'"):
+    with pytest.raises(ParameterError, match="dtype: unknown dtype 'fp12'"):
         run(algorithm, paths, make_evaluator(), out, dtype="fp12")
     with pytest.raises(ParameterError, match="pattern 'nothing.*' matches no tensor name"):
         run(algorithm, paths, make_evaluator(), out, include=["nothing.*"])
@@ -181,8 +181,8 @@ def test_refused_options_in_one_line(algorithm, setup):
 
 
 def test_by_layer_learned_soup_is_the_linear_method_per_tensor(digits_setup, tmp_path):
-    """Until the engine takes per-tensor parameters, a by-layer soup is written by hand: each tensor must still be
-    the engine's linear merge with that tensor's weights, under the same output options."""
+    """A by-layer soup is the engine's linear merge with per-tensor weights: each tensor equals the linear merge
+    with that tensor's weights, under the same output options."""
     paths = digits_setup.paths[:3]
     options = {"dtype": "fp16", "exclude": ["2.bias"], "shard_size": 4096, "precise": True}
     out = tmp_path / "soup.safetensors"
