@@ -222,3 +222,26 @@ def plan_folder_output(output: str | Path | None, inputs: Sequence[Any], *, adap
         return None
     template = next((f for f in map(_input_folder, inputs) if f is not None), None)
     return FolderOutput(Path(output), template, adapter=adapter, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+
+
+def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (), *,
+                metadata: dict[str, str] | None = None, shard_size: int | None = None, force: bool = False,
+                protect: Sequence[str | Path] = (), dtype: str | None = None) -> Path:
+    """Write ``state_dict`` as a Hugging Face folder: ``model.safetensors`` (or shards + index) and the small
+    files of the first folder among ``inputs``; ``save_checkpoint``'s counterpart for folders. Returns the
+    folder. The merge entry points do the same around their streaming sink (``plan_folder_output``)."""
+    from soupkit.io import CheckpointSink, OutputSet, plan_of
+
+    folder = plan_folder_output(output if os.fspath(output).endswith(("/", os.sep)) else f"{output}{os.sep}",
+                                inputs, shard_size=shard_size)
+    assert folder is not None
+    state = {k: v for k, v in state_dict.items()}
+    folder.check([Path(p) for p in protect], force=force)
+    with OutputSet() as files:
+        sink = CheckpointSink(folder.weights, plan_of(state), {"format": "pt", **(metadata or {})}, files,
+                              folder.shard_size, protect=[Path(p) for p in protect], force=force)
+        for key, tensor in state.items():
+            sink.write(key, tensor.detach().cpu().reshape(-1))
+        sink.finish()
+        folder.add_files(files, dtype=dtype)
+    return folder.folder

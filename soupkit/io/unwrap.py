@@ -18,7 +18,10 @@ T = TypeVar("T")
 #: containers that hold the model weights, tried in this order
 WEIGHT_CONTAINERS = ("state_dict", "model", "module", "model_state_dict", "model_state", "net", "network")
 #: containers that hold EMA weights (picked by ``ema=True`` / ``--ema``)
-EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema", "model_ema_state_dict")
+#: (timm's CheckpointSaver and ``load_checkpoint(use_ema=True)``: state_dict_ema, then model_ema; ``_v2``: timm
+#: runs that kept both a ModelEma and a ModelEmaV2)
+EMA_CONTAINERS = ("state_dict_ema", "model_ema", "state_dict_ema_v2", "model_ema_v2", "ema_state_dict", "ema",
+                  "ema_model", "model_ema_state_dict")
 #: wrappers that prefix keys: DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``), nested in any order
 _DDP_COMPONENT = "module"
 _COMPILE_COMPONENT = "_orig_mod"
