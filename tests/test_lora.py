@@ -225,3 +225,32 @@ def test_refused_adapters_and_mixes_are_one_line_errors(llama: Path, adapters: d
                                                            r"\(.*base.*\); give its base model: --base BASE"):
         check_adapter_mix(readers)
     check_adapter_mix([open_checkpoint(adapters["r4"]), open_checkpoint(adapters["patterns"])])
+
+
+def test_modules_to_save_heads_with_a_base(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(5)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=24, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    wants = []
+    for seed in (6, 7):
+        torch.manual_seed(seed)
+        model = get_peft_model(BertForSequenceClassification.from_pretrained(tmp_path / "bert"), LoraConfig(
+            r=2, target_modules=["query"], modules_to_save=["classifier"], init_lora_weights=False))
+        with torch.no_grad():
+            model.base_model.model.classifier.modules_to_save["default"].weight.normal_()  # a trained head
+        model.save_pretrained(tmp_path / f"cls{seed}")
+        want = model.merge_and_unload().state_dict()
+        wants.append({k: v.detach().clone() for k, v in want.items()})
+    got = load_checkpoint(open_adapter(tmp_path / "cls6", base=tmp_path / "bert"))
+    assert rel_err(got, {k: v for k, v in wants[0].items() if k in got}) <= 1e-5
+    with pytest.raises(CheckpointError, match=r"cls6: a LoRA adapter that also saves full weights \(modules_to_save: "
+                                              r"'classifier.bias'\); its updates need the base model: --base"):
+        open_checkpoint(tmp_path / "cls6")
+    merge_adapters_exact([tmp_path / "cls6", tmp_path / "cls7"], None, tmp_path / "soup")
+    soup = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(tmp_path / "bert"),
+                                     tmp_path / "soup").merge_and_unload().state_dict()
+    mean = {k: (wants[0][k] + wants[1][k]) / 2 for k in got}
+    assert rel_err({k: soup[k] for k in got}, mean) <= 1e-5

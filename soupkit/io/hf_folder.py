@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,8 +43,10 @@ _HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors
 
 # ---------------------------------------------------------------------------------------------- tied weights
 
-#: (omitted key, candidates for its partner, tied only when the config ties word embeddings) -- transformers'
-#: ``_tied_weights_keys`` for the architectures that tie (checked against transformers in tests/test_hf.py)
+#: (omitted key, candidates for its partner, tied to the word embeddings) -- transformers' tied keys for the
+#: architectures that tie (checked against ``all_tied_weights_keys`` in tests/test_hf.py). Word-embedding ties
+#: need ``tie_word_embeddings`` and an architecture with a language-model head (a sequence classifier's config
+#: says tie_word_embeddings too, and has no head to tie); the others are ties inside the base model.
 TIE_RULES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("lm_head.weight", ("model.embed_tokens.weight", "transformer.wte.weight", "shared.weight",
                         "model.shared.weight", "model.decoder.embed_tokens.weight",
@@ -59,6 +62,8 @@ TIE_RULES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("model.encoder.embed_tokens.weight", ("model.shared.weight",), False),
     ("model.decoder.embed_tokens.weight", ("model.shared.weight",), False),
 )  # fmt: skip
+_LM_HEAD_ARCHITECTURES = re.compile(r"(ForCausalLM|LMHeadModel|ForConditionalGeneration|ForMaskedLM|ForPreTraining"
+                                    r"|WithLMHead|ForSeq2SeqLM)$")
 
 
 def hf_folder_of(path: Path) -> Path | None:
@@ -77,7 +82,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _ties_word_embeddings(config: dict[str, Any]) -> bool:
-    """transformers' default is True; multimodal configs keep the flag in their text config."""
+    """Whether the model ties its LM head to its input embeddings: it has a head (by its architecture) and
+    ``tie_word_embeddings`` is not false (transformers' default is true; multimodal configs keep the flag in
+    their text config)."""
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list) or not any(
+            isinstance(a, str) and _LM_HEAD_ARCHITECTURES.search(a) for a in architectures):
+        return False
     value = config.get("tie_word_embeddings")
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get("tie_word_embeddings")
