@@ -50,6 +50,9 @@ def describe(source: CheckpointSource, *, ema: bool = False) -> dict[str, Any]:
 
 
 def _format_name(reader: CheckpointReader) -> str:
+    named = getattr(reader, "format_name", None)
+    if named is not None:
+        return named
     inner = getattr(reader, "inner", reader)  # a renamed view (tied keys, prefixes) reports the file's format
     return type(inner).__name__.replace("Reader", "").lower()
 

@@ -123,3 +123,29 @@ def test_timm_ema_weights_are_reported_and_picked(tmp_path: Path) -> None:
         assert torch.equal(load_checkpoint(path)["0.weight"], net_state(1)["0.weight"])
     torch.save({"state_dict": net_state(1)}, tmp_path / "plain.pth")
     assert inspection.describe(tmp_path / "plain.pth")["ema"] is False
+
+
+def test_per_key_lookups_are_constant_time(tmp_path: Path) -> None:
+    """Membership never rebuilds the key set: 20k tests cost one keys() call, whatever the reader."""
+    from soupkit.io.base import CheckpointReader, TensorInfo
+
+    class Counting(CheckpointReader):
+        name, calls = "counting", 0
+
+        def keys(self) -> list[str]:
+            self.calls += 1
+            return [f"k{i}" for i in range(20_000)]
+
+        def info(self, key: str) -> TensorInfo:
+            return TensorInfo(key, (1,), torch.float32)
+
+        def get(self, key: str) -> torch.Tensor:
+            return torch.zeros(1)
+
+    reader = Counting()
+    assert all(f"k{i}" in reader for i in range(20_000)) and "k20000" not in reader
+    assert reader.calls == 1
+    soupkit.save_checkpoint({f"m{i % 2}.k{i}": torch.zeros(1) for i in range(3000)}, tmp_path / "s.safetensors",
+                            shard_size=4000)
+    with open_checkpoint(tmp_path / "s.safetensors.index.json", strip_prefix="m1.") as sharded:
+        assert len(sharded.keys()) == 1500 and "k1" in sharded and "k2" not in sharded and "m1.k1" not in sharded

@@ -70,6 +70,9 @@ def find_adapter(path: str | Path) -> tuple[Path, Path] | None:
     for name in ADAPTER_WEIGHTS:
         if (folder / name).is_file():
             return config, folder / name
+    if p.is_dir() and any((folder / name).exists() for name in ("model.safetensors", "model.safetensors.index.json",
+                                                                "pytorch_model.bin")):
+        return None  # a full model saved beside the config of the adapter it was merged from
     raise CheckpointError(f"{folder}: has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
 
 
@@ -288,6 +291,9 @@ class LoraDeltaReader(CheckpointReader):
     base=...)`` or ``LoraDeltaReader(adapter, base)``.
     """
 
+    #: what ``soupkit inspect`` calls the format
+    format_name = "peft lora adapter: updates"
+
     def __init__(self, adapter: LoraAdapter, base: CheckpointReader | None = None):
         self.adapter = adapter
         self.name = adapter.name
@@ -340,6 +346,8 @@ class LoraDeltaReader(CheckpointReader):
 class LoraMergedReader(CheckpointReader):
     """The adapted model's full weights: the base's tensors, with ``W + dW`` where the adapter updates ``W``
     (computed in float32, returned in the base's dtype) and the adapter's ``modules_to_save`` weights."""
+
+    format_name = "peft lora adapter + base"
 
     def __init__(self, adapter: LoraAdapter, base: CheckpointReader):
         self.adapter = adapter
