@@ -204,6 +204,11 @@ def test_conv_lora_matches_peft(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "ad")
     want = {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
     assert rel_err(load_checkpoint(open_adapter(tmp_path / "ad", base=tmp_path / "base.safetensors")), want) <= 1e-5
+    merge_adapters_exact([tmp_path / "ad", tmp_path / "ad"], [0.25, 0.75], tmp_path / "cat")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    net.load_state_dict(base)
+    again = PeftModel.from_pretrained(net, tmp_path / "cat").merge_and_unload().state_dict()
+    assert rel_err({k: v.detach() for k, v in again.items()}, want) <= 1e-5
 
 
 def test_refused_adapters_and_mixes_are_one_line_errors(llama: Path, adapters: dict[str, Path],
@@ -254,3 +259,21 @@ def test_modules_to_save_heads_with_a_base(tmp_path: Path) -> None:
                                      tmp_path / "soup").merge_and_unload().state_dict()
     mean = {k: (wants[0][k] + wants[1][k]) / 2 for k in got}
     assert rel_err({k: soup[k] for k in got}, mean) <= 1e-5
+
+
+def test_any_method_on_updates_saved_as_an_adapter(llama: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    from soupkit.io.lora import save_adapter
+
+    inputs = [open_checkpoint(adapters[n]) for n in ("r4", "r2-rslora")]
+    shapes = {k: r.info(k).shape for r in inputs for k in r.keys()}
+    zero = {k: torch.zeros(shape) for k, shape in shapes.items()}  # updates are task vectors: their base is 0
+    ties = soupkit.merge(inputs, "ties", base=zero, density=0.5, allow_missing=True)  # sparsified: full rank
+    result = save_adapter(ties, [adapters["r4"], adapters["r2-rslora"]], tmp_path / "ties-r8", rank=8)
+    assert set(result.ranks) == set(ties) and 0 < result.relative_error < 1
+    got = load_checkpoint(tmp_path / "ties-r8")
+    assert abs(rel_err(got, ties) - result.relative_error) < 1e-4
+    base = load_checkpoint(llama)
+    want = {k: v + ties.get(k, 0) for k, v in base.items()}
+    assert rel_err(peft_merged(llama, tmp_path / "ties-r8"), want) < 2 * result.relative_error
+    lossless = save_adapter(ties, [adapters["r4"], adapters["r2-rslora"]], tmp_path / "ties-full", rank=64)
+    assert lossless.relative_error < 1e-6

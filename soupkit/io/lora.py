@@ -651,22 +651,25 @@ def _provenance(adapters: Sequence[LoraAdapter], values: Sequence[float], rank: 
     return provenance_metadata("linear", params, ingredients, dict(metadata or {}))
 
 
-def save_adapter(deltas: Mapping[str, torch.Tensor] | CheckpointReader, template: str | Path | LoraAdapter,
-                 output: str | Path, rank: int, *, force: bool = False,
-                 metadata: Mapping[str, str] | None = None) -> AdapterResult:
+def save_adapter(deltas: Mapping[str, torch.Tensor] | CheckpointReader,
+                 adapters: Sequence[str | Path | LoraAdapter] | str | Path | LoraAdapter, output: str | Path,
+                 rank: int, *, force: bool = False, metadata: Mapping[str, str] | None = None) -> AdapterResult:
     """Write merged updates (any method's output over ``LoraDeltaReader``s: TIES, DARE...) as a rank-``rank``
-    adapter. ``template`` is one of the input adapters: it gives each module's layout and the config's other
-    fields. Keys the template does not adapt are refused (they are not LoRA updates)."""
-    adapter = template if isinstance(template, LoraAdapter) else LoraAdapter.open(template)
+    adapter, each update re-factorised by truncated SVD. ``adapters`` are the input adapters: they give each
+    module's layout (the first holding it), and the first gives the config's other fields. Keys no adapter
+    adapts are refused (they are not LoRA updates)."""
+    sources = [adapters] if isinstance(adapters, (str, Path, LoraAdapter)) else list(adapters)
+    opened = _open_all(sources)
     try:
+        layouts = {key: a.modules[key] for a in reversed(opened) for key in a.modules}
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         errors: dict[str, float] = {}
         num = den = 0.0
         for key in deltas.keys():
-            module = adapter.modules.get(key)
+            module = layouts.get(key)
             if module is None:
-                raise ParameterError(f"{key!r} is not a LoRA-adapted module of {adapter.name}; an adapter "
+                raise ParameterError(f"{key!r} is not a LoRA-adapted module of {opened[0].name}; an adapter "
                                      f"output holds updates of adapted modules only (use --base for full weights)")
             delta = deltas.get(key) if isinstance(deltas, CheckpointReader) else deltas[key]
             left, right, errors[key] = refactor_lora(delta, rank)
@@ -674,10 +677,12 @@ def save_adapter(deltas: Mapping[str, torch.Tensor] | CheckpointReader, template
             num, den = num + errors[key] ** 2 * energy, den + energy
             ranks[key] = right.shape[0]
             tensors.update(_factor_tensors(module, left, right, module.dtype, _PEFT_PREFIX))
-        config = _adapter_config(adapter.config, ranks, adapter.modules.values())
-        folder = _write_adapter(output, tensors, config, {"format": "pt", **(metadata or {})},
-                                protect=[adapter.config_path, adapter.weights_path], force=force)
+        config = _adapter_config(opened[0].config, ranks, layouts.values())
+        protect = [p for a in opened for p in (a.config_path, a.weights_path)]
+        folder = _write_adapter(output, tensors, config, {"format": "pt", **(metadata or {})}, protect=protect,
+                                force=force)
         return AdapterResult(folder, ranks, math.sqrt(num / den) if den else 0.0, errors)
     finally:
-        if adapter is not template:
-            adapter.close()
+        for adapter, source in zip(opened, sources):
+            if adapter is not source:
+                adapter.close()
