@@ -3,7 +3,9 @@
 - ``open_checkpoint(source)`` -> a lazy ``CheckpointReader`` (keys, shapes, dtypes, metadata, ``get(key)``)
   for ``.safetensors`` files, Hugging Face sharded checkpoints (an ``*.index.json`` or a folder holding one),
   torch files (``.pt/.pth/.bin/.ckpt``: zip or legacy ``torch.save``, or a pickled ``nn.Module``, read by a
-  restricted unpickler that never runs foreign code) and in-memory state dicts.
+  restricted unpickler that never runs foreign code), in-memory state dicts, and PEFT LoRA adapters (as their
+  weight updates, or with ``base=`` the adapted model: ``lora``). Hugging Face folders read the tied keys
+  ``save_pretrained`` omits (``hf_folder``); ``strip_prefix`` / ``add_prefix`` rename keys (``views``).
 - ``load_checkpoint(source)`` -> a plain ``dict[str, Tensor]``.
 - ``save_checkpoint(state_dict, path)`` -> an atomic safetensors (or ``.pt``) file, optionally sharded.
 """
