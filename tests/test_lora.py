@@ -72,8 +72,10 @@ ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def adapters(llama: Path) -> dict[str, Path]:
-    return {name: make_adapter(llama, llama.parent / name, seed, **cfg)
+    made = {name: make_adapter(llama, llama.parent / name, seed, **cfg)
             for seed, (name, cfg) in enumerate(ADAPTERS.items(), start=1)}
+    (made["r4"] / "tokenizer_config.json").write_text("{}")  # adapters trained with new tokens ship a tokenizer
+    return made
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))
@@ -138,6 +140,8 @@ def test_exact_adapter_merge_loads_in_peft_and_gives_the_mean(llama: Path, adapt
     merged = [peft_merged(llama, adapters[n]) for n in names]
     mean = {k: sum(m[k] for m in merged) / len(merged) for k in merged[0]}
     assert rel_err(peft_merged(llama, tmp_path / "soup"), mean) <= 1e-5
+    written = {p.name for p in (tmp_path / "soup").iterdir()}
+    assert written == {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"}  # no README
     metadata = json.loads(load_metadata(tmp_path / "soup" / "adapter_model.safetensors")["soupkit.ingredients"])
     assert [i["name"] for i in metadata] == names
 

@@ -36,8 +36,11 @@ DEFAULT_SHARD_SIZE = 5 * 10**9
 MAX_COPIED_BYTES = 64 * 2**20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl",
                     ".npz", ".ot")
-#: training-run state a Trainer checkpoint holds beside the model: not part of the model
-_TRAINING_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "README.md")
+#: never copied: a Trainer checkpoint's run state, the model card (it describes the input, not the soup), and
+#: adapter_config.json (an adapter output writes its own, with the new ranks; a full model must not carry one,
+#: or loaders would take the folder for an adapter)
+_SKIPPED_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "README.md",
+                  "adapter_config.json")
 _HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                     "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -127,17 +130,17 @@ def with_ties(reader: CheckpointReader, source: Path) -> CheckpointReader:
 # ---------------------------------------------------------------------------------------------- folders out
 
 
-def _input_folder(source: Any) -> Path | None:
-    """The Hugging Face (model or adapter) folder an input path names, if any."""
+def _input_folder(source: Any, marker: str | None = None) -> Path | None:
+    """The Hugging Face folder an input path names, if any: one holding ``marker`` (``config.json`` for a model,
+    ``adapter_config.json`` for an adapter), or either when ``marker`` is None."""
     if not isinstance(source, (str, Path)):
         return None
     path = Path(source)
     folder = path if path.is_dir() else path.parent if path.name in _HF_WEIGHT_NAMES else None
     if folder is None:
         return None
-    if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
-        return folder
-    return None
+    markers = (marker,) if marker else ("config.json", "adapter_config.json")
+    return folder if any((folder / name).is_file() for name in markers) else None
 
 
 def is_folder_output(output: str | Path, inputs: Sequence[Any] = ()) -> bool:
@@ -218,20 +221,22 @@ def _is_weight_file(path: Path) -> bool:
 
 def _copyable(path: Path, adapter: bool) -> bool:
     """Small files a loader reads beside the weights: configs, tokenizer, chat template, vocabularies."""
-    if not path.is_file() or path.name.startswith(".") or _is_weight_file(path) or path.name in _TRAINING_FILES:
+    if not path.is_file() or path.name.startswith(".") or _is_weight_file(path) or path.name in _SKIPPED_FILES:
         return False
-    if adapter and path.name == "adapter_config.json":
-        return False  # the adapter writer makes its own (ranks change)
+    if adapter and path.name in ("config.json", "generation_config.json"):
+        return False  # a base model's configs describe the base, not the adapter
     return path.stat().st_size <= MAX_COPIED_BYTES
 
 
 def plan_folder_output(output: str | Path | None, inputs: Sequence[Any], *, adapter: bool = False,
                        shard_size: int | None = None) -> FolderOutput | None:
     """A ``FolderOutput`` when ``output`` names a folder (see ``is_folder_output``), else None (a file output
-    as before). The first input that is a Hugging Face folder gives the config and tokenizer files."""
+    as before). The first input that is a model folder (an adapter folder for ``adapter=True``) gives the config
+    and tokenizer files: for a soup of adapters over a base, list the base first."""
     if output is None or not is_folder_output(output, inputs):
         return None
-    template = next((f for f in map(_input_folder, inputs) if f is not None), None)
+    marker = "adapter_config.json" if adapter else "config.json"
+    template = next((f for f in (_input_folder(i, marker) for i in inputs) if f is not None), None)
     return FolderOutput(Path(output), template, adapter=adapter, shard_size=shard_size or DEFAULT_SHARD_SIZE)
 
 

@@ -510,23 +510,27 @@ def _adapter_config(template: Mapping[str, Any], ranks: Mapping[str, int],
 
 
 def _write_adapter(output: str | Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                   metadata: Mapping[str, str], *, protect: Sequence[Path], force: bool) -> Path:
-    """An adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``), published atomically."""
+                   metadata: Mapping[str, str], *, template: Path, protect: Sequence[Path], force: bool) -> Path:
+    """An adapter folder (``adapter_model.safetensors`` + ``adapter_config.json`` + the small files of the
+    ``template`` adapter folder, e.g. its tokenizer), published atomically."""
     from soupkit.io import CheckpointSink, OutputSet, plan_of
     from soupkit.io.atomic import check_derived_output
+    from soupkit.io.hf_folder import FolderOutput
 
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: an adapter is written as a folder; this path is a file")
-    weights, config_path = folder / ADAPTER_WEIGHTS[0], folder / ADAPTER_CONFIG
-    for path in (weights, config_path):
-        check_derived_output(path, inputs=protect, force=force)
+    planned = FolderOutput(folder, template, adapter=True)
+    planned.check(protect, force=force)
+    config_path = folder / ADAPTER_CONFIG
+    check_derived_output(config_path, inputs=protect, force=force)
     with OutputSet() as files:
-        sink = CheckpointSink(weights, plan_of(tensors), {"format": "pt", **metadata}, files)
+        sink = CheckpointSink(planned.weights, plan_of(tensors), {"format": "pt", **metadata}, files)
         for key, tensor in tensors.items():
             sink.write(key, tensor.reshape(-1))
         sink.finish()
         files.open(config_path).write(json.dumps(dict(config), indent=2, sort_keys=True).encode() + b"\n")
+        planned.add_files(files)
     return folder
 
 
@@ -603,7 +607,8 @@ def merge_adapters(adapters: Sequence[str | Path | LoraAdapter], weights: Sequen
         tensors.update(_summed_full_weights(opened, values))
         config = _adapter_config(opened[0].config, ranks, modules)
         meta = _provenance(opened, values, rank, metadata)
-        folder = _write_adapter(output, tensors, config, meta, protect=protect, force=force)
+        folder = _write_adapter(output, tensors, config, meta, template=opened[0].config_path.parent,
+                                protect=protect, force=force)
         return AdapterResult(folder, ranks, _overall_error(errors, opened, holders, values), errors)
     finally:
         for adapter, source in zip(opened, adapters):
@@ -679,8 +684,8 @@ def save_adapter(deltas: Mapping[str, torch.Tensor] | CheckpointReader,
             tensors.update(_factor_tensors(module, left, right, module.dtype, _PEFT_PREFIX))
         config = _adapter_config(opened[0].config, ranks, layouts.values())
         protect = [p for a in opened for p in (a.config_path, a.weights_path)]
-        folder = _write_adapter(output, tensors, config, {"format": "pt", **(metadata or {})}, protect=protect,
-                                force=force)
+        folder = _write_adapter(output, tensors, config, {"format": "pt", **(metadata or {})},
+                                template=opened[0].config_path.parent, protect=protect, force=force)
         return AdapterResult(folder, ranks, math.sqrt(num / den) if den else 0.0, errors)
     finally:
         for adapter, source in zip(opened, sources):
