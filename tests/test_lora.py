@@ -281,3 +281,17 @@ def test_any_method_on_updates_saved_as_an_adapter(llama: Path, adapters: dict[s
     assert rel_err(peft_merged(llama, tmp_path / "ties-r8"), want) < 2 * result.relative_error
     lossless = save_adapter(ties, [adapters["r4"], adapters["r2-rslora"]], tmp_path / "ties-full", rank=64)
     assert lossless.relative_error < 1e-6
+
+
+def test_adapter_weights_of_linear_family_methods() -> None:
+    from soupkit.errors import ParameterError
+    from soupkit.io.lora import adapter_weights
+
+    assert adapter_weights("uniform", {}, 4) == [0.25] * 4
+    assert adapter_weights("linear", {"weights": [1, 3]}, 2) == [0.25, 0.75]
+    assert adapter_weights("linear", {"weights": [1, 3], "normalize": False}, 2) == [1.0, 3.0]
+    assert adapter_weights("wise", {"alpha": 0.3}, 2) == pytest.approx([0.7, 0.3])
+    assert adapter_weights("task_arithmetic", {"scaling": 0.5}, 3) == [0.5] * 3
+    with pytest.raises(ParameterError, match=r"method 'ties' cannot be written exactly as a LoRA adapter .*"
+                                             r"give --base BASE .*, or --rank R"):
+        adapter_weights("ties", {"density": 0.5}, 2)
