@@ -117,6 +117,10 @@ def test_folder_output_loads_with_from_pretrained(folders: list[Path], tmp_path:
     out = save_folder(soup, tmp_path / "soup", folders, protect=[f / "model.safetensors" for f in folders])
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "generation_config.json",
                                                "tokenizer.json", "tokenizer_config.json"}
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert "lm_head.weight" not in handle.keys()  # tied: left out as save_pretrained does
     model = AutoModelForCausalLM.from_pretrained(out)
     state = model.state_dict()
     for key, value in soup.items():

@@ -98,12 +98,14 @@ def _ties_word_embeddings(config: dict[str, Any]) -> bool:
     return value is not False
 
 
-def tie_aliases(config: dict[str, Any], keys: Sequence[str] | CheckpointReader) -> dict[str, str]:
-    """``omitted key -> partner`` for each tied key the checkpoint lacks and whose partner it holds."""
+def tie_aliases(config: dict[str, Any], keys: Sequence[str] | CheckpointReader, *,
+                present: bool = False) -> dict[str, str]:
+    """``omitted key -> partner`` for each tied key the checkpoint lacks and whose partner it holds; with
+    ``present``, for each tied key it holds beside its partner (what ``save_pretrained`` would leave out)."""
     words = _ties_word_embeddings(config)
     aliases: dict[str, str] = {}
     for omitted, partners, needs_word_tie in TIE_RULES:
-        if omitted in keys or omitted in aliases or (needs_word_tie and not words):
+        if (omitted in keys) != present or omitted in aliases or (needs_word_tie and not words):
             continue
         partner = next((p for p in partners if p in keys), None)
         if partner is not None:
@@ -189,6 +191,13 @@ class FolderOutput:
                 raise OutputError(f"{self.folder}: output folder already holds weights ({', '.join(stale[:3])}) "
                                   f"that loaders would mix with the soup; remove them or pick an empty folder")
 
+    def omitted_keys(self, keys: Sequence[str]) -> set[str]:
+        """Tied keys to leave out of the weights, as ``save_pretrained`` does (the copied config ties them, so
+        loaders rebuild them from their partner; a GPT-2 soup saves one vocabulary-sized matrix, not two)."""
+        if self.template is None or self.adapter:
+            return set()
+        return set(tie_aliases(_read_json(self.template / "config.json"), set(keys), present=True))
+
     def _planned_copies(self) -> list[Path]:
         if self.template is None:
             return []
@@ -251,7 +260,8 @@ def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (),
     folder = plan_folder_output(output if os.fspath(output).endswith(("/", os.sep)) else f"{output}{os.sep}",
                                 inputs, shard_size=shard_size)
     assert folder is not None
-    state = {k: v for k, v in state_dict.items()}
+    omitted = folder.omitted_keys(list(state_dict))
+    state = {k: v for k, v in state_dict.items() if k not in omitted}
     folder.check([Path(p) for p in protect], force=force)
     with OutputSet() as files:
         sink = CheckpointSink(folder.weights, plan_of(state), {"format": "pt", **(metadata or {})}, files,
