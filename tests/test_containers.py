@@ -149,3 +149,8 @@ def test_per_key_lookups_are_constant_time(tmp_path: Path) -> None:
                             shard_size=4000)
     with open_checkpoint(tmp_path / "s.safetensors.index.json", strip_prefix="m1.") as sharded:
         assert len(sharded.keys()) == 1500 and "k1" in sharded and "k2" not in sharded and "m1.k1" not in sharded
+
+
+def test_base_applies_to_adapters_only(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"<state dict>: base= applies to LoRA adapters .*full checkpoint"):
+        open_checkpoint(net_state(0), base=net_state(1))

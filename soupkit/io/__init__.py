@@ -127,7 +127,8 @@ def open_checkpoint(source: CheckpointSource, *, ema: bool = False, name: str | 
         reader = with_ties(open_file(source, ema=ema), Path(source))
     if base is not None and not isinstance(reader, lora.LoraMergedReader):
         reader.close()
-        raise CheckpointError(f"{source}: base= applies to LoRA adapters (a folder with {lora.ADAPTER_CONFIG})")
+        raise CheckpointError(f"{reader.name}: base= applies to LoRA adapters (a folder with "
+                              f"{lora.ADAPTER_CONFIG}); this is a full checkpoint")
     try:
         return with_prefix(reader, strip=strip_prefix, add=add_prefix)
     except BaseException:
