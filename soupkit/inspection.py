@@ -28,12 +28,16 @@ def describe(source: CheckpointSource, *, ema: bool = False) -> dict[str, Any]:
             params_by_dtype[name] += info.numel
             bytes_by_dtype[name] += info.nbytes
         metadata = reader.metadata
+        tied = reader.tied_keys()
         return {
             "name": reader.name,
-            "format": type(reader).__name__.replace("Reader", "").lower(),
+            "format": _format_name(reader),
             "file_size": reader.file_size,
             "tensors": len(infos),
-            "parameters": sum(i.numel for i in infos.values()),
+            # a tied weight (lm_head = embeddings) is one parameter tensor under two names: counted once
+            "parameters": sum(i.numel for k, i in infos.items() if k not in tied),
+            "tied": tied,
+            "ema": None if ema else _ema_weights(source),
             "tensor_bytes": sum(i.nbytes for i in infos.values()),
             "dtypes": {d: {"tensors": by_dtype[d], "parameters": params_by_dtype[d], "bytes": bytes_by_dtype[d]}
                        for d in sorted(by_dtype)},
@@ -43,6 +47,29 @@ def describe(source: CheckpointSource, *, ema: bool = False) -> dict[str, Any]:
         }
     finally:
         reader.close()
+
+
+def _format_name(reader: CheckpointReader) -> str:
+    named = getattr(reader, "format_name", None)
+    if named is not None:
+        return named
+    inner = getattr(reader, "inner", reader)  # a renamed view (tied keys, prefixes) reports the file's format
+    return type(inner).__name__.replace("Reader", "").lower()
+
+
+def _ema_weights(source: CheckpointSource) -> bool | None:
+    """Whether a torch checkpoint also holds EMA weights (timm's ``state_dict_ema``...; ``--ema`` picks them);
+    None where the question does not apply (safetensors, folders, state dicts)."""
+    from soupkit.errors import CheckpointError
+    from soupkit.io import TORCH_SUFFIXES
+
+    if not isinstance(source, (str, Path)) or Path(source).suffix.lower() not in TORCH_SUFFIXES:
+        return None
+    try:
+        with open_checkpoint(source, ema=True):
+            return True
+    except CheckpointError as err:
+        return False if "no EMA weights found" in str(err) else None  # None: the file itself is unreadable
 
 
 def _maybe_json(value: str) -> Any:

@@ -65,6 +65,11 @@ def inspect(
     console.print(f"[bold]{info['name']}[/bold]  ({info['format']}, {_size(info['file_size'])} on disk)")
     console.print(f"{info['tensors']:,} tensors, {info['parameters']:,} parameters, "
                   f"{_size(info['tensor_bytes'])} of tensor data")
+    if info["tied"]:
+        pairs = ", ".join(f"{alias} = {canonical}" for alias, canonical in list(info["tied"].items())[:3])
+        console.print(f"tied: {len(info['tied'])} tensor(s) share another's weights, counted once ({pairs})")
+    if info["ema"]:
+        console.print("EMA weights: present (--ema reads them instead of the model weights)")
     dtypes = Table(title="by dtype")
     for column in ("dtype", "tensors", "parameters", "bytes"):
         dtypes.add_column(column, justify="right" if column != "dtype" else "left")

@@ -3,7 +3,9 @@
 - ``open_checkpoint(source)`` -> a lazy ``CheckpointReader`` (keys, shapes, dtypes, metadata, ``get(key)``)
   for ``.safetensors`` files, Hugging Face sharded checkpoints (an ``*.index.json`` or a folder holding one),
   torch files (``.pt/.pth/.bin/.ckpt``: zip or legacy ``torch.save``, or a pickled ``nn.Module``, read by a
-  restricted unpickler that never runs foreign code) and in-memory state dicts.
+  restricted unpickler that never runs foreign code), in-memory state dicts, and PEFT LoRA adapters (as their
+  weight updates, or with ``base=`` the adapted model: ``lora``). Hugging Face folders read the tied keys
+  ``save_pretrained`` omits (``hf_folder``); ``strip_prefix`` / ``add_prefix`` rename keys (``views``).
 - ``load_checkpoint(source)`` -> a plain ``dict[str, Tensor]``.
 - ``save_checkpoint(state_dict, path)`` -> an atomic safetensors (or ``.pt``) file, optionally sharded.
 """
@@ -18,8 +20,10 @@ from typing import Any
 import torch
 
 from soupkit.errors import CheckpointError, OutputError
+from soupkit.io import lora
 from soupkit.io.atomic import OutputSet, check_derived_output, check_output_path
 from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.hf_folder import with_ties
 from soupkit.io.provenance import creation_time, fingerprint, provenance_metadata, quick_fingerprint
 from soupkit.io.safetensors_io import SafetensorsReader, SafetensorsWriter, looks_like_safetensors
 from soupkit.io.sharded import ShardedReader, index_path, plan_shards, shard_names
@@ -28,6 +32,7 @@ from soupkit.io.unwrap import unwrap_state_dict
 __all__ = [
     "CheckpointReader", "CheckpointSink", "CheckpointSource", "OutputSet", "StateDictReader", "TensorInfo",
     "check_output_path", "creation_time", "fingerprint", "input_files", "load_checkpoint", "open_checkpoint",
+    "open_file",
     "provenance_metadata", "quick_fingerprint", "save_checkpoint",
 ]  # fmt: skip
 
@@ -94,21 +99,52 @@ def _resolve_directory(path: Path) -> Path:
     )
 
 
-def open_checkpoint(source: CheckpointSource, *, ema: bool = False, name: str | None = None) -> CheckpointReader:
-    """Open a checkpoint lazily. The format is detected from the content, not trusted from the extension."""
+def open_checkpoint(source: CheckpointSource, *, ema: bool = False, name: str | None = None,
+                    strip_prefix: str | None = None, add_prefix: str | None = None,
+                    base: CheckpointSource | None = None) -> CheckpointReader:
+    """Open a checkpoint lazily. The format is detected from the content, not trusted from the extension.
+
+    A Hugging Face folder (or a weights file in one) whose ``config.json`` ties weights reads the tied keys
+    ``save_pretrained`` leaves out (``lm_head.weight``) from their partner. A PEFT LoRA adapter reads as its
+    weight updates keyed by the base model's names, or with ``base`` as the adapted model's full weights
+    (``soupkit.io.lora``). ``strip_prefix`` drops a prefix from every name (keys without it are left out; a
+    Lightning module's ``model.``), ``add_prefix`` then puts one in front.
+    """
+    from soupkit.io.views import with_prefix
+
     if isinstance(source, CheckpointReader):
-        return source
+        return with_prefix(source, strip=strip_prefix, add=add_prefix)
     if isinstance(source, Mapping):
-        return StateDictReader(source, name=name or "<state dict>")
-    if not isinstance(source, (str, Path)):
+        reader: CheckpointReader = StateDictReader(source, name=name or "<state dict>")
+    elif not isinstance(source, (str, Path)):
         raise CheckpointError(f"expected a checkpoint path or a state dict, got a {type(source).__name__}")
+    elif lora.is_adapter(source):
+        if ema:
+            raise CheckpointError(f"{source}: --ema applies to torch checkpoints that hold EMA weights; this is "
+                                  f"a LoRA adapter")
+        reader = lora.open_adapter(source, base)
+    else:
+        reader = with_ties(open_file(source, ema=ema), Path(source))
+    if base is not None and not isinstance(reader, lora.LoraMergedReader):
+        reader.close()
+        raise CheckpointError(f"{reader.name}: base= applies to LoRA adapters (a folder with "
+                              f"{lora.ADAPTER_CONFIG}); this is a full checkpoint")
+    try:
+        return with_prefix(reader, strip=strip_prefix, add=add_prefix)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def open_file(source: str | Path, *, ema: bool = False) -> CheckpointReader:
+    """Open one checkpoint file (or folder / index) by its format alone: no adapter or tie handling."""
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         path = _resolve_directory(path)
     if path.name.endswith(".index.json"):
-        return ShardedReader(path, lambda shard: open_checkpoint(shard, ema=ema))
+        return ShardedReader(path, lambda shard: open_file(shard, ema=ema))
     try:
         with open(path, "rb") as handle:
             head = handle.read(16)
@@ -152,11 +188,12 @@ def load_checkpoint(source: CheckpointSource, *, ema: bool = False) -> dict[str,
 
 class CheckpointSink:
     """Receives a merge's output tensor by tensor (in plan order, possibly in flat chunks) and stores it:
-    in memory (``output=None``), as one safetensors file, as Hugging Face shards + index, or as ``.pt``."""
+    in memory (``output=None``), as one safetensors file, as Hugging Face shards + index, as ``.pt``, or as a
+    Lightning ``.ckpt`` dict (``lightning``: the entries ``lightning_template(first input)`` carries over)."""
 
     def __init__(self, output: Path | None, plan: list[TensorInfo], metadata: dict[str, str] | None,
                  outputs: OutputSet | None, shard_size: int | None = None, *, protect: Sequence[Path] = (),
-                 force: bool = False):
+                 force: bool = False, lightning: Mapping[str, Any] | None = None):
         self.output = output
         self._plan = {info.key: info for info in plan}
         self._tensors: dict[str, torch.Tensor] | None = None
@@ -165,6 +202,7 @@ class CheckpointSink:
         self._outputs = outputs
         self._metadata = metadata or {}
         self._result: Path | None = output
+        self._lightning = lightning  # a .ckpt output's carried entries (soupkit.io.lightning.lightning_template)
         if output is None or output.suffix.lower() != ".safetensors":
             self._tensors = {}
             return
@@ -218,10 +256,15 @@ class CheckpointSink:
         if self.output is None:
             return tensors
         assert self._outputs is not None
+        from soupkit.io.lightning import save_lightning_checkpoint
         from soupkit.io.torch_io import save_torch
 
         try:
-            save_torch(tensors, self._outputs.open(self.output), name=str(self.output))
+            if self.output.suffix.lower() == ".ckpt":  # what Lightning's load_from_checkpoint accepts
+                save_lightning_checkpoint(tensors, self._outputs.open(self.output), self._lightning,
+                                          name=str(self.output))
+            else:
+                save_torch(tensors, self._outputs.open(self.output), name=str(self.output))
         except RuntimeError as err:
             # torch.save's zip writer turns a failed write (a full disk) into "RuntimeError: unexpected pos"
             cause = err.__context__

@@ -99,7 +99,16 @@ class CheckpointReader(ABC):
         return {k: self.info(k) for k in self.keys()}
 
     def __contains__(self, key: object) -> bool:
-        return key in set(self.keys())
+        # O(1) per test: a merge of 100k tensors asks once per key and input; readers are immutable once open
+        keyset = self.__dict__.get("_key_set")
+        if keyset is None:
+            keyset = self.__dict__["_key_set"] = frozenset(self.keys())
+        return key in keyset
+
+    def tied_keys(self) -> dict[str, str]:
+        """Keys that name the same tensor as another key (``alias -> canonical``): tied embeddings a folder's
+        ``config.json`` declares, or tensors sharing storage. ``inspect`` counts their parameters once."""
+        return {}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())

@@ -100,10 +100,23 @@ def creation_time() -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+#: file names that say nothing about the model: a Hugging Face / PEFT folder's ingredient is named by its folder
+_GENERIC_NAMES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin",
+                  "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def ingredient_name(path: Path) -> str:
+    """How provenance names an input: its file name, or its folder's for a Hugging Face / PEFT folder's weights
+    (``run-a/model.safetensors`` -> ``run-a``)."""
+    if path.name in _GENERIC_NAMES and path.parent.name:
+        return path.parent.name
+    return path.name
+
+
 def ingredient_record(name: str, path: Path | None, nbytes: int, state: Mapping[str, Any] | None = None) -> dict:
     """One ingredient's entry in the provenance list."""
     if path is not None:
-        return {"name": path.name, "bytes": nbytes, "fingerprint": quick_fingerprint(path)}
+        return {"name": ingredient_name(path), "bytes": nbytes, "fingerprint": quick_fingerprint(path)}
     return {"name": name, "bytes": nbytes, "fingerprint": fingerprint(state) if state is not None else None}
 
 

@@ -183,6 +183,9 @@ class SafetensorsReader(CheckpointReader):
     def info(self, key: str) -> TensorInfo:
         return self._entries[key][0]
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
     def get(self, key: str) -> torch.Tensor:
         info, _ = self._entries[key]
         return self.read_flat(key, 0, info.numel).reshape(info.shape)

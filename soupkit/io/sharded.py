@@ -54,6 +54,9 @@ class ShardedReader(CheckpointReader):
     def info(self, key: str) -> TensorInfo:
         return self._where[key].info(key)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
     def get(self, key: str) -> torch.Tensor:
         return self._where[key].get(key)
 

@@ -92,6 +92,17 @@ class TorchReader(CheckpointReader):
     def __contains__(self, key: object) -> bool:
         return key in self._tensors
 
+    def tied_keys(self) -> dict[str, str]:
+        """Keys viewing the very bytes of an earlier key: weights tied when ``torch.save`` ran (storage shared)."""
+        first: dict[tuple, str] = {}
+        ties = {}
+        for key, lazy in self._tensors.items():
+            where = (id(lazy.storage._source), lazy.storage._offset, lazy.storage_offset, lazy.shape, lazy.stride,
+                     lazy.dtype)
+            ties.update({key: first[where]} if where in first else {})
+            first.setdefault(where, key)
+        return ties
+
     def close(self) -> None:
         self._file.close()
 

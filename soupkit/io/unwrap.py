@@ -18,10 +18,13 @@ T = TypeVar("T")
 #: containers that hold the model weights, tried in this order
 WEIGHT_CONTAINERS = ("state_dict", "model", "module", "model_state_dict", "model_state", "net", "network")
 #: containers that hold EMA weights (picked by ``ema=True`` / ``--ema``)
-EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema", "model_ema_state_dict")
-#: wrappers whose key prefix we strip: DDP/DataParallel and torch.compile
-_DDP_PREFIX = "module."
-_COMPILE_SEGMENT = "_orig_mod."
+#: (timm's CheckpointSaver and ``load_checkpoint(use_ema=True)``: state_dict_ema, then model_ema; ``_v2``: timm
+#: runs that kept both a ModelEma and a ModelEmaV2)
+EMA_CONTAINERS = ("state_dict_ema", "model_ema", "state_dict_ema_v2", "model_ema_v2", "ema_state_dict", "ema",
+                  "ema_model", "model_ema_state_dict")
+#: wrappers that prefix keys: DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``), nested in any order
+_DDP_COMPONENT = "module"
+_COMPILE_COMPONENT = "_orig_mod"
 
 
 def _describe(obj: Any) -> str:
@@ -33,13 +36,52 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def strip_prefixes(state: dict[str, T]) -> dict[str, T]:
-    """Drop ``module.`` when every key has it, and every ``_orig_mod.`` path segment."""
-    if state and all(k.startswith(_DDP_PREFIX) for k in state):
-        state = {k[len(_DDP_PREFIX) :]: v for k, v in state.items()}
-    if any(_COMPILE_SEGMENT in k for k in state):
-        state = {k.replace(_COMPILE_SEGMENT, ""): v for k, v in state.items()}
-    return state
+def _unwrapped_name(key: str, strip_module: int) -> str:
+    """``key`` without its first ``strip_module`` DDP ``module`` components (counted among the leading wrapper
+    components) and without any whole ``_orig_mod`` component (``torch.compile`` of the model or a submodule)."""
+    parts = key.split(".")
+    kept, dropped_modules, leading = [], 0, True
+    for part in parts[:-1]:
+        if part == _COMPILE_COMPONENT:
+            continue
+        if leading and part == _DDP_COMPONENT and dropped_modules < strip_module:
+            dropped_modules += 1
+            continue
+        leading = False
+        kept.append(part)
+    kept.append(parts[-1])
+    return ".".join(kept)
+
+
+def _leading_modules(key: str) -> int:
+    count = 0
+    for part in key.split(".")[:-1]:
+        if part == _DDP_COMPONENT:
+            count += 1
+        elif part != _COMPILE_COMPONENT:
+            break
+    return count
+
+
+def strip_prefixes(state: dict[str, T], *, source: str = "checkpoint") -> dict[str, T]:
+    """Drop the wrappers' key components: DDP's ``module.`` when every key starts with it (after any
+    ``_orig_mod.``), and every whole ``_orig_mod`` component (``torch.compile(DDP(m))`` saves
+    ``_orig_mod.module.*``, ``DDP(torch.compile(m))`` ``module._orig_mod.*``). ``x_orig_mod.w`` is left alone.
+    Two keys that become one raise an error naming both."""
+    if not state:
+        return state
+    strip_module = min(_leading_modules(k) for k in state)
+    if not strip_module and not any(_COMPILE_COMPONENT in k for k in state):
+        return state  # the common case: one pass over the keys, no renaming
+    renamed: dict[str, T] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        name = _unwrapped_name(key, strip_module)
+        if name in renamed:
+            raise CheckpointError(f"{source}: keys {origin[name]!r} and {key!r} both become {name!r} once the "
+                                  f"DDP/torch.compile wrappers (module., _orig_mod.) are stripped")
+        renamed[name], origin[name] = value, key
+    return renamed
 
 
 def unwrap_state_dict(
@@ -92,4 +134,4 @@ def _tensors_only(mapping: Mapping[Any, Any], source: str, is_tensor: Callable[[
     bad_keys = [k for k in mapping if not isinstance(k, str)]
     if bad_keys:
         raise CheckpointError(f"{source}: not a state dict: key {bad_keys[0]!r} is not a string")
-    return strip_prefixes({k: v for k, v in mapping.items() if is_tensor(v)})
+    return strip_prefixes({k: v for k, v in mapping.items() if is_tensor(v)}, source=source)

@@ -1,0 +1,273 @@
+"""Hugging Face model folders: tied weights on the way in, loadable folders on the way out.
+
+In: ``save_pretrained`` leaves out the keys a model ties to another (GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``; T5's embeddings are ``shared.weight``), while ``torch.save(model.state_dict())``
+keeps both. A soup of the two kinds must average ``lm_head`` over every input, never copy one input's, so a
+folder's reader names each omitted tied key as an alias of its partner, from the ``config.json`` beside it.
+
+Out: ``plan_folder_output(output, inputs)`` decides whether a merge's output is a folder (a path ending in
+``/``, an existing directory, or no suffix while the inputs are folders) and ``FolderOutput`` writes it the way
+transformers does: ``model.safetensors`` (shards + ``model.safetensors.index.json`` above the shard size, 5 GB by
+default like transformers) with the first input folder's config, generation config, tokenizer and other small
+files, published atomically with the weights, so ``AutoModel*.from_pretrained(out)`` loads the soup. An adapter
+output is a folder with ``adapter_model.safetensors`` and ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soupkit.errors import OutputError
+from soupkit.io.base import CheckpointReader
+
+__all__ = ["DEFAULT_SHARD_SIZE", "FolderOutput", "hf_folder_of", "is_folder_output", "plan_folder_output",
+           "tie_aliases", "with_ties"]
+
+#: transformers' default ``max_shard_size`` ("5GB", decimal)
+DEFAULT_SHARD_SIZE = 5 * 10**9
+#: the largest non-weight file copied into an output folder (a tokenizer.json of a 250k vocabulary is ~35 MB)
+MAX_COPIED_BYTES = 64 * 2**20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl",
+                    ".npz", ".ot")
+#: never copied: a Trainer checkpoint's run state, the model card (it describes the input, not the soup), and
+#: adapter_config.json (an adapter output writes its own, with the new ranks; a full model must not carry one,
+#: or loaders would take the folder for an adapter)
+_SKIPPED_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "README.md",
+                  "adapter_config.json")
+_HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+# ---------------------------------------------------------------------------------------------- tied weights
+
+#: (omitted key, candidates for its partner, tied to the word embeddings) -- transformers' tied keys for the
+#: architectures that tie (checked against ``all_tied_weights_keys`` in tests/test_hf.py). Word-embedding ties
+#: need ``tie_word_embeddings`` and an architecture with a language-model head (a sequence classifier's config
+#: says tie_word_embeddings too, and has no head to tie); the others are ties inside the base model.
+TIE_RULES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("lm_head.weight", ("model.embed_tokens.weight", "transformer.wte.weight", "shared.weight",
+                        "model.shared.weight", "model.decoder.embed_tokens.weight",
+                        "transformer.word_embeddings.weight", "transformer.embed_tokens.weight",
+                        "model.language_model.embed_tokens.weight", "gpt_neox.embed_in.weight"), True),
+    ("cls.predictions.decoder.weight", ("bert.embeddings.word_embeddings.weight",), True),
+    ("cls.predictions.decoder.bias", ("cls.predictions.bias",), False),
+    ("lm_head.decoder.weight", ("roberta.embeddings.word_embeddings.weight",
+                                "xlm_roberta.embeddings.word_embeddings.weight"), True),
+    ("lm_head.decoder.bias", ("lm_head.bias",), False),
+    ("encoder.embed_tokens.weight", ("shared.weight",), False),
+    ("decoder.embed_tokens.weight", ("shared.weight",), False),
+    ("model.encoder.embed_tokens.weight", ("model.shared.weight",), False),
+    ("model.decoder.embed_tokens.weight", ("model.shared.weight",), False),
+)  # fmt: skip
+_LM_HEAD_ARCHITECTURES = re.compile(r"(ForCausalLM|LMHeadModel|ForConditionalGeneration|ForMaskedLM|ForPreTraining"
+                                    r"|WithLMHead|ForSeq2SeqLM)$")
+
+
+def hf_folder_of(path: Path) -> Path | None:
+    """The Hugging Face folder a checkpoint path belongs to (the folder itself, or the parent of its weights
+    file / index), when it holds a ``config.json``; else None."""
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ties_word_embeddings(config: dict[str, Any]) -> bool:
+    """Whether the model ties its LM head to its input embeddings: it has a head (by its architecture) and
+    ``tie_word_embeddings`` is not false (transformers' default is true; multimodal configs keep the flag in
+    their text config)."""
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list) or not any(
+            isinstance(a, str) and _LM_HEAD_ARCHITECTURES.search(a) for a in architectures):
+        return False
+    value = config.get("tie_word_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("tie_word_embeddings")
+    return value is not False
+
+
+def tie_aliases(config: dict[str, Any], keys: Sequence[str] | CheckpointReader, *,
+                present: bool = False) -> dict[str, str]:
+    """``omitted key -> partner`` for each tied key the checkpoint lacks and whose partner it holds; with
+    ``present``, for each tied key it holds beside its partner (what ``save_pretrained`` would leave out)."""
+    words = _ties_word_embeddings(config)
+    aliases: dict[str, str] = {}
+    for omitted, partners, needs_word_tie in TIE_RULES:
+        if (omitted in keys) != present or omitted in aliases or (needs_word_tie and not words):
+            continue
+        partner = next((p for p in partners if p in keys), None)
+        if partner is not None:
+            aliases[omitted] = partner
+    return aliases
+
+
+def with_ties(reader: CheckpointReader, source: Path) -> CheckpointReader:
+    """``reader`` plus the tied keys its folder's ``config.json`` implies and the file omits (aliases that read
+    the partner's tensor); unchanged outside a Hugging Face folder or when nothing is omitted."""
+    from soupkit.io.views import KeyMapReader
+
+    folder = hf_folder_of(source)
+    if folder is None:
+        return reader
+    aliases = tie_aliases(_read_json(folder / "config.json"), reader)
+    if not aliases:
+        return reader
+    mapping = {key: key for key in reader.keys()}
+    mapping.update(aliases)
+    return KeyMapReader(reader, mapping, tied=aliases)
+
+
+# ---------------------------------------------------------------------------------------------- folders out
+
+
+def _input_folder(source: Any, marker: str | None = None) -> Path | None:
+    """The Hugging Face folder an input path names, if any: one holding ``marker`` (``config.json`` for a model,
+    ``adapter_config.json`` for an adapter), or either when ``marker`` is None."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent if path.name in _HF_WEIGHT_NAMES else None
+    if folder is None:
+        return None
+    markers = (marker,) if marker else ("config.json", "adapter_config.json")
+    return folder if any((folder / name).is_file() for name in markers) else None
+
+
+def is_folder_output(output: str | Path, inputs: Sequence[Any] = ()) -> bool:
+    """True when ``output`` names a folder: it ends with ``/``, is an existing directory, or has no suffix
+    while the first input is a Hugging Face folder."""
+    text = os.fspath(output)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return True
+    return not Path(text).suffix and bool(inputs) and _input_folder(inputs[0]) is not None
+
+
+@dataclass
+class FolderOutput:
+    """A Hugging Face folder to write: ``weights`` is the path to give the checkpoint sink (with
+    ``shard_size``), and ``add_files(outputs)`` adds the template folder's small files to the same atomic
+    ``OutputSet``. ``adapter`` is True for a PEFT adapter folder (``adapter_model.safetensors``)."""
+
+    folder: Path
+    template: Path | None
+    adapter: bool = False
+    shard_size: int = DEFAULT_SHARD_SIZE
+    copied: list[Path] = field(default_factory=list)
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / ("adapter_model.safetensors" if self.adapter else "model.safetensors")
+
+    def check(self, inputs: Sequence[Path], *, force: bool = False) -> None:
+        """Refuse before any work: a folder that is an input's, files there that would be replaced without
+        ``force``, and other weight files there that transformers would load instead of the soup."""
+        from soupkit.io.atomic import check_derived_output
+
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"{self.folder}: output folder is a file")
+        for source in inputs:
+            if self.folder.exists() and Path(source).parent.exists() and os.path.samefile(
+                    Path(source).parent, self.folder):
+                raise OutputError(f"{self.folder}: output folder holds the input {source}; soupkit never "
+                                  f"modifies inputs: write to another folder")
+        for path in (self.weights, *self._planned_copies()):
+            check_derived_output(path, inputs=inputs, force=force)
+        ours = {self.weights.name, *(p.name for p in self._planned_copies())}
+        if self.folder.is_dir():
+            stale = sorted(p.name for p in self.folder.iterdir() if p.name not in ours and _is_weight_file(p))
+            if stale:
+                raise OutputError(f"{self.folder}: output folder already holds weights ({', '.join(stale[:3])}) "
+                                  f"that loaders would mix with the soup; remove them or pick an empty folder")
+
+    def omitted_keys(self, keys: Sequence[str]) -> set[str]:
+        """Tied keys to leave out of the weights, as ``save_pretrained`` does (the copied config ties them, so
+        loaders rebuild them from their partner; a GPT-2 soup saves one vocabulary-sized matrix, not two)."""
+        if self.template is None or self.adapter:
+            return set()
+        return set(tie_aliases(_read_json(self.template / "config.json"), set(keys), present=True))
+
+    def _planned_copies(self) -> list[Path]:
+        if self.template is None:
+            return []
+        return [self.folder / p.name for p in sorted(self.template.iterdir()) if _copyable(p, self.adapter)]
+
+    def add_files(self, outputs: Any, *, dtype: str | None = None) -> list[Path]:
+        """Copy the template folder's small non-weight files into ``outputs`` (an ``OutputSet``): published
+        with the weights or not at all. ``dtype`` (e.g. "bfloat16") is recorded in config.json's ``dtype``."""
+        written = []
+        for target in self._planned_copies():
+            assert self.template is not None
+            source = self.template / target.name
+            handle = outputs.open(target)
+            if target.name == "config.json" and dtype is not None:
+                config = _read_json(source)
+                config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+                handle.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, handle)
+            written.append(target)
+        self.copied = written
+        return written
+
+
+def _is_weight_file(path: Path) -> bool:
+    name = path.name
+    return path.is_file() and (name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"))
+
+
+def _copyable(path: Path, adapter: bool) -> bool:
+    """Small files a loader reads beside the weights: configs, tokenizer, chat template, vocabularies."""
+    if not path.is_file() or path.name.startswith(".") or _is_weight_file(path) or path.name in _SKIPPED_FILES:
+        return False
+    if adapter and path.name in ("config.json", "generation_config.json"):
+        return False  # a base model's configs describe the base, not the adapter
+    return path.stat().st_size <= MAX_COPIED_BYTES
+
+
+def plan_folder_output(output: str | Path | None, inputs: Sequence[Any], *, adapter: bool = False,
+                       shard_size: int | None = None) -> FolderOutput | None:
+    """A ``FolderOutput`` when ``output`` names a folder (see ``is_folder_output``), else None (a file output
+    as before). The first input that is a model folder (an adapter folder for ``adapter=True``) gives the config
+    and tokenizer files: for a soup of adapters over a base, list the base first."""
+    if output is None or not is_folder_output(output, inputs):
+        return None
+    marker = "adapter_config.json" if adapter else "config.json"
+    template = next((f for f in (_input_folder(i, marker) for i in inputs) if f is not None), None)
+    return FolderOutput(Path(output), template, adapter=adapter, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+
+
+def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (), *,
+                metadata: dict[str, str] | None = None, shard_size: int | None = None, force: bool = False,
+                protect: Sequence[str | Path] = (), dtype: str | None = None) -> Path:
+    """Write ``state_dict`` as a Hugging Face folder: ``model.safetensors`` (or shards + index) and the small
+    files of the first folder among ``inputs``; ``save_checkpoint``'s counterpart for folders. Returns the
+    folder. The merge entry points do the same around their streaming sink (``plan_folder_output``)."""
+    from soupkit.io import CheckpointSink, OutputSet, plan_of
+
+    folder = plan_folder_output(output if os.fspath(output).endswith(("/", os.sep)) else f"{output}{os.sep}",
+                                inputs, shard_size=shard_size)
+    assert folder is not None
+    omitted = folder.omitted_keys(list(state_dict))
+    state = {k: v for k, v in state_dict.items() if k not in omitted}
+    folder.check([Path(p) for p in protect], force=force)
+    with OutputSet() as files:
+        sink = CheckpointSink(folder.weights, plan_of(state), {"format": "pt", **(metadata or {})}, files,
+                              folder.shard_size, protect=[Path(p) for p in protect], force=force)
+        for key, tensor in state.items():
+            sink.write(key, tensor.detach().cpu().reshape(-1))
+        sink.finish()
+        folder.add_files(files, dtype=dtype)
+    return folder.folder
