@@ -1,0 +1,146 @@
+"""The doctor's one streaming pass: the N×N Gram matrix of task vectors, whole model and per module, in float64.
+
+Every floating tensor of every input is read once, chunk by chunk, into an ``N × chunk`` float64 buffer whose
+size is fixed (``BUDGET_ELEMENTS`` in all, so the chunk shrinks as N grows): memory is flat in N and in model
+size. Integer and bool tensors (step counters, BatchNorm's ``num_batches_tracked``) are skipped.
+
+With a base θ₀ the rows are the task vectors θᵢ − θ₀. Without one, the rows are θᵢ − θ_ref (θ_ref = the first
+input) and the Gram of θᵢ − mean θ follows exactly from G_c = C G C with C = I − (1/N)·11ᵀ (centring is blind to
+the shift, since C·1 = 0). The shift costs nothing and keeps the digits that the raw Gram of θᵢ would lose to
+cancellation: ‖θ‖² is typically 10³–10⁶ times ‖θᵢ − θⱼ‖².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError
+from soupkit.io import CheckpointReader
+
+#: float64 elements held at once over all inputs (32 MB): big enough that the N×chunk · chunk×N product runs at
+#: BLAS speed, small enough to stay out of the way of the page cache; the chunk is BUDGET_ELEMENTS // N
+BUDGET_ELEMENTS = 4 << 20
+#: chunks at least this big are memory-mapped (no copy) where the reader can; smaller ones are read
+MAP_MIN_BYTES = 256 << 10
+
+
+@dataclass
+class GramStats:
+    """What the pass accumulated. ``gram[m]`` is the N×N Gram of the rows over module ``m``'s tensors (``""`` is
+    the whole model); ``raw_sq[i]`` is ‖θᵢ‖² (the weights themselves, for relative distances); ``identical[i][j]``
+    is True when inputs i and j hold bit-identical floating tensors."""
+
+    gram: dict[str, torch.Tensor]
+    raw_sq: torch.Tensor
+    identical: torch.Tensor
+    centred: bool
+    numel: dict[str, int] = field(default_factory=dict)
+    base_sq: float | None = None  # ‖θ_base‖²
+
+
+def module_of(keys: Sequence[str], sizes: dict[str, int]) -> dict[str, str]:
+    """Key -> module: the first name component; a component holding more than half of all parameters and more
+    than one child is split by its second component (``model.layers``/``model.embed_tokens`` in a Llama,
+    ``head.1``/``head.3`` in a small CNN), so one wrapper prefix does not swallow the whole model."""
+    first = {k: k.split(".", 1)[0] for k in keys}
+    total = sum(sizes.values()) or 1
+    by_first: dict[str, list[str]] = {}
+    for key in keys:
+        by_first.setdefault(first[key], []).append(key)
+    modules = {}
+    for name, members in by_first.items():
+        children = {k.split(".")[1] for k in members if k.count(".") >= 2}
+        split = sum(sizes[k] for k in members) > total / 2 and len(children) > 1
+        for key in members:
+            parts = key.split(".")
+            modules[key] = ".".join(parts[:2]) if split and len(parts) >= 3 else name
+    return modules
+
+
+def gram_pass(readers: Sequence[CheckpointReader], keys: Sequence[str], base: CheckpointReader | None = None,
+              budget: int = BUDGET_ELEMENTS) -> GramStats:
+    """Accumulate the Gram matrices over ``keys`` (floating tensors only) of ``readers`` in one pass."""
+    infos = {k: readers[0].info(k) for k in keys}
+    floats = [k for k in keys if infos[k].is_float and not infos[k].dtype.is_complex]
+    if not floats:
+        raise IncompatibleCheckpointsError(f"{readers[0].name}: no floating-point tensors to compare")
+    n = len(readers)
+    modules = module_of(floats, {k: infos[k].numel for k in floats})
+    gram = {m: torch.zeros(n, n, dtype=torch.float64) for m in ["", *dict.fromkeys(modules.values())]}
+    numel = dict.fromkeys(gram, 0)
+    raw_sq = torch.zeros(n, dtype=torch.float64)
+    base_sq = torch.zeros((), dtype=torch.float64)
+    identical = {(i, j) for i in range(n) for j in range(i + 1, n)}
+    step = max(1, budget // n)
+    rows = torch.empty(n, min(step, max(infos[k].numel for k in floats)), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the chunks are small: intra-op threads only spin (see merging/engine.py)
+    try:
+        for key in floats:
+            module = modules[key]
+            for start in range(0, infos[key].numel, step):
+                stop = min(start + step, infos[key].numel)
+                block = rows[:, : stop - start]
+                _fill(block, readers, key, start, stop, identical)
+                raw_sq += block.square().sum(1)
+                if base is not None:
+                    base_chunk = _read(base, key, start, stop).to(torch.float64)
+                    base_sq += base_chunk.square().sum()
+                    block -= base_chunk
+                else:
+                    block[1:] -= block[0]
+                    block[0] = 0.0
+                gram[module].addmm_(block, block.T)
+            numel[module] += infos[key].numel
+    finally:
+        torch.set_num_threads(threads)
+    for module, matrix in gram.items():
+        if module:
+            gram[""] += matrix
+    numel[""] = sum(numel.values())
+    _check_finite(raw_sq, gram[""], readers)
+    centred = base is None
+    if centred:
+        gram = {m: centre(g) for m, g in gram.items()}
+    same = torch.eye(n, dtype=torch.bool)
+    for i, j in identical:
+        same[i, j] = same[j, i] = True
+    return GramStats(gram, raw_sq, same, centred, numel, None if base is None else float(base_sq))
+
+
+def centre(gram: torch.Tensor) -> torch.Tensor:
+    """The Gram of the rows minus their mean: C G C with C = I − (1/N)·11ᵀ."""
+    n = gram.shape[0]
+    c = torch.eye(n, dtype=gram.dtype) - 1.0 / n
+    return c @ gram @ c
+
+
+def _read(reader: CheckpointReader, key: str, start: int, stop: int) -> torch.Tensor:
+    if (stop - start) * reader.info(key).dtype.itemsize >= MAP_MIN_BYTES:
+        mapped = reader.map_flat(key, start, stop)
+        if mapped is not None:
+            return mapped
+    return reader.read_flat(key, start, stop)
+
+
+def _fill(block: torch.Tensor, readers: Sequence[CheckpointReader], key: str, start: int, stop: int,
+          identical: set[tuple[int, int]]) -> None:
+    """Read each input's chunk into its row; clear ``identical`` for pairs whose raw bytes differ."""
+    raw = []
+    for i, reader in enumerate(readers):
+        chunk = _read(reader, key, start, stop)
+        block[i].copy_(chunk)
+        raw.append(chunk)
+    for i, j in list(identical):  # pairs still bit-identical: after the first chunk, usually none
+        if not (raw[i].dtype == raw[j].dtype and torch.equal(raw[i], raw[j])):
+            identical.discard((i, j))
+
+
+def _check_finite(raw_sq: torch.Tensor, gram: torch.Tensor, readers: Sequence[CheckpointReader]) -> None:
+    for i, reader in enumerate(readers):
+        if not (torch.isfinite(raw_sq[i]) and torch.isfinite(gram[i, i])):
+            raise NonFiniteError(f"{reader.name}: holds NaN or Inf weights; the doctor cannot compare it (and no "
+                                 f"soup can use it)")
