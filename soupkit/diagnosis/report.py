@@ -117,16 +117,18 @@ class DoctorReport:
         return write_small_file(path, buffer.getvalue(), inputs=inputs, option=option)
 
     def figure(self) -> Any:
-        from soupkit.report.plots import _figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         order = [i for i in self.order() if self.cosine[i][i] is not None]
         n = len(order)
-        figure = _figure(max(5.0, 0.55 * n + 3.2), max(4.2, 0.5 * n + 2.2))
+        figure = Figure(figsize=(max(5.5, 0.6 * n + 3.5), max(4.5, 0.55 * n + 2.5)), dpi=110, layout="constrained")
+        FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         angles = self.angle
-        grid = [[math.nan if angles[i][j] is None else angles[i][j] for j in order] for i in order]
-        image = axes.imshow(grid, cmap="viridis_r", vmin=0, vmax=max(90.0, max(
-            (v for row in grid for v in row if math.isfinite(v)), default=90.0)))
+        grid = [[math.nan if angles[i][j] is None or i == j else angles[i][j] for j in order] for i in order]
+        top = max(90.0, max((v for row in grid for v in row if math.isfinite(v)), default=90.0))
+        image = axes.imshow(grid, cmap="viridis_r", vmin=0, vmax=top)
         labels = short_names([self.names[i] for i in order])
         marks = [_mark(self.verdict[self.names[i]]) for i in order]
         if self.scores:
@@ -139,8 +141,8 @@ class DoctorReport:
             for r in range(n):
                 for c in range(n):
                     if math.isfinite(grid[r][c]):
-                        axes.text(c, r, f"{grid[r][c]:.0f}", ha="center", va="center", fontsize="x-small",
-                                  color="white" if grid[r][c] < 45 else "black")
+                        axes.text(c, r, f"{grid[r][c]:.0f}", ha="center", va="center", fontsize="small",
+                                  color="black" if grid[r][c] < 0.55 * top else "white")
         figure.colorbar(image, ax=axes, label="angle between task vectors (°)")
         start = "the mean (no base given)" if self.centred else "the base"
         order_note = "ordered by held-out accuracy" if self.scores else "in input order"

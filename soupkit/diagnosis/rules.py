@@ -136,9 +136,10 @@ def _median_cosine(cosine: torch.Tensor, rows: Sequence[int], cols: Sequence[int
 
 def barrier(line_start: float, line_end: float, path: Sequence[tuple[float, float]]) -> float:
     """The largest drop of held-out accuracy below the straight line between the endpoints' accuracies
-    (0 when the path never dips below it). ``path`` holds (α, accuracy) points."""
+    (0 when the path never dips below it). ``path`` holds (α, accuracy) points. Rounded to 12 decimals: accuracies
+    are counts over n examples, and a float residue of 1e-16 is not a barrier."""
     drops = [(1 - a) * line_start + a * line_end - acc for a, acc in path]
-    return max(0.0, *drops)
+    return round(max(0.0, *drops), 12)
 
 
 def overall(verdicts: Sequence[str], uniform: float | None, best: float | None) -> tuple[str, str]:
