@@ -146,8 +146,8 @@ class DoctorReport:
         figure.colorbar(image, ax=axes, label="angle between task vectors (°)")
         start = "the mean (no base given)" if self.centred else "the base"
         order_note = "ordered by held-out accuracy" if self.scores else "in input order"
-        axes.set_title(f"{self.overall}: angles from {start}\n{order_note}; * flagged, see the table",
-                       fontsize="medium")
+        flagged = "; * flagged, see the table" if any(m for m in marks) else ""
+        axes.set_title(f"{self.overall}: angles from {start}\n{order_note}{flagged}", fontsize="medium")
         return figure
 
 
