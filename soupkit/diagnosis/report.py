@@ -82,22 +82,21 @@ class DoctorReport:
 
         vectors = "θᵢ − mean θ (no --base)" if self.centred else "θᵢ − θ_base"
         table = Table(title=f"soupkit doctor: {self.overall}", caption=f"{self.overall_reason}. Vectors: {vectors}.")
-        columns = ["ingredient", "‖τ‖", "to uniform", "median dist", "median angle"]
+        columns = ["ingredient", "‖τ‖", "to uniform", "median φ"]
         if self.scores:
             columns += ["held-out", "barrier"]
         for column in [*columns, "verdict", "why"]:
             table.add_column(column, justify="left" if column in ("ingredient", "verdict", "why") else "right",
-                             overflow="fold")
+                             overflow="fold", min_width=30 if column == "why" else None)
         labels = short_names(self.names)
         angles = self.angle
         for i in self.order():
             name = self.names[i]
             others = [j for j in range(len(self.names)) if j != i]
             row = [labels[i], _num(self.norm[i]), _num(self.to_uniform[i]),
-                   _num(_median([self.distance[i][j] for j in others])),
                    _num(_median([angles[i][j] for j in others]), "°")]
             if self.scores:
-                row += [_pct(self.scores.get(name)), _num(self.barrier.get(name))]
+                row += [_pct(self.scores.get(name)), "best" if name == self.best else _num(self.barrier.get(name))]
             word = self.verdict[name]
             colour = {"soupable": "green", "duplicate": "yellow"}.get(word, "red")
             table.add_row(*row, f"[{colour}]{word}[/{colour}]", self.reason.get(name, ""))

@@ -99,14 +99,13 @@ def groups(distance: torch.Tensor, norm: torch.Tensor, cosine: torch.Tensor | No
         if part is main:
             continue
         gap = min(length for i, j, length in cut if (i in part) != (j in part))
-        why = (f"{gap:.4g} from its nearest neighbour across the gap, {gap / max(median, 1e-30):.1f}× the median "
-               f"link {median:.4g}")
+        why = f"{gap:.3g} away across a gap ({gap / max(median, 1e-30):.1f}× the median link {median:.3g})"
         if cosine is not None and main_cos is not None:
             across = _median_cosine(cosine, part, main)
             bar = max(COSINE_NEAR_ZERO, 0.5 * main_cos)
             if not across < bar:
                 continue  # far, but its task vector points the main group's way: same start, longer training
-            why += f"; median cosine to the main group {across:.2f} < {bar:.2f} (theirs {main_cos:.2f})"
+            why += f"; cosine {across:.2f} to the main group < {bar:.2f} (theirs {main_cos:.2f})"
         for row in part:
             reasons[row] = why
     return [r for r in range(distance.shape[0]) if r not in reasons], reasons
