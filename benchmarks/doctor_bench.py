@@ -8,7 +8,7 @@ measurement runs in a fresh subprocess that imports torch and soupkit first and 
 - merge: ``soupkit.merge(files, "uniform", out)`` (the uniform soup: reads the same bytes, writes one file)
 - read floor: every input read once from the page cache in 8 MB blocks
 
-and the process's peak RSS above its RSS after the imports (``resource.getrusage``).
+and the process's peak RSS above its RSS after the imports (``VmHWM`` reset through ``/proc/self/clear_refs``).
 
 Target (issue 17): doctor <= 1.5x merge; doctor's extra RSS flat in N.
 
@@ -35,7 +35,11 @@ import json, resource, sys, time
 from pathlib import Path
 import torch, soupkit, soupkit.diagnosis, soupkit.merging
 tool, out, files = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):  # kB, from /proc/self/status
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field + ":")))
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # reset the peak (VmHWM) to the current RSS: the imports' own peak does not count
+base_rss = status("VmRSS")
 usage = resource.getrusage(resource.RUSAGE_SELF)
 started = time.perf_counter()
 if tool == "doctor":
@@ -50,7 +54,7 @@ else:
 wall = time.perf_counter() - started
 after = resource.getrusage(resource.RUSAGE_SELF)
 cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-print(json.dumps({"wall": wall, "cpu": cpu, "rss": (after.ru_maxrss - base_rss) * 1024}))
+print(json.dumps({"wall": wall, "cpu": cpu, "rss": (status("VmHWM") - base_rss) * 1024}))
 """
 
 

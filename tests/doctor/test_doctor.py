@@ -141,11 +141,13 @@ def test_barriers_equal_evaluations_by_hand(evaluated) -> None:
         if name in report.stats["barrier_lower_bound"]:
             continue
         start, end = report.scores[best], report.scores[name]
-        drops = []
+        drops, hand = [], [[0.0, start]]
         for alpha in (0.25, 0.5, 0.75):
             mixed = {k: torch.lerp(v.float(), states[name][k].float(), alpha).to(v.dtype) if v.is_floating_point()
                      else v for k, v in states[best].items()}
-            drops.append((1 - alpha) * start + alpha * end - _heldout(evaluator, mixed))
+            hand.append([alpha, _heldout(evaluator, mixed)])
+            drops.append((1 - alpha) * start + alpha * end - hand[-1][1])
+        assert report.path[name] == [*hand, [1.0, end]], name  # every point, exactly
         assert report.barrier[name] == pytest.approx(max(0.0, *drops), abs=1e-12), name
     # exact barriers for the four from one start; the different-init one is proven above the bar
     assert sorted(report.barrier) == sorted(n for n in states if n != best)
