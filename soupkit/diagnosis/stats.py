@@ -106,6 +106,9 @@ def gram_pass(readers: Sequence[CheckpointReader], keys: Sequence[str], base: Ch
         if module:
             gram[""] += matrix
     numel[""] = sum(numel.values())
+    if base is not None and not torch.isfinite(gram[""][anchor, anchor]):
+        raise NonFiniteError(f"{base.name}: the base holds NaN or Inf weights; task vectors cannot be measured "
+                             f"from it")
     return _finish(gram, numel, anchor, base is not None, identical, readers)
 
 
@@ -119,13 +122,13 @@ def _finish(gram: dict[str, torch.Tensor], numel: dict[str, int], anchor: int, h
     diffs = whole.diagonal().clone()
     diffs[anchor] = 0.0
     raw_sq = (diffs + 2 * cross + anchor_sq)[:n]
+    _check_finite(raw_sq, diffs, readers)  # before centring spreads one input's NaN over every row
     out = {}
     for module, matrix in gram.items():
         task = matrix.clone()
         task[anchor, :] = 0.0
         task[:, anchor] = 0.0
         out[module] = task[:n, :n] if has_base else centre(task)
-    _check_finite(raw_sq, out[""], readers)
     same = torch.eye(n, dtype=torch.bool)
     for i, j in identical:
         same[i, j] = same[j, i] = True
@@ -163,8 +166,8 @@ def _fill(block: torch.Tensor, raw: list[torch.Tensor], anchor: int, identical: 
             identical.discard((i, j))
 
 
-def _check_finite(raw_sq: torch.Tensor, gram: torch.Tensor, readers: Sequence[CheckpointReader]) -> None:
+def _check_finite(raw_sq: torch.Tensor, diffs: torch.Tensor, readers: Sequence[CheckpointReader]) -> None:
     for i, reader in enumerate(readers):
-        if not (torch.isfinite(raw_sq[i]) and torch.isfinite(gram[i, i])):
+        if not (torch.isfinite(raw_sq[i]) and torch.isfinite(diffs[i])):
             raise NonFiniteError(f"{reader.name}: holds NaN or Inf weights; the doctor cannot compare it (and no "
                                  f"soup can use it)")

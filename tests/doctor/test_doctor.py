@@ -193,3 +193,23 @@ def test_barrier_rule() -> None:
     assert barrier(0.9, 0.8, [(0.25, 0.9), (0.5, 0.85), (0.75, 0.825)]) == 0.0
     assert barrier(0.9, 0.8, [(0.25, 0.875), (0.5, 0.5), (0.75, 0.8)]) == pytest.approx(0.35)
     assert math.isclose(barrier(0.5, 0.5, [(0.5, 0.4)]), 0.1)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nan_weights_are_named(ingredients, with_base: bool) -> None:
+    from soupkit.errors import NonFiniteError
+
+    broken = load_checkpoint(ingredients.same[0])
+    broken["head.1.bias"][3] = math.nan
+    base = ingredients.base if with_base else None
+    with pytest.raises(NonFiniteError, match=r"^<state dict #2>: holds NaN or Inf weights"):
+        doctor([*ingredients.same[1:3], broken], base=base)
+
+
+def test_nan_base_is_named(ingredients) -> None:
+    from soupkit.errors import NonFiniteError
+
+    base = load_checkpoint(ingredients.base)
+    base["features.0.weight"][0, 0, 0, 0] = math.inf
+    with pytest.raises(NonFiniteError, match=r"^<base state dict>: the base holds NaN or Inf weights"):
+        doctor(ingredients.same[:2], base=base)
