@@ -216,27 +216,28 @@ def _judge(report: DoctorReport, rows: list[int], stats: GramStats, incompatible
 
 
 class _Judge:
-    """Held-out accuracy through an ``Evaluator`` (its score cache, and its early stop for path points)."""
+    """Held-out accuracy through the soups' ``Judge`` (an ``Evaluator``: its score cache, and its early stop for
+    path points; or any callable ``state_dict -> float | EvalResult``)."""
 
     def __init__(self, evaluator: Any, device: str | None):
-        if isinstance(evaluator, (str, Path)):
+        from soupkit.soups.scoring import Judge
+
+        if isinstance(evaluator, (str, Path)) and device is not None:
             from soupkit.eval import Evaluator
 
             evaluator = Evaluator.from_recipe(evaluator, device=device)
-        if not (hasattr(evaluator, "evaluate") and hasattr(evaluator, "heldout_name")):
-            raise ParameterError(f"--eval: expected an Evaluator or a recipe path or name, got a "
-                                 f"{type(evaluator).__name__}")
-        self.evaluator = evaluator
-        self.heldout: str = evaluator.heldout_name
+        self.judge = Judge(evaluator)
+        self.heldout: str = self.judge.heldout
 
     def accuracy(self, source: Any, need_correct: int | None = None) -> tuple[float, bool]:
         """(accuracy, exact). A stopped evaluation gives the best accuracy it could still have reached."""
-        result = self.evaluator.evaluate(source, [self.heldout], need_correct=need_correct).datasets[self.heldout]
-        if getattr(result, "stopped_early", False):
-            reachable = result.correct + (result.n - result.examples_seen)
-            return reachable / result.n, False
-        return float(result.accuracy), True
+        score = self.judge.score(source, need_correct=need_correct if self.judge.is_evaluator else None)
+        if score.stopped_early and score.correct is not None and score.n and score.examples_seen is not None:
+            return (score.correct + score.n - score.examples_seen) / score.n, False
+        if score.accuracy is None or not math.isfinite(score.accuracy):
+            raise ParameterError(f"--eval: the evaluator gave no finite held-out accuracy for {_name(source, 0)}")
+        return score.accuracy, True
 
     def examples(self) -> int | None:
-        counter = getattr(self.evaluator, "num_examples", None)
+        counter = getattr(self.judge.evaluator, "num_examples", None) if self.judge.is_evaluator else None
         return counter(self.heldout) if counter is not None else None

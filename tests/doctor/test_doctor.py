@@ -213,3 +213,19 @@ def test_nan_base_is_named(ingredients) -> None:
     base["features.0.weight"][0, 0, 0, 0] = math.inf
     with pytest.raises(NonFiniteError, match=r"^<base state dict>: the base holds NaN or Inf weights"):
         doctor(ingredients.same[:2], base=base)
+
+
+def test_a_plain_callable_evaluator_works(ingredients) -> None:
+    """Any ``state_dict -> float`` (no cache, no early stop), as the soup algorithms accept."""
+    seen: list[int] = []
+
+    def score(state) -> float:
+        seen.append(len(state))
+        return 0.5 + 0.01 * float(state["head.3.bias"][0] > 0)
+
+    report = doctor(ingredients.same[:3], base=ingredients.base, evaluator=score)
+    assert len(seen) == 3 + 2 * 3 + 1  # three ingredients, three points on each of two paths, the uniform soup
+    assert set(report.barrier) == set(map(str, ingredients.same[:3])) - {report.best}
+    best = report.scores[report.best]
+    assert report.uniform_score in (0.5, 0.51)
+    assert report.overall == ("use greedy" if report.uniform_score < best else "uniform soup likely fine")
