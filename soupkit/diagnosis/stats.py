@@ -160,6 +160,8 @@ def _fill(block: torch.Tensor, raw: list[torch.Tensor], anchor: int, identical: 
     block[anchor].copy_(raw[anchor])
     for i, chunk in enumerate(raw):
         if i != anchor:
+            if chunk.dtype.itemsize == 1:  # float8 has no type promotion to float64
+                chunk = chunk.to(torch.float64)
             torch.sub(chunk, block[anchor], out=block[i])
     for i, j in list(identical):  # pairs still bit-identical: after the first chunk, usually none
         if not (raw[i].dtype == raw[j].dtype and torch.equal(raw[i], raw[j])):

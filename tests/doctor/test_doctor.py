@@ -229,3 +229,13 @@ def test_a_plain_callable_evaluator_works(ingredients) -> None:
     best = report.scores[report.best]
     assert report.uniform_score in (0.5, 0.51)
     assert report.overall == ("use greedy" if report.uniform_score < best else "uniform soup likely fine")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_low_precision_inputs_are_read_exactly(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(64, 8, generator=g).to(dtype), "b": torch.randn(8, generator=g)} for _ in range(3)]
+    stats = gram_pass(_readers(states), ["w", "b"])
+    rows = torch.stack([_flat(s) for s in states])
+    centred = rows - rows.mean(0)
+    torch.testing.assert_close(stats.gram[""], centred @ centred.T, rtol=1e-10, atol=1e-12)
