@@ -27,7 +27,7 @@ from soupkit.diagnosis.report import DoctorReport
 from soupkit.diagnosis.stats import GramStats, centre, gram_pass
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError
 from soupkit.io import CheckpointReader, CheckpointSource, input_files, open_checkpoint
-from soupkit.io.atomic import check_report_path
+from soupkit.io.atomic import check_report_path, write_small_file
 from soupkit.merging.engine import check_compatible
 
 __all__ = ["DoctorReport", "doctor"]
@@ -70,10 +70,11 @@ def doctor(checkpoints: Sequence[CheckpointSource], base: CheckpointSource | Non
             check_paths(report, judge, sources, majority)
         report.overall, report.overall_reason = rules.overall(list(report.verdict.values()), report.uniform_score,
                                                               report.scores.get(report.best or ""))
-        if json is not None:
-            report.write_json(json, inputs=protect)
+        outputs = [(json, report.to_json().encode(), "--json")] if json is not None else []
         if plot is not None:
-            report.plot(plot, inputs=protect)
+            outputs.append((plot, report.png(), "--plot"))  # both rendered before either is written
+        for path, data, option in outputs:
+            write_small_file(path, data, inputs=protect, option=option)
         return report
     finally:
         for reader, source in zip(readers, checkpoints):

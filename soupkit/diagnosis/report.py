@@ -108,12 +108,16 @@ class DoctorReport:
         return write_small_file(path, self.to_json().encode(), inputs=inputs, option=option)
 
     def plot(self, path: str | Path, *, inputs: Any = (), option: str = "--plot") -> Path:
-        """A heatmap of the pairwise angles (degrees), ingredients ordered by held-out score when known."""
+        """Write ``png()`` to ``path`` atomically."""
         from soupkit.io.atomic import write_small_file
 
+        return write_small_file(path, self.png(), inputs=inputs, option=option)
+
+    def png(self) -> bytes:
+        """A heatmap of the pairwise angles (degrees), ingredients ordered by held-out score when known."""
         buffer = io.BytesIO()
         self.figure().savefig(buffer, format="png")
-        return write_small_file(path, buffer.getvalue(), inputs=inputs, option=option)
+        return buffer.getvalue()
 
     def figure(self) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
