@@ -40,4 +40,6 @@ def doctor(
 
     report = run_doctor(checkpoints, base=base, evaluator=recipe, json=json_out, plot=plot, device=device)
     if not quiet:
-        wide_console().print(report.table())
+        console = wide_console()
+        console.print(report.table())
+        console.print(report.module_note(), style="dim", soft_wrap=True)

@@ -102,6 +102,17 @@ class DoctorReport:
             table.add_row(*row, f"[{colour}]{word}[/{colour}]", self.reason.get(name, ""))
         return table
 
+    def module_note(self) -> str:
+        """One line: the median pairwise angle within each module, over the inputs not flagged."""
+        keep = [i for i, n in enumerate(self.names) if self.verdict[n] == "soupable"]
+        parts = []
+        for module, data in self.modules.items():
+            values = [math.degrees(math.acos(max(-1.0, min(1.0, data["cosine"][i][j])))) for i in keep for j in keep
+                      if i < j and data["cosine"][i][j] is not None]
+            if values:
+                parts.append(f"{module} {_median(values):.0f}°")  # type: ignore[str-format]
+        return "median angle per module (soupable inputs): " + ", ".join(parts) if parts else ""
+
     def write_json(self, path: str | Path, *, inputs: Any = (), option: str = "--json") -> Path:
         from soupkit.io.atomic import write_small_file
 

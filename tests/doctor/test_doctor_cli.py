@@ -27,6 +27,7 @@ def test_cli_table_json_and_plot(cli, ingredients, tmp_path: Path) -> None:
     result = cli("doctor", *paths, "--base", ingredients.base, "--json", out, "--plot", tmp_path / "angles.png")
     assert result.code == 0, result.err
     assert "soupkit doctor: use greedy" in result.out and "different_init" in result.out
+    assert "median angle per module (soupable inputs): features " in result.out
     data = json.loads(out.read_text())
     assert data["names"] == [str(p) for p in paths]
     assert data["verdict"][str(ingredients.other)] == "different_init"
