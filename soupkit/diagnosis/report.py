@@ -109,8 +109,9 @@ class DoctorReport:
         for module, data in self.modules.items():
             values = [math.degrees(math.acos(max(-1.0, min(1.0, data["cosine"][i][j])))) for i in keep for j in keep
                       if i < j and data["cosine"][i][j] is not None]
-            if values:
-                parts.append(f"{module} {_median(values):.0f}°")  # type: ignore[str-format]
+            median = _median(values)
+            if median is not None:
+                parts.append(f"{module} {median:.0f}°")
         return "median angle per module (soupable inputs): " + ", ".join(parts) if parts else ""
 
     def write_json(self, path: str | Path, *, inputs: Any = (), option: str = "--json") -> Path:
