@@ -239,3 +239,19 @@ def test_low_precision_inputs_are_read_exactly(dtype: torch.dtype) -> None:
     rows = torch.stack([_flat(s) for s in states])
     centred = rows - rows.mean(0)
     torch.testing.assert_close(stats.gram[""], centred @ centred.T, rtol=1e-10, atol=1e-12)
+
+
+def test_a_dip_on_the_path_is_a_different_basin(ingredients) -> None:
+    """An evaluator whose accuracy collapses between two ingredients (as between two basins): 90 % at every
+    ingredient, 60 % anywhere else. Every path dips 30 points, so all but the best are different_basin."""
+    states = [load_checkpoint(p) for p in ingredients.same[:3]]
+
+    def score(state) -> float:
+        return 0.9 if any(torch.equal(state["head.3.bias"], s["head.3.bias"]) for s in states) else 0.6
+
+    report = doctor(ingredients.same[:3], base=ingredients.base, evaluator=score)
+    others = [n for n in report.names if n != report.best]
+    assert [report.verdict[n] for n in others] == ["different_basin"] * 2
+    assert all(report.barrier[n] == pytest.approx(0.3) for n in others)
+    assert "dips 30.0 points below the line" in report.reason[others[0]]
+    assert report.overall == "will not soup"
