@@ -38,6 +38,9 @@ _LAZY = {
     "wise_sweep": "soupkit.soups",
     "learned_soup": "soupkit.soups",
     "SoupResult": "soupkit.soups",
+    # pre-flight check
+    "doctor": "soupkit.diagnosis",
+    "DoctorReport": "soupkit.diagnosis",
     # errors (cheap, but keep one mechanism)
     "SoupkitError": "soupkit.errors",
 }
@@ -49,6 +52,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from soupkit.diagnosis import DoctorReport, doctor
     from soupkit.errors import SoupkitError
     from soupkit.eval import EvalResult, Evaluator
     from soupkit.io import CheckpointReader, fingerprint, load_checkpoint, open_checkpoint, save_checkpoint

@@ -50,6 +50,7 @@ class DemoResult:
     greedy: dict[str, Any] = field(default_factory=dict)
     learned: dict[str, Any] = field(default_factory=dict)
     wise: dict[str, Any] = field(default_factory=dict)
+    doctor: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -57,7 +58,8 @@ class DemoResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "models": self.rows, "ingredients": self.ingredients,
-                "greedy": self.greedy, "learned": self.learned, "wise": self.wise, "summary": self.summary,
+                "greedy": self.greedy, "learned": self.learned, "wise": self.wise, "doctor": self.doctor,
+                "summary": self.summary,
                 "files": self.files, "seconds": round(self.seconds, 1)}
 
 
@@ -192,8 +194,13 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
     score(f"WiSE-FT (alpha={wise.alpha:.1f})", out / "wise.safetensors")
     result.wise = _jsonable(wise.to_dict())
 
+    log("doctor: will these ingredients soup?")
+    doctor = soupkit.doctor(paths, base=pretrained_path, evaluator=evaluator, plot=out / "doctor_angles.png")
+    result.doctor = _jsonable(doctor.to_dict())
+
     # 5. report
-    result.summary = summarize(result.rows, best.stem, f"WiSE-FT (alpha={wise.alpha:.1f})")
+    result.summary = (summarize(result.rows, best.stem, f"WiSE-FT (alpha={wise.alpha:.1f})")
+                      + f" soupkit doctor: {doctor.overall} ({doctor.overall_reason}).")
     result.seconds = time.perf_counter() - started
     result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
     (out / "demo.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))

@@ -32,7 +32,9 @@ def test_demo_json_structure_and_files(quick_run) -> None:
             assert isinstance(value, float) and 0.0 <= value <= 1.0, (model, dataset, value)
     assert len(report["ingredients"]) == 4 and report["greedy"]["ingredients"]
     assert report["summary"].startswith("The pretrained model scores")
-    for name in ("greedy_scatter.png", "wise_curve.png"):
+    assert report["doctor"]["overall"] in report["summary"] and report["doctor"]["names"]
+    assert set(report["doctor"]["verdict"].values()) <= {"soupable", "duplicate", "different_basin"}
+    for name in ("greedy_scatter.png", "wise_curve.png", "doctor_angles.png"):
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     meta = soupkit.open_checkpoint(out / "ingredients" / "finetuned_00.safetensors").metadata

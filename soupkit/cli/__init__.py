@@ -13,7 +13,7 @@ import warnings
 import typer
 
 # Each import registers that module's commands on `app`.
-from soupkit.cli import demo_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
+from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
 from soupkit.cli._app import app
 from soupkit.cli._help import tidy
 from soupkit.options import cli_names

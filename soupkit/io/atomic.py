@@ -172,3 +172,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``atomic_write_bytes`` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode())
+
+
+def check_report_path(path: str | Path, *, inputs: Iterable[Path] = (), option: str = "output") -> Path:
+    """Refuse a report file (JSON, PNG) that cannot be written, before any work: a directory, a missing or
+    read-only folder, or one of the inputs. An existing report is replaced (it is not data)."""
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{option}: {out} is a directory; give a file name")
+    for source_path in inputs:
+        if Path(source_path).exists() and out.exists() and os.path.samefile(source_path, out):
+            raise OutputError(f"{option}: {out} is one of the inputs; soupkit never modifies inputs")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{option}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option}: folder {parent} is not writable")
+    return out
+
+
+def write_small_file(path: str | Path, data: bytes, *, inputs: Iterable[Path] = (), option: str = "output") -> Path:
+    """Write a small file (a report, a plot) whole and atomically: checked as ``check_report_path``, written to a
+    temporary name beside it, fsync'ed and renamed into place."""
+    return atomic_write_bytes(check_report_path(path, inputs=tuple(inputs), option=option), data)

@@ -1,0 +1,191 @@
+"""What ``soupkit.doctor`` returns: every number behind the verdicts, as a rich table, a JSON object and a heatmap
+of the pairwise angles between task vectors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: JSON schema version of ``DoctorReport.to_dict()``
+SCHEMA = 1
+
+
+def _matrix(values: list[list[float | None]]) -> list[list[float | None]]:
+    return [[None if v is None or not math.isfinite(v) else round(v, 10) for v in row] for row in values]
+
+
+@dataclass
+class DoctorReport:
+    """Per-ingredient statistics and verdicts. Matrices are N×N over ``names`` (the inputs, in order), with None in
+    the rows and columns of incompatible inputs. ``centred``: without a base the vectors compared are θᵢ − mean θ
+    (their angles are not the paper's φ, which is measured from the pretrained initialisation)."""
+
+    names: list[str]
+    base: str | None
+    centred: bool
+    norm: list[float | None]  # ‖θᵢ − θ_base‖ (or ‖θᵢ − mean θ‖ when centred)
+    weight_norm: list[float | None]  # ‖θᵢ‖
+    to_uniform: list[float | None]  # ‖θᵢ − uniform soup‖ (the soup of the compatible inputs)
+    distance: list[list[float | None]]
+    cosine: list[list[float | None]]
+    modules: dict[str, dict[str, Any]]  # module -> {"parameters", "cosine", "distance"}
+    verdict: dict[str, str]
+    reason: dict[str, str]
+    overall: str
+    overall_reason: str
+    scores: dict[str, float] = field(default_factory=dict)  # held-out accuracy (with an evaluator)
+    barrier: dict[str, float] = field(default_factory=dict)
+    path: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[α, accuracy], ...] from the best
+    best: str | None = None
+    uniform_score: float | None = None
+    heldout: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def angle(self) -> list[list[float | None]]:
+        """Pairwise angles in degrees (the paper's φ when a base is given)."""
+        return [[None if c is None else math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in row]
+                for row in self.cosine]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "schema": SCHEMA, "names": self.names, "base": self.base, "centred": self.centred,
+            "vectors": "theta_i - mean(theta)" if self.centred else "theta_i - theta_base",
+            "cosine": _matrix(self.cosine), "distance": _matrix(self.distance), "angle": _matrix(self.angle),
+            "norm": self.norm, "weight_norm": self.weight_norm, "distance_to_uniform": self.to_uniform,
+            "modules": {m: {**v, "cosine": _matrix(v["cosine"]), "distance": _matrix(v["distance"])}
+                        for m, v in self.modules.items()},
+            "verdict": self.verdict, "reason": self.reason, "overall": self.overall,
+            "overall_reason": self.overall_reason, "stats": self.stats,
+        }
+        if self.scores:
+            data.update({"heldout": self.heldout, "scores": self.scores, "best": self.best,
+                         "barrier": self.barrier, "path": self.path, "uniform_score": self.uniform_score})
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def order(self) -> list[int]:
+        """Input positions for display: by held-out score (best first) when known, else input order."""
+        if not self.scores:
+            return list(range(len(self.names)))
+        return sorted(range(len(self.names)), key=lambda i: -self.scores.get(self.names[i], -math.inf))
+
+    def table(self) -> Any:
+        """A rich table: one row per ingredient, its numbers and its verdict."""
+        from rich.table import Table
+
+        vectors = "θᵢ − mean θ (no --base)" if self.centred else "θᵢ − θ_base"
+        table = Table(title=f"soupkit doctor: {self.overall}", caption=f"{self.overall_reason}. Vectors: {vectors}.")
+        columns = ["ingredient", "‖τ‖", "to uniform", "median φ"]
+        if self.scores:
+            columns += ["held-out", "barrier"]
+        for column in [*columns, "verdict", "why"]:
+            table.add_column(column, justify="left" if column in ("ingredient", "verdict", "why") else "right",
+                             overflow="fold", min_width=30 if column == "why" else None)
+        labels = short_names(self.names)
+        angles = self.angle
+        for i in self.order():
+            name = self.names[i]
+            others = [j for j in range(len(self.names)) if j != i]
+            row = [labels[i], _num(self.norm[i]), _num(self.to_uniform[i]),
+                   _num(_median([angles[i][j] for j in others]), "°")]
+            if self.scores:
+                row += [_pct(self.scores.get(name)), "best" if name == self.best else _num(self.barrier.get(name))]
+            word = self.verdict[name]
+            colour = {"soupable": "green", "duplicate": "yellow"}.get(word, "red")
+            table.add_row(*row, f"[{colour}]{word}[/{colour}]", self.reason.get(name, ""))
+        return table
+
+    def module_note(self) -> str:
+        """One line: the median pairwise angle within each module, over the inputs not flagged."""
+        keep = [i for i, n in enumerate(self.names) if self.verdict[n] == "soupable"]
+        parts = []
+        for module, data in self.modules.items():
+            values = [math.degrees(math.acos(max(-1.0, min(1.0, data["cosine"][i][j])))) for i in keep for j in keep
+                      if i < j and data["cosine"][i][j] is not None]
+            median = _median(values)
+            if median is not None:
+                parts.append(f"{module} {median:.0f}°")
+        return "median angle per module (soupable inputs): " + ", ".join(parts) if parts else ""
+
+    def write_json(self, path: str | Path, *, inputs: Any = (), option: str = "--json") -> Path:
+        from soupkit.io.atomic import write_small_file
+
+        return write_small_file(path, self.to_json().encode(), inputs=inputs, option=option)
+
+    def plot(self, path: str | Path, *, inputs: Any = (), option: str = "--plot") -> Path:
+        """Write ``png()`` to ``path`` atomically."""
+        from soupkit.io.atomic import write_small_file
+
+        return write_small_file(path, self.png(), inputs=inputs, option=option)
+
+    def png(self) -> bytes:
+        """A heatmap of the pairwise angles (degrees), ingredients ordered by held-out score when known."""
+        buffer = io.BytesIO()
+        self.figure().savefig(buffer, format="png")
+        return buffer.getvalue()
+
+    def figure(self) -> Any:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        order = [i for i in self.order() if self.cosine[i][i] is not None]
+        n = len(order)
+        figure = Figure(figsize=(max(5.5, 0.6 * n + 3.5), max(4.5, 0.55 * n + 2.5)), dpi=110, layout="constrained")
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        angles = self.angle
+        grid = [[math.nan if angles[i][j] is None or i == j else angles[i][j] for j in order] for i in order]
+        top = max(90.0, max((v for row in grid for v in row if math.isfinite(v)), default=90.0))
+        image = axes.imshow(grid, cmap="viridis_r", vmin=0, vmax=top)
+        labels = short_names([self.names[i] for i in order])
+        marks = [_mark(self.verdict[self.names[i]]) for i in order]
+        if self.scores:
+            labels = [f"{label} ({100 * self.scores[self.names[i]]:.1f}%)" if self.names[i] in self.scores else label
+                      for label, i in zip(labels, order)]
+        labels = [label + mark for label, mark in zip(labels, marks)]
+        axes.set_xticks(range(n), labels, rotation=45, ha="right", fontsize="small")
+        axes.set_yticks(range(n), labels, fontsize="small")
+        if n <= 16:
+            for r in range(n):
+                for c in range(n):
+                    if math.isfinite(grid[r][c]):
+                        axes.text(c, r, f"{grid[r][c]:.0f}", ha="center", va="center", fontsize="small",
+                                  color="black" if grid[r][c] < 0.55 * top else "white")
+        figure.colorbar(image, ax=axes, label="angle between task vectors (°)")
+        start = "the mean (no base given)" if self.centred else "the base"
+        order_note = "ordered by held-out accuracy" if self.scores else "in input order"
+        flagged = "; * flagged, see the table" if any(m for m in marks) else ""
+        axes.set_title(f"{self.overall}: angles from {start}\n{order_note}{flagged}", fontsize="medium")
+        return figure
+
+
+def _mark(word: str) -> str:
+    return "" if word == "soupable" else f" *{word}"
+
+
+def short_names(names: list[str]) -> list[str]:
+    """File names without a shared folder and the .safetensors suffix."""
+    stems = [Path(n).name.removesuffix(".safetensors") for n in names]
+    return stems if len(set(stems)) == len(stems) else names
+
+
+def _median(values: list[float | None]) -> float | None:
+    import statistics
+
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else None
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}{unit}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
