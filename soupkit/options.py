@@ -68,6 +68,14 @@ class OutputOptions(BaseModel):
     ema: Annotated[bool, Field(description="Read the EMA weights (state_dict_ema, model_ema) of .pt "
                                            "inputs.")] = False
     force: Annotated[bool, Field(description="Replace an existing output (never an input).")] = False
+    strip_prefix: Annotated[str | None, Field(description="Read tensor names without this prefix, e.g. model. of "
+                                                          "a Lightning checkpoint (keys without it are left "
+                                                          "out).")] = None
+    add_prefix: Annotated[str | None, Field(description="Write tensor names with this prefix (e.g. model. "
+                                                        "back for a Lightning .ckpt).")] = None
+    rank: Annotated[int | None, Field(description="LoRA adapters without --base: write the soup as an adapter of "
+                                                  "this rank (truncated SVD; its error is reported).",
+                                      gt=0, le=65536)] = None
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -94,6 +102,13 @@ class OutputOptions(BaseModel):
     @classmethod
     def _shard_size(cls, value: Any) -> int | None:
         return None if value is None else parse_size(value)
+
+    @field_validator("strip_prefix", "add_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(not c.isprintable() for c in value)):
+            raise ValueError(f"expected a printable tensor-name prefix such as 'model.', got {value!r}")
+        return value
 
     @field_validator("include", "exclude", mode="before")
     @classmethod

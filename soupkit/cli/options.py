@@ -70,7 +70,7 @@ def _output_parameters(skip: Iterable[str]) -> list[inspect.Parameter]:
                                                                   show_default=False, rich_help_panel=OUTPUT_PANEL)]
             default = None
         else:
-            metavar = {"dtype": "DTYPE", "device": "DEVICE", "shard_size": "SIZE"}.get(name, "VALUE")
+            metavar = {"dtype": "DTYPE", "device": "DEVICE", "shard_size": "SIZE", "rank": "R"}.get(name, "TEXT")
             annotation = Annotated[str | None, typer.Option(flag(name), help=help_text, metavar=metavar,
                                                             show_default=False, rich_help_panel=OUTPUT_PANEL)]
             default = None

@@ -27,7 +27,10 @@ from soupkit.io import (
     open_checkpoint,
     provenance_metadata,
 )
+from soupkit.io.hf_folder import FolderOutput, plan_folder_output
+from soupkit.io.lora import check_adapter_mix
 from soupkit.io.provenance import ingredient_record
+from soupkit.merging.adapters import adapter_positions, merge_adapters_without_base
 from soupkit.merging.engine import EngineRun, SoupkitWarning, Variant, check_compatible, output_plan, select_keys
 from soupkit.merging.registry import METHODS, MergeMethod, get_method
 from soupkit.options import OutputOptions, split_options
@@ -37,10 +40,13 @@ Result = dict[str, torch.Tensor] | Path
 Params = Mapping[str, Any] | Callable[[str], Mapping[str, Any]]
 
 
-def open_inputs(checkpoints: Sequence[CheckpointSource], ema: bool) -> list[CheckpointReader]:
-    """Open every input lazily (closing those opened if one fails); an input given twice is an error."""
+def open_inputs(checkpoints: Sequence[CheckpointSource], options: OutputOptions,
+                adapter_base: CheckpointSource | None = None) -> list[CheckpointReader]:
+    """Open every input lazily (closing those opened if one fails); an input given twice is an error. LoRA
+    adapters read as W + dW over ``adapter_base`` when one is given (``soupkit.merging.adapters``)."""
     if isinstance(checkpoints, (str, Path, Mapping)) or not isinstance(checkpoints, Sequence):
         raise ParameterError("checkpoints must be a list of paths or state dicts, not a single one")
+    adapters = set(adapter_positions(checkpoints))
     seen: dict[Path, int] = {}
     readers: list[CheckpointReader] = []
     try:
@@ -51,7 +57,11 @@ def open_inputs(checkpoints: Sequence[CheckpointSource], ema: bool) -> list[Chec
                     raise ParameterError(f"{source}: given twice (inputs #{seen[resolved] + 1} and #{number + 1}); "
                                          f"weight it instead with --weights")
                 seen[resolved] = number
-            readers.append(open_checkpoint(source, ema=ema, name=f"<state dict #{number}>"))
+            readers.append(open_checkpoint(source, ema=options.ema and number not in adapters,
+                                           name=f"<state dict #{number}>", strip_prefix=options.strip_prefix,
+                                           add_prefix=options.add_prefix,
+                                           base=adapter_base if number in adapters else None))
+        check_adapter_mix(readers)
     except BaseException:
         close_inputs(readers)
         raise
@@ -64,13 +74,14 @@ def close_inputs(readers: Sequence[CheckpointReader | None]) -> None:
             reader.close()
 
 
-def _method(method: Any, base: Any) -> MergeMethod:
+def _method(method: Any, base: Any, adapters: bool) -> MergeMethod:
+    """The method, checked against ``--base`` (which LoRA adapters take whatever the method: their base model)."""
     if not isinstance(method, str):
         raise ParameterError(f"method: expected a method name such as 'uniform', got {method!r}")
     spec = get_method(method)
-    if spec.needs_base and base is None:
+    if spec.needs_base and base is None and not adapters:
         raise ParameterError(f"method {method!r} needs a base model (--base)")
-    if base is not None and not spec.needs_base:
+    if base is not None and not spec.needs_base and not adapters:
         raise ParameterError(f"method {method!r} does not use a base model; drop --base")
     return spec
 
@@ -110,45 +121,77 @@ def merge_variants(
     provenance records (``convert`` for a one-input copy).
     """
     options = options or OutputOptions()
-    spec = _method(method, base)
+    adapters = bool(adapter_positions(checkpoints)) if isinstance(checkpoints, Sequence) else False
+    spec = _method(method, base, adapters)
+    if adapters and base is None and len(adapter_positions(checkpoints)) == len(checkpoints):
+        return [merge_adapters_without_base(checkpoints, method, params, out, options, progress=progress,
+                                            metadata=metadata) for params, out in variants]
+    options.refuse(["rank"], "full-weight outputs", "it shapes a soup of LoRA adapters written without --base")
     run = EngineRun(options, progress=progress)
     if chunk_elements is not None:
         run.chunk_elements = chunk_elements
-    readers = open_inputs(checkpoints, options.ema)
+    readers = open_inputs(checkpoints, options, adapter_base=base if adapters else None)
     base_reader = None
     try:
-        if base is not None:
-            base_reader = open_checkpoint(base, ema=options.ema, name="<base state dict>")
+        if base is not None and spec.needs_base:
+            base_reader = open_checkpoint(base, ema=options.ema, name="<base state dict>",
+                                          strip_prefix=options.strip_prefix, add_prefix=options.add_prefix)
         keys = check_compatible(readers, allow_missing=options.allow_missing, base=base_reader)
         bound = [_bind(spec, params, len(readers), keys) for params, _ in variants]
         protected = [f for r in [*readers, base_reader] if r is not None for f in input_files(r)]
         protected += [Path(p) for params in bound if not callable(params) for p in params.get("fishers") or ()]
-        outputs = _outputs([out for _, out in variants], protected, options.force)
+        templates = [base, *checkpoints] if adapters and base is not None else list(checkpoints)
+        outputs = _outputs([out for _, out in variants], templates, protected, options)
+        keys = _without_tied_copies(keys, outputs)
         select_keys(keys, options.include, options.exclude)  # pattern errors before any work
         plan = output_plan(readers, keys, run.dtype)
         ingredients = [ingredient_record(r.name, r.path, r.nbytes) for r in readers]
         with OutputSet() as files:
             sinks = []
-            for params, out in zip(bound, outputs):
+            for params, (out, folder) in zip(bound, outputs):
                 recorded = {"per_layer": True} if callable(params) else params
                 meta = provenance_metadata(record_as or method, recorded, ingredients,
                                            _extra(metadata, base_reader, options))
-                sinks.append(CheckpointSink(out, plan, meta, files if out is not None else None, options.shard_size,
+                shard_size = folder.shard_size if folder is not None else options.shard_size
+                sinks.append(CheckpointSink(out, plan, meta, files if out is not None else None, shard_size,
                                             protect=protected, force=options.force))
+                if folder is not None:
+                    folder.add_files(files, dtype=_TORCH_DTYPE_NAMES.get(options.dtype or ""))
             from soupkit.merging.engine import run_merge
 
             run_merge(spec, readers, [Variant(p, s) for p, s in zip(bound, sinks)], run, base_reader, keys)
-            return [sink.finish() for sink in sinks]
+            return [sink.finish() if folder is None else folder.folder for sink, (_, folder) in zip(sinks, outputs)]
     finally:
         close_inputs([*readers, base_reader])
 
 
-def _outputs(outputs: Sequence[str | Path | None], protected: Sequence[Path], force: bool) -> list[Path | None]:
-    checked = [None if out is None else check_output_path(out, inputs=protected, force=force) for out in outputs]
-    targets = [o for o in checked if o is not None]
+def _outputs(outputs: Sequence[str | Path | None], templates: Sequence[Any], protected: Sequence[Path],
+             options: OutputOptions) -> list[tuple[Path | None, FolderOutput | None]]:
+    """Each output checked before any work: a file, or a Hugging Face folder (``soupkit.io.hf_folder``: a path
+    ending in /, an existing folder, or no suffix when the inputs are folders) as (its weights file, the
+    folder)."""
+    checked: list[tuple[Path | None, FolderOutput | None]] = []
+    for out in outputs:
+        folder = plan_folder_output(out, templates, shard_size=options.shard_size) if out is not None else None
+        if folder is not None:
+            folder.check(protected, force=options.force)
+            checked.append((folder.weights, folder))
+        else:
+            path = None if out is None else check_output_path(out, inputs=protected, force=options.force)
+            checked.append((path, None))
+    targets = [o for o, _ in checked if o is not None]
     if len(set(targets)) != len(targets):
         raise OutputError(f"{targets[0]}: two outputs of this merge would share one path")
     return checked
+
+
+def _without_tied_copies(keys: list[str], outputs: Sequence[tuple[Path | None, FolderOutput | None]]) -> list[str]:
+    """A folder output leaves out tied copies (``lm_head.weight``), as ``save_pretrained`` does."""
+    omitted = {k for _, folder in outputs if folder is not None for k in folder.omitted_keys(keys)}
+    return [k for k in keys if k not in omitted] if omitted else keys
+
+
+_TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 
 
 def _extra(metadata: Mapping[str, Any] | None, base: CheckpointReader | None, options: OutputOptions) -> dict:
@@ -156,8 +199,7 @@ def _extra(metadata: Mapping[str, Any] | None, base: CheckpointReader | None, op
     if base is not None:
         extra["soupkit.base"] = ingredient_record(base.name, base.path, base.nbytes)
     if options.dtype is not None:
-        extra["soupkit.dtype"] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
-                                  "fp64": "float64"}[options.dtype]
+        extra["soupkit.dtype"] = _TORCH_DTYPE_NAMES[options.dtype]
     if options.include or options.exclude:
         extra["soupkit.filter"] = {"include": list(options.include), "exclude": list(options.exclude)}
     return extra
@@ -242,8 +284,11 @@ def wise_ft(
         outputs: list[Path | None] = [None] * len(alphas)
     else:
         outputs = [wise_output_name(Path(output), a) for a in alphas] if several else [Path(output)]
+    # WiSE-FT of a LoRA adapter over its base: W + a*dW (the base is the zero-shot model)
+    base = zeroshot if adapter_positions([zeroshot, finetuned]) == [1] else None
     results = merge_variants([zeroshot, finetuned], "wise", [({"alpha": a}, o) for a, o in zip(alphas, outputs)],
-                             options=options, progress=progress, metadata=metadata, chunk_elements=chunk_elements)
+                             base=base, options=options, progress=progress, metadata=metadata,
+                             chunk_elements=chunk_elements)
     return results if several else results[0]
 
 
