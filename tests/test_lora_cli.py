@@ -32,7 +32,8 @@ def test_uniform_soup_of_adapters_over_a_base_is_a_folder_transformers_loads(
     assert (tmp_path / "soup" / "config.json").exists()
 
 
-def test_ties_of_adapters_acts_on_the_updates(tmp_path: Path, llama: Path, adapters: dict[str, Path], cli) -> None:  # noqa: F811
+def test_ties_of_adapters_acts_on_the_updates(tmp_path: Path, llama: Path, adapters: dict[str, Path],
+                                              cli) -> None:  # noqa: F811
     a, b = adapters["r4"], adapters["patterns"]
     result = cli("merge", a, b, "--base", llama, "-m", "ties", "--density", "1", "-o", tmp_path / "t.safetensors")
     assert result.code == 0, result.err
@@ -43,7 +44,7 @@ def test_ties_of_adapters_acts_on_the_updates(tmp_path: Path, llama: Path, adapt
 
 
 def test_wise_of_an_adapter_is_base_plus_alpha_update(tmp_path: Path, llama: Path, adapters: dict[str, Path],
-                                                      cli) -> None:  # noqa: F811
+                                                      cli) -> None:
     result = cli("wise", llama, adapters["r4"], "--alpha", "0.5", "-o", tmp_path / "w.safetensors", "-q")
     assert result.code == 0, result.err
     base = load_checkpoint(llama)
@@ -53,8 +54,8 @@ def test_wise_of_an_adapter_is_base_plus_alpha_update(tmp_path: Path, llama: Pat
     assert rel_err(got, {k: v.float() for k, v in want.items()}) <= 1e-5
 
 
-def test_adapters_without_a_base_write_an_exact_adapter_peft_loads(tmp_path: Path, llama: Path,
-                                                                   adapters: dict[str, Path], cli) -> None:  # noqa: F811
+def test_adapters_without_a_base_write_an_exact_adapter_peft_loads(
+        tmp_path: Path, llama: Path, adapters: dict[str, Path], cli) -> None:  # noqa: F811
     a, b = adapters["r4"], adapters["r2-rslora"]
     result = cli("merge", a, b, "-o", tmp_path / "soup_adapter", "-q")
     assert result.code == 0, result.err
@@ -65,7 +66,7 @@ def test_adapters_without_a_base_write_an_exact_adapter_peft_loads(tmp_path: Pat
 
 
 def test_a_nonlinear_method_without_base_names_both_ways_out(tmp_path: Path, adapters: dict[str, Path],
-                                                             cli) -> None:  # noqa: F811
+                                                             cli) -> None:
     result = cli("merge", adapters["r4"], adapters["patterns"], "-m", "ties", "-o", tmp_path / "x")
     assert result.code == 2 and "--base BASE" in result.err and "--rank R" in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
@@ -76,7 +77,7 @@ def test_a_nonlinear_method_without_base_names_both_ways_out(tmp_path: Path, ada
 
 
 def test_an_adapter_mixed_with_a_full_model_needs_the_base(tmp_path: Path, llama: Path, adapters: dict[str, Path],
-                                                           cli) -> None:  # noqa: F811
+                                                           cli) -> None:
     result = cli("merge", llama, adapters["r4"], "-o", tmp_path / "m.safetensors")
     assert result.code == 2 and "LoRA adapter" in result.err and "--base" in result.err, result.err
     assert not (tmp_path / "m.safetensors").exists()
