@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.test_lora are parameters here)
 """LoRA adapters through `soupkit merge` / `soupkit wise` (the library's adapter readers wired into the CLI), checked
 against peft itself and loaded back by transformers and peft."""
 
@@ -21,7 +22,7 @@ def mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def test_uniform_soup_of_adapters_over_a_base_is_a_folder_transformers_loads(
-        tmp_path: Path, llama: Path, adapters: dict[str, Path], cli) -> None:  # noqa: F811
+        tmp_path: Path, llama: Path, adapters: dict[str, Path], cli) -> None:
     a, b = adapters["r4"], adapters["r2-rslora"]
     result = cli("merge", a, b, "--base", llama, "-o", f"{tmp_path / 'soup'}/", "-q")
     assert result.code == 0, result.err
@@ -33,7 +34,7 @@ def test_uniform_soup_of_adapters_over_a_base_is_a_folder_transformers_loads(
 
 
 def test_ties_of_adapters_acts_on_the_updates(tmp_path: Path, llama: Path, adapters: dict[str, Path],
-                                              cli) -> None:  # noqa: F811
+                                              cli) -> None:
     a, b = adapters["r4"], adapters["patterns"]
     result = cli("merge", a, b, "--base", llama, "-m", "ties", "--density", "1", "-o", tmp_path / "t.safetensors")
     assert result.code == 0, result.err
@@ -55,7 +56,7 @@ def test_wise_of_an_adapter_is_base_plus_alpha_update(tmp_path: Path, llama: Pat
 
 
 def test_adapters_without_a_base_write_an_exact_adapter_peft_loads(
-        tmp_path: Path, llama: Path, adapters: dict[str, Path], cli) -> None:  # noqa: F811
+        tmp_path: Path, llama: Path, adapters: dict[str, Path], cli) -> None:
     a, b = adapters["r4"], adapters["r2-rslora"]
     result = cli("merge", a, b, "-o", tmp_path / "soup_adapter", "-q")
     assert result.code == 0, result.err

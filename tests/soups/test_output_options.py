@@ -168,7 +168,8 @@ def test_allow_nonfinite(algorithm, tmp_path):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_refused_options_in_one_line(algorithm, setup):
     paths, make_evaluator, out = setup
-    with pytest.raises(ParameterError, match=r"allow_missing does not apply to the .*: it scores every candidate as a whole model"):
+    with pytest.raises(ParameterError, match=r"allow_missing does not apply to the .*: it scores every "
+                                             r"candidate as a whole model"):
         run(algorithm, paths, make_evaluator(), out, allow_missing=True)
     with pytest.raises(ParameterError, match=r"unknown output option 'shard'\. Did you mean 'shard_size'\? "
                                              r"Available: allow_missing, allow_nonfinite, device, dtype"):
