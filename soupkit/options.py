@@ -84,7 +84,7 @@ class OutputOptions(BaseModel):
             return None
         name = str(value).removeprefix("torch.") if type(value).__name__ == "dtype" else value
         if not isinstance(name, str) or name.lower() not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {value!r}; choose fp32, fp16, bf16 or fp64")
+            raise ValueError(f"unknown dtype {str(name)!r}; choose fp32, fp16, bf16 or fp64 (floating dtypes)")
         return DTYPE_NAMES[name.lower()]
 
     @field_validator("device", mode="before")
@@ -101,7 +101,7 @@ class OutputOptions(BaseModel):
     @field_validator("shard_size", mode="before")
     @classmethod
     def _shard_size(cls, value: Any) -> int | None:
-        return None if value is None else parse_size(value)
+        return None if value is None else parse_size(value, user_name("shard_size"))
 
     @field_validator("strip_prefix", "add_prefix")
     @classmethod

@@ -85,10 +85,9 @@ class Parameter:
 
     def interval(self) -> str:
         """The allowed range, as a user reads it: ``in (0, 1]``, ``>= 0``."""
-        low = (f"({self.bounds.gt:g}" if self.bounds.gt is not None else
-               f"[{self.bounds.ge:g}" if self.bounds.ge is not None else None)
-        high = (f"{self.bounds.lt:g})" if self.bounds.lt is not None else
-                f"{self.bounds.le:g}]" if self.bounds.le is not None else None)
+        b = self.bounds
+        low = f"({_number(b.gt)}" if b.gt is not None else f"[{_number(b.ge)}" if b.ge is not None else None
+        high = f"{_number(b.lt)})" if b.lt is not None else f"{_number(b.le)}]" if b.le is not None else None
         if low and high:
             return f"in {low}, {high}"
         if low:
@@ -102,6 +101,10 @@ class Parameter:
     def describe(self) -> str:
         default = "required" if self.required else f"default {_show(self.default)}"
         return f"{self.name} ({self.type_name()}, {default})"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _show(value: Any) -> str:
