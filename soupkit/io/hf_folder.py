@@ -149,8 +149,10 @@ def is_folder_output(output: str | Path, inputs: Sequence[Any] = ()) -> bool:
     """True when ``output`` names a folder: it ends with ``/``, is an existing directory, or has no suffix
     while the first input is a Hugging Face folder."""
     text = os.fspath(output)
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+    if text.endswith(("/", os.sep)):
         return True
+    if Path(text).is_dir():  # a folder named like a file (out.safetensors/) is a mistake, refused as before
+        return not Path(text).name.lower().endswith(_WEIGHT_SUFFIXES)
     return not Path(text).suffix and bool(inputs) and _input_folder(inputs[0]) is not None
 
 

@@ -169,8 +169,8 @@ def test_a_plugin_method_works_everywhere_and_a_broken_one_only_warns(plugin_pat
     cli("merge", "m0.safetensors", "m1.safetensors", "-m", "scaled_mean", "--gain", "2", "-o", "cli.safetensors", "-q")
     cli("merge", "--config", "merge.yaml", "-o", "config.safetensors", "-q")
     library = soupkit.merge(["m0.safetensors", "m1.safetensors"], "scaled_mean", gain=3.0)
-    print("RESULT", load_checkpoint("cli.safetensors")["w"].tolist(), load_checkpoint("config.safetensors")["w"].tolist(),
-          library["w"].tolist())
+    print("RESULT", load_checkpoint("cli.safetensors")["w"].tolist(),
+          load_checkpoint("config.safetensors")["w"].tolist(), library["w"].tolist())
     try:
         soupkit.merge(["m0.safetensors", "m1.safetensors"], "scaled_mean", gain=-1.0)
     except soupkit.SoupkitError as error:
