@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,16 +118,10 @@ def _check_output(path: Path, option: str) -> None:
 
 
 def _write_text(path: Path, text: str, option: str) -> Path:
+    from soupkit.io.atomic import atomic_write_text
+
     _check_output(path, option)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def evaluate_checkpoints(checkpoints: Sequence[str | Path], recipe: Any, *, device: str | None = None,

@@ -159,3 +159,22 @@ class OutputSet:
                 raise OutputError(f"{target}: cannot write output: {exc.strerror}") from None
         elif self._files:
             self.commit()
+
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a small file (a report, a plot, a cache entry) atomically: a temporary file beside ``path``
+    (missing folders created), fsync'ed, then renamed over it, so a reader never sees half a file and a crash
+    leaves the old one. OS errors become one-line ``OutputError``s naming ``path``."""
+    target = Path(path)
+    try:
+        with OutputSet() as outputs:
+            outputs.open(target).write(data)
+    except OSError as err:
+        raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None
+    return target
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``atomic_write_bytes`` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

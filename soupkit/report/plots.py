@@ -10,10 +10,9 @@ switch, no display needed) and written atomically as PNG.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,34 +29,20 @@ def _figure(width: float = 6.4, height: float = 4.8) -> Any:
     return figure
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-
-
 def save_figure(figure: Any, path: str | Path) -> Path:
-    """Write ``figure`` as PNG to ``path`` atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(path)
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    """Write ``figure`` as PNG to ``path`` atomically (soupkit.io.atomic: a temporary file renamed into place)."""
+    from soupkit.io.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_json(data: Any, path: str | Path) -> Path:
     """Write ``data`` as indented JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(path)
-    try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    from soupkit.io.atomic import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _finite(value: Any) -> bool:
