@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soupkit.errors import CheckpointError, OutputError, ParameterError
+from soupkit.report.layout import common_parts, name_cell, names_caption
 
 MEAN_SHIFT = "mean shift"
 
@@ -62,15 +62,15 @@ class EvalReport:
 
         table = Table(title=f"{Path(self.recipe).stem}  ({self.device}, {self.precision}), accuracy %",
                       title_justify="left")
-        labels, _ = _labels([str(r.checkpoint) for r in self.results])
-        table.add_column("checkpoint", no_wrap=True, min_width=min(max(map(len, labels), default=10), 40),
-                         overflow="ellipsis")
+        labels, _, _ = common_parts([str(r.checkpoint) for r in self.results])
+        table.add_column("checkpoint")
         for name in self.dataset_names:
-            table.add_column(name, justify="right", header_style="italic" if name in self.shift_names else None)
+            table.add_column(name, justify="right", no_wrap=True,
+                             header_style="italic" if name in self.shift_names else None)
         if self.shift_names:
-            table.add_column(MEAN_SHIFT, justify="right", style="bold")
+            table.add_column(MEAN_SHIFT, justify="right", style="bold", no_wrap=True)
         for label, row in zip(labels, self.rows()):
-            cells = [label, *(_pct(row[name]) for name in self.dataset_names)]
+            cells = [name_cell(label), *(_pct(row[name]) for name in self.dataset_names)]
             if self.shift_names:
                 cells.append(_pct(row[MEAN_SHIFT]))
             table.add_row(*cells)
@@ -78,8 +78,9 @@ class EvalReport:
 
     def notes(self) -> list[str]:
         """Lines to print under the table: the common folder, the shift sets, how many scores were cached."""
-        _, folder = _labels([str(r.checkpoint) for r in self.results])
-        notes = [f"checkpoints in {folder}"] if folder else []
+        _, folder, extension = common_parts([str(r.checkpoint) for r in self.results])
+        caption = names_caption(folder, extension, "checkpoints")
+        notes = [caption] if caption else []
         if self.shift_names:
             notes.append(f"mean shift = mean over {', '.join(self.shift_names)}")
         cached = sum(r.datasets[n].cached for r in self.results for n in r.datasets)
@@ -94,20 +95,8 @@ class EvalReport:
         return _write_text(Path(path), text, f"--{kind}")
 
 
-def _labels(names: list[str]) -> tuple[list[str], str | None]:
-    """Checkpoint names without their common folder (named once in the caption instead)."""
-    parents = {os.path.dirname(n) for n in names}
-    if len(parents) == 1 and (folder := parents.pop()):
-        return [os.path.basename(n) for n in names], folder
-    return [_short(n) for n in names], None
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
-
-
-def _short(name: str, width: int = 48) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def _check_output(path: Path, option: str) -> None:

@@ -130,10 +130,11 @@ class SoupResult:
         return soup_table(self)
 
     def print_table(self, console: Any = None) -> None:
-        """Print the history table (to stderr by default, so stdout stays clean for pipes)."""
-        from rich.console import Console
+        """Print the history table fitted to the console's width (stderr by default, so stdout stays clean for
+        pipes)."""
+        from soupkit.report.layout import print_table
 
-        (console or Console(stderr=True)).print(self.table())
+        print_table(self.table(), console, stderr=True)
 
 
 def _clean(value: Any) -> Any:
