@@ -94,6 +94,45 @@ class MiddleShortened:
         return self.text
 
 
+class Wrapped:
+    """A rich renderable of a dotted name (a tensor key) that wraps after dots to the width it is given and
+    is never shortened, so two different keys can never look the same; a segment wider than the column is
+    broken where it must."""
+
+    def __init__(self, text: str, style: str = "") -> None:
+        self.text = text
+        self.style = style
+
+    def __rich_measure__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+
+        longest = max((len(part) for part in self._parts()), default=0)
+        return Measurement(min(longest, 2 * MIN_NAME_WIDTH), len(self.text))
+
+    def _parts(self) -> list[str]:
+        parts = self.text.split(".")
+        return [p + "." for p in parts[:-1]] + parts[-1:]
+
+    def lines(self, width: int) -> list[str]:
+        width = max(width, 1)
+        lines = [""]
+        for part in self._parts():
+            if lines[-1] and len(lines[-1]) + len(part) > width:
+                lines.append("")
+            lines[-1] += part
+            while len(lines[-1]) > width:  # one segment wider than the column
+                lines[-1:] = [lines[-1][:width], lines[-1][width:]]
+        return lines
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.text import Text
+
+        yield Text("\n".join(self.lines(options.max_width)), style=self.style, no_wrap=True, end="")
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def name_cell(text: str, style: str = "") -> MiddleShortened:
     return MiddleShortened(text, style)
 
