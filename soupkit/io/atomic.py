@@ -48,7 +48,7 @@ def _check(out: Path, inputs: tuple[Path, ...], force: bool) -> None:
             raise OutputError(f"{out}: output would overwrite the input {source_path}; soupkit never modifies "
                               f"inputs")
     if out.exists() and not force:
-        raise OutputError(f"{out}: output exists; pass --force (force=True) to overwrite it")
+        raise OutputError(f"{out}: output exists; use --force to overwrite it")
     parent = _existing_ancestor(out.parent)
     if not parent.is_dir():
         raise OutputError(f"{out}: {parent} is not a directory")

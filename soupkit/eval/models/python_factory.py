@@ -69,7 +69,8 @@ def python_model(factory: str, kwargs: dict[str, Any] | None = None, num_classes
     try:
         module = fn(**args)
     except TypeError as error:
-        raise RecipeError(f"{context.where}.factory: {factory}(**{args}) failed: {error}") from None
+        call = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        raise RecipeError(f"{context.where}.factory: {factory}({call}) failed: {error}") from None
     if not isinstance(module, nn.Module):
         raise RecipeError(f"{context.where}.factory: {factory} returned a {type(module).__name__}, not an nn.Module")
     if weights is not None:
