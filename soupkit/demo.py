@@ -254,11 +254,29 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
     result.wise, result.run["wise"] = split_record(wise, out)
 
     # 5. report
-    result.summary = summarize(result.rows, best.stem, f"WiSE-FT (alpha={wise.alpha:.1f})")
+    wise_label = f"WiSE-FT (alpha={wise.alpha:.1f})"
+    plot_all_soups(result.rows, [p.stem for p in paths], best.stem, wise_label, out / "soup_scatter.png")
+    result.summary = summarize(result.rows, best.stem, wise_label)
     result.seconds = time.perf_counter() - started
     result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
     result.write()
     return result
+
+
+def plot_all_soups(rows: dict[str, dict[str, float]], ingredients: list[str], best: str, wise_label: str,
+                   path: Path) -> Path:
+    """The paper's scatter with everything the demo made: the zero-shot model, every ingredient (the best
+    labelled), the uniform, greedy and learned soups and the chosen WiSE-FT point."""
+    from soupkit.report.plots import plot_soup_scatter
+
+    def point(row: str, kind: str, **extra: Any) -> dict[str, Any]:
+        return {"label": row, "kind": kind, "test": rows[row]["clean"], "shift": rows[row]["mean_shift"], **extra}
+
+    wise_point = point(wise_label, "wise", label=f"{wise_label.replace('alpha', 'α')}, chosen on held-out")
+    points = [point(name, "ingredient", best=name == best) for name in ingredients]
+    points += [point("pretrained", "zeroshot"), point("uniform soup", "uniform"), point("greedy soup", "greedy"),
+               point("learned soup", "learned"), wise_point]
+    return plot_soup_scatter(points, path, title="The demo's models: clean test vs distribution shift")
 
 
 def _jsonable(data: Any) -> Any:
@@ -307,5 +325,5 @@ def results_table(rows: dict[str, dict[str, float]]) -> Any:
     best = {c: max(row[c] for row in rows.values()) for c in columns}
     for label, row in rows.items():
         cells = [(f"[bold]{100 * row[c]:.1f}[/bold]" if row[c] == best[c] else f"{100 * row[c]:.1f}") for c in columns]
-        table.add_row(name_cell(label), *cells)
+        table.add_row(name_cell(label.replace(" (alpha=", " α=").removesuffix(")")), *cells)
     return table
