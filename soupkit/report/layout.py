@@ -35,8 +35,9 @@ def shorten_middle(text: str, width: int) -> str:
     if width <= 1:
         return ELLIPSIS[:width]
     base = text.replace(os.sep, "/").rsplit("/", 1)[-1]
-    if len(base) < len(text) and len(base) + 1 <= width:
-        return ELLIPSIS + text[len(text) - (width - 1):]
+    if len(base) < len(text) and len(base) + 2 <= width:
+        tail = text.replace(os.sep, "/")[len(text) - (width - 1):]
+        return ELLIPSIS + tail[tail.index("/"):]  # whole folder names only
     tail = width // 2  # the end of a file name (its number, its extension) is what tells files apart
     head = width - 1 - tail
     return base[:head] + ELLIPSIS + base[len(base) - tail:] if len(base) > width else base
