@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from soupkit._lazy import lazy_exports
 
 
-
 def _version() -> str:
     """The installed distribution's version (one source: pyproject.toml), read without importing torch."""
     from importlib.metadata import PackageNotFoundError, version
