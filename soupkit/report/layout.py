@@ -28,8 +28,8 @@ def console(*, stderr: bool = False) -> Any:
 
 def shorten_middle(text: str, width: int) -> str:
     """``text`` in at most ``width`` characters, never broken mid-word at its end: a path keeps its file name
-    whole and loses folders from the front (``…/runs/ft_03.pt``); a name too long even alone is cut in the
-    middle, both ends kept (``finetu…_03.pt``)."""
+    whole and loses whole folders from the front (``…/runs/ft_03.pt``); a file name too long even alone loses
+    its extension (``finetuned_03…``), then its middle, both ends kept (``fine…ed_03``)."""
     if len(text) <= width:
         return text
     if width <= 1:
@@ -38,16 +38,23 @@ def shorten_middle(text: str, width: int) -> str:
     if len(base) < len(text) and len(base) + 2 <= width:
         tail = text.replace(os.sep, "/")[len(text) - (width - 1):]
         return ELLIPSIS + tail[tail.index("/"):]  # whole folder names only
-    tail = width // 2  # the end of a file name (its number, its extension) is what tells files apart
+    if len(base) <= width:
+        return base
+    stem, extension = os.path.splitext(base)
+    if not extension[1:].isalpha():  # "lr0.0003_wd0.01_00" has no extension, only dots
+        stem = base
+    elif len(stem) + 1 <= width:  # the extension goes first: the stem is what tells files apart
+        return stem + ELLIPSIS
+    tail = width // 2  # then the middle: the end of a name (its number) tells files apart as much as its start
     head = width - 1 - tail
-    return base[:head] + ELLIPSIS + base[len(base) - tail:] if len(base) > width else base
+    return stem[:head] + ELLIPSIS + stem[len(stem) - tail:]
 
 
 def common_parts(names: Sequence[str]) -> tuple[list[str], str | None, str | None]:
     """Labels for file names without what they share: ``(labels, folder, extension)``; ``folder`` /
     ``extension`` are None when nothing was stripped. Labels stay distinct (nothing is stripped otherwise)."""
     names = [str(n) for n in names]
-    if len(names) < 2 or len(set(names)) != len(names):
+    if not names or len(set(names)) != len(names) or (len(names) == 1 and not os.path.dirname(names[0])):
         return names, None, None
     folder = None
     parents = [os.path.dirname(n) for n in names]
