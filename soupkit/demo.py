@@ -167,16 +167,26 @@ def run_demo(out: str | Path = "soupkit-demo", *, ingredients: int = 12, seed: i
 
 def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: Callable[[str], None],
          progress: bool, started: float) -> DemoResult:
-    from soupkit.eval import Evaluator
-    from soupkit.eval.data.digits import load_digits_split
-
     (out / "ingredients").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if quick:
         ingredients = min(ingredients, 4)
     result = DemoResult(out=out, config={"ingredients": ingredients, "seed": seed, "quick": quick,
                                          "image_size": IMAGE_SIZE, "holdout": HOLDOUT, "device": device})
+    pretrained_path, paths = _train(result, ingredients, seed, quick, log)
+    _soups(result, pretrained_path, paths, demo_recipe(device, seed), log, progress)
+    result.seconds = time.perf_counter() - started
+    result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
+    result.write()
+    return result
 
+
+def _train(result: DemoResult, ingredients: int, seed: int, quick: bool, log: Callable[[str], None]
+           ) -> tuple[Path, list[Path]]:
+    """Steps 1-3: the pretrained model and the fine-tuned ingredients (reused when already trained)."""
+    from soupkit.eval.data.digits import load_digits_split
+
+    out = result.out
     train_x, train_y = load_digits_split("train", size=IMAGE_SIZE, seed=seed, holdout=HOLDOUT)
     corrupted = [load_digits_split("train", shift=s, size=IMAGE_SIZE, seed=seed, holdout=HOLDOUT) for s in SHIFTS]
     broad_x = torch.cat([train_x, *(x for x, _ in corrupted)])
@@ -215,18 +225,24 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
               label_smoothing=config.label_smoothing, seed=config.seed,
               augment=lambda x, g, s=config.augment: random_shift(x, s, g))
         save_checkpoint(model.state_dict(), path, {**config.to_metadata(), "demo.config_hash": ft_hash}, force=True)
+    return pretrained_path, paths
 
-    # 4. soups, through the library calls a user makes
-    recipe = demo_recipe(device, seed)
+
+def _soups(result: DemoResult, pretrained_path: Path, paths: list[Path], recipe: dict[str, Any],
+           log: Callable[[str], None], progress: bool) -> None:
+    """Steps 4-5: every model scored through the recipe (written to ``out/recipe.yaml``), the soups made
+    through the library calls a user makes, and the summary and the all-soups scatter."""
+    from soupkit.eval import Evaluator
+
+    out = result.out
     write_recipe(recipe, out / "recipe.yaml")
     evaluator = Evaluator.from_recipe(recipe, cache_dir=out / "cache")
 
-    def score(label: str, state: Any) -> dict[str, float]:
+    def score(label: str, state: Any) -> None:
         accuracies = evaluator(state)
         row = {name: accuracies.accuracy(name) for name in evaluator.dataset_names}
         row["mean_shift"] = sum(row[s] for s in evaluator.shift_names) / len(evaluator.shift_names)
         result.rows[label] = row
-        return row
 
     score("pretrained", pretrained_path)
     for path in paths:
@@ -250,17 +266,11 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
     alphas = [round(0.1 * i, 1) for i in range(11)]
     wise = soupkit.wise_sweep(pretrained_path, best, alphas, evaluator, output=out / "wise.safetensors", force=True,
                               report_dir=out, progress=progress)
-    score(f"WiSE-FT (alpha={wise.alpha:.1f})", out / "wise.safetensors")
-    result.wise, result.run["wise"] = split_record(wise, out)
-
-    # 5. report
     wise_label = f"WiSE-FT (alpha={wise.alpha:.1f})"
+    score(wise_label, out / "wise.safetensors")
+    result.wise, result.run["wise"] = split_record(wise, out)
     plot_all_soups(result.rows, [p.stem for p in paths], best.stem, wise_label, out / "soup_scatter.png")
     result.summary = summarize(result.rows, best.stem, wise_label)
-    result.seconds = time.perf_counter() - started
-    result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
-    result.write()
-    return result
 
 
 def plot_all_soups(rows: dict[str, dict[str, float]], ingredients: list[str], best: str, wise_label: str,

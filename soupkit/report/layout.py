@@ -10,6 +10,7 @@ the terminal; rich's 80 when piped).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -165,7 +166,7 @@ def _narrowest(table: Any) -> int:
     from rich.console import Console
     from rich.measure import Measurement
 
-    probe = Console(width=1000, file=open(os.devnull, "w"))  # noqa: SIM115 - closed below
+    probe = Console(width=1000, file=io.StringIO())
     try:
         total = table._extra_width
         for index, column in enumerate(table.columns):
