@@ -27,6 +27,7 @@ class EvalReport:
     results: list[Any] = field(default_factory=list)  # EvalResult per checkpoint, in input order
     device: str = "cpu"
     precision: str = "fp32"
+    name: str | None = None  # the recipe's own name (its ``name:``), for the title
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per checkpoint: accuracy per dataset and the mean over shift sets (None where missing)."""
@@ -60,7 +61,7 @@ class EvalReport:
         """A rich table: accuracy in percent per dataset (shift sets in italics) and their mean."""
         from rich.table import Table
 
-        table = Table(title=f"{Path(self.recipe).stem}  ({self.device}, {self.precision}), accuracy %",
+        table = Table(title=f"{self.name or Path(self.recipe).stem}  ({self.device}, {self.precision}), accuracy %",
                       title_justify="left")
         labels, _, _ = common_parts([str(r.checkpoint) for r in self.results])
         table.add_column("checkpoint")
@@ -136,7 +137,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], recipe: Any, *, devi
                                                                             cache_dir=cache_dir, use_cache=use_cache)
     names = list(datasets) if datasets else ev.dataset_names
     report = EvalReport(ev.recipe.source, names, [n for n in ev.shift_names if n in names], device=str(ev.device),
-                        precision=ev.precision)
+                        precision=ev.precision, name=ev.recipe.name)
     for path in checkpoints:
         report.results.append(ev.evaluate(path, names, progress=progress))
     if ev.rank == 0:
