@@ -309,3 +309,29 @@ def test_greedy_steps_draw_an_early_stop_as_an_upper_bound(monkeypatch) -> None:
     legend = [t.get_text() for t in axes.get_legend().get_texts()]
     assert "soup + ingredient: stopped early, proven no better than the soup (upper bound)" in legend
     assert axes.get_xticklabels()[0].get_text().endswith("seed2")
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", b"Iarbage\n", b"this is not a checkpoint\n"])
+def test_a_garbage_pt_is_named_not_a_torch_checkpoint_without_parser_words(tmp_path: Path, cli, content) -> None:
+    path = tmp_path / "g.pt"
+    path.write_bytes(content)
+    result = cli("inspect", path)
+    assert result.code == 2
+    assert result.err.strip() == (f"soupkit inspect: error: {path}: not a valid torch checkpoint: its bytes are "
+                                  "neither a torch.save zip archive nor a pickled state dict")
+
+
+def test_check_fits_names_the_checkpoint_file(make_ckpt) -> None:
+    from soupkit.errors import CheckpointError
+    from soupkit.eval import Evaluator
+    from tests.eval.helpers import digits_recipe
+
+    evaluator = Evaluator.from_recipe(digits_recipe(), use_cache=False)
+    wrong = make_ckpt("wrong", state={"features.0.weight": torch.ones(2)})
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(wrong))}: does not fit the recipe's model"):
+        evaluator.check_fits(wrong)
+    state = {k: v.contiguous() for k, v in evaluator.model.state_dict().items()}
+    evaluator.check_fits(make_ckpt("right", state=state))
