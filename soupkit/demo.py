@@ -33,9 +33,19 @@ from soupkit.io import open_checkpoint, save_checkpoint
 
 SHIFTS = ("noise", "rotation", "blur", "inversion", "occlusion")
 IMAGE_SIZE = 16
-# 35% of the 1348 training digits (472 images) held out: with the default 20% (270 images) accuracy ties are
-# frequent enough to stall the greedy soup's strict-improvement rule.
-HOLDOUT = 0.35
+RECIPE = "digits"  # the bundled recipe the demo evaluates through: one source of truth for its data
+
+
+def bundled_recipe() -> dict[str, Any]:
+    """The bundled ``digits`` recipe as a mapping (``soupkit/recipes/digits.yaml``)."""
+    from soupkit.eval.recipe import find_recipe
+    from soupkit.yaml_file import read_yaml
+
+    return read_yaml(find_recipe(RECIPE), "recipe")
+
+
+# the fraction of training digits held out for selection: the demo trains on the rest
+HOLDOUT = float(bundled_recipe()["data"]["heldout"]["holdout"])
 PRETRAIN = {"epochs": 30, "lr": 3e-3, "weight_decay": 1e-4}
 QUICK_PRETRAIN = {"epochs": 8, "lr": 3e-3, "weight_decay": 1e-4}
 
@@ -55,28 +65,75 @@ class DemoResult:
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)  # per soup: timings, memory, output paths
 
     def to_dict(self) -> dict[str, Any]:
+        """``demo.json``: every number, and nothing that changes between runs with the same seed (no timings,
+        no paths of this machine, no memory figures), so the same ``--seed`` gives a byte-identical file."""
         return {"config": self.config, "models": self.rows, "ingredients": self.ingredients,
                 "greedy": self.greedy, "learned": self.learned, "wise": self.wise, "doctor": self.doctor,
-                "summary": self.summary,
-                "files": self.files, "seconds": round(self.seconds, 1)}
+                "summary": self.summary, "files": sorted(self.files)}
+
+    def run_dict(self) -> dict[str, Any]:
+        """``demo_run.json``: what this particular run measured (seconds, memory) and where it wrote."""
+        return {"out": str(self.out), "seconds": round(self.seconds, 1), "files": self.files, "soups": self.run,
+                "torch": torch.__version__}
+
+    def write(self) -> None:
+        """Write ``demo.json`` (reproducible) and ``demo_run.json`` (this run) into ``out``, atomically."""
+        from soupkit.io.atomic import atomic_write_text
+
+        atomic_write_text(self.out / "demo.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.out / "demo_run.json", json.dumps(self.run_dict(), indent=2, sort_keys=True) + "\n")
+
+
+#: the parts of a soup's record that differ between identical runs: they go to demo_run.json
+_RUN_KEYS = ("stats", "path", "report_files")
+
+
+def split_record(soup: Any, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A soup result as (reproducible record, this run's record): timings, memory and output paths move to the
+    second, and every path under ``out`` becomes relative to it (``ingredients/finetuned_03.safetensors``)."""
+    data = _portable(_jsonable(soup.to_dict()), str(out))
+    run = {key: data.pop(key) for key in _RUN_KEYS if key in data}
+    return data, run
+
+
+def _portable(value: Any, root: str) -> Any:
+    """``value`` with every string that is a path under ``root`` made relative to it."""
+    prefix = root.rstrip("/") + "/"
+    if isinstance(value, str):
+        return value[len(prefix):] if value.startswith(prefix) else value
+    if isinstance(value, dict):
+        return {_portable(k, root): _portable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, root) for v in value]
+    return value
 
 
 def demo_recipe(device: str, seed: int) -> dict[str, Any]:
-    """The evaluation recipe the demo uses (the same data as ``recipes/digits.yaml``)."""
-    digits = {"kind": "digits", "size": IMAGE_SIZE, "seed": seed, "holdout": HOLDOUT}
-    return {
-        "model": {"kind": "python", "factory": "soupkit.demo_train:digits_cnn", "num_classes": 10},
-        "data": {
-            "heldout": {**digits, "split": "heldout"},
-            "test": {"clean": {**digits, "split": "test"},
-                     **{shift: {**digits, "split": "test", "shift": shift} for shift in SHIFTS}},
-        },
-        "batch_size": 512,
-        "device": device,
-        "precision": "fp32",
-    }
+    """The evaluation recipe the demo uses: the bundled ``digits`` recipe with the run's data seed and device.
+    ``run_demo`` writes it to ``out/recipe.yaml`` so the CLI can score the demo's files exactly as it did."""
+    recipe = bundled_recipe()
+    if seed != 0:
+        for spec in (recipe["data"]["heldout"], *recipe["data"]["test"].values()):
+            spec["seed"] = seed
+    recipe["device"] = device
+    return recipe
+
+
+def write_recipe(recipe: dict[str, Any], path: Path) -> Path:
+    """``recipe`` as YAML, with a header saying where it comes from and how to use it."""
+    import yaml
+
+    from soupkit.io.atomic import atomic_write_text
+
+    folder = path.parent
+    header = (f"# The evaluation recipe `soupkit demo` used: the bundled {RECIPE!r} recipe with this run's seed and "
+              "device.\n# Score the demo's files with the CLI exactly as the demo did, e.g.\n"
+              f"#   soupkit merge --method greedy {folder}/ingredients/*.safetensors --eval {path} -o soup.safetensors"
+              "\n")
+    return atomic_write_text(path, header + yaml.safe_dump(recipe, sort_keys=False, width=120))
 
 
 def _config_hash(config: dict[str, Any]) -> str:
@@ -111,16 +168,26 @@ def run_demo(out: str | Path = "soupkit-demo", *, ingredients: int = 12, seed: i
 
 def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: Callable[[str], None],
          progress: bool, started: float) -> DemoResult:
-    from soupkit.eval import Evaluator
-    from soupkit.eval.data.digits import load_digits_split
-
     (out / "ingredients").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if quick:
         ingredients = min(ingredients, 4)
     result = DemoResult(out=out, config={"ingredients": ingredients, "seed": seed, "quick": quick,
                                          "image_size": IMAGE_SIZE, "holdout": HOLDOUT, "device": device})
+    pretrained_path, paths = _train(result, ingredients, seed, quick, log)
+    _soups(result, pretrained_path, paths, demo_recipe(device, seed), log, progress)
+    result.seconds = time.perf_counter() - started
+    result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
+    result.write()
+    return result
 
+
+def _train(result: DemoResult, ingredients: int, seed: int, quick: bool, log: Callable[[str], None]
+           ) -> tuple[Path, list[Path]]:
+    """Steps 1-3: the pretrained model and the fine-tuned ingredients (reused when already trained)."""
+    from soupkit.eval.data.digits import load_digits_split
+
+    out = result.out
     train_x, train_y = load_digits_split("train", size=IMAGE_SIZE, seed=seed, holdout=HOLDOUT)
     corrupted = [load_digits_split("train", shift=s, size=IMAGE_SIZE, seed=seed, holdout=HOLDOUT) for s in SHIFTS]
     broad_x = torch.cat([train_x, *(x for x, _ in corrupted)])
@@ -159,16 +226,24 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
               label_smoothing=config.label_smoothing, seed=config.seed,
               augment=lambda x, g, s=config.augment: random_shift(x, s, g))
         save_checkpoint(model.state_dict(), path, {**config.to_metadata(), "demo.config_hash": ft_hash}, force=True)
+    return pretrained_path, paths
 
-    # 4. soups, through the library calls a user makes
-    evaluator = Evaluator.from_recipe(demo_recipe(device, seed), cache_dir=out / "cache")
 
-    def score(label: str, state: Any) -> dict[str, float]:
+def _soups(result: DemoResult, pretrained_path: Path, paths: list[Path], recipe: dict[str, Any],
+           log: Callable[[str], None], progress: bool) -> None:
+    """Steps 4-5: every model scored through the recipe (written to ``out/recipe.yaml``), the soups made
+    through the library calls a user makes, and the summary and the all-soups scatter."""
+    from soupkit.eval import Evaluator
+
+    out = result.out
+    write_recipe(recipe, out / "recipe.yaml")
+    evaluator = Evaluator.from_recipe(recipe, cache_dir=out / "cache")
+
+    def score(label: str, state: Any) -> None:
         accuracies = evaluator(state)
         row = {name: accuracies.accuracy(name) for name in evaluator.dataset_names}
         row["mean_shift"] = sum(row[s] for s in evaluator.shift_names) / len(evaluator.shift_names)
         result.rows[label] = row
-        return row
 
     score("pretrained", pretrained_path)
     for path in paths:
@@ -181,30 +256,42 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
     greedy = soupkit.greedy_soup(paths, evaluator, output=out / "greedy_soup.safetensors", force=True,
                                  report_dir=out, progress=progress)
     score("greedy soup", out / "greedy_soup.safetensors")
-    result.greedy = {"ingredients": [paths[i].name for i in greedy.ingredients], **_jsonable(greedy.to_dict())}
+    record, result.run["greedy"] = split_record(greedy, out)
+    result.greedy = {**record, "ingredients": [paths[i].name for i in greedy.ingredients]}
     log("learned soup")
     learned = soupkit.learned_soup(paths, evaluator, output=out / "learned_soup.safetensors", force=True,
                                    report_dir=out, progress=progress)
     score("learned soup", out / "learned_soup.safetensors")
-    result.learned = _jsonable(learned.to_dict())
+    result.learned, result.run["learned"] = split_record(learned, out)
     log("WiSE-FT sweep: pretrained -> best fine-tuned")
     alphas = [round(0.1 * i, 1) for i in range(11)]
     wise = soupkit.wise_sweep(pretrained_path, best, alphas, evaluator, output=out / "wise.safetensors", force=True,
                               report_dir=out, progress=progress)
-    score(f"WiSE-FT (alpha={wise.alpha:.1f})", out / "wise.safetensors")
-    result.wise = _jsonable(wise.to_dict())
-
+    wise_label = f"WiSE-FT (alpha={wise.alpha:.1f})"
+    score(wise_label, out / "wise.safetensors")
+    result.wise, result.run["wise"] = split_record(wise, out)
+    plot_all_soups(result.rows, [p.stem for p in paths], best.stem, wise_label, out / "soup_scatter.png")
     log("doctor: will these ingredients soup?")
     doctor = soupkit.doctor(paths, base=pretrained_path, evaluator=evaluator, plot=out / "doctor_angles.png")
-    result.doctor = _jsonable(doctor.to_dict())
-
-    # 5. report
-    result.summary = (summarize(result.rows, best.stem, f"WiSE-FT (alpha={wise.alpha:.1f})")
+    result.doctor = _portable(_jsonable(doctor.to_dict()), str(out))
+    result.summary = (summarize(result.rows, best.stem, wise_label)
                       + f" soupkit doctor: {doctor.overall} ({doctor.overall_reason}).")
-    result.seconds = time.perf_counter() - started
-    result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
-    (out / "demo.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
-    return result
+
+
+def plot_all_soups(rows: dict[str, dict[str, float]], ingredients: list[str], best: str, wise_label: str,
+                   path: Path) -> Path:
+    """The paper's scatter with everything the demo made: the zero-shot model, every ingredient (the best
+    labelled), the uniform, greedy and learned soups and the chosen WiSE-FT point."""
+    from soupkit.report.plots import plot_soup_scatter
+
+    def point(row: str, kind: str, **extra: Any) -> dict[str, Any]:
+        return {"label": row, "kind": kind, "test": rows[row]["clean"], "shift": rows[row]["mean_shift"], **extra}
+
+    wise_point = point(wise_label, "wise", label=f"{wise_label.replace('alpha', 'α')}, chosen on held-out")
+    points = [point(name, "ingredient", best=name == best) for name in ingredients]
+    points += [point("pretrained", "zeroshot"), point("uniform soup", "uniform"), point("greedy soup", "greedy"),
+               point("learned soup", "learned"), wise_point]
+    return plot_soup_scatter(points, path, title="The demo's models: clean test vs distribution shift")
 
 
 def _jsonable(data: Any) -> Any:
@@ -243,13 +330,15 @@ def results_table(rows: dict[str, dict[str, float]]) -> Any:
     """A rich table: every model and soup x held-out, clean test, each shift and the mean over shifts."""
     from rich.table import Table
 
+    from soupkit.report.layout import name_cell
+
     columns = list(next(iter(rows.values())))
     table = Table(title="soupkit demo: accuracy (%)")
-    table.add_column("model", no_wrap=True)
+    table.add_column("model")
     for column in columns:
-        table.add_column(column.replace("_", " "), justify="right")
+        table.add_column(column.replace("_", " "), justify="right", no_wrap=True)
     best = {c: max(row[c] for row in rows.values()) for c in columns}
     for label, row in rows.items():
         cells = [(f"[bold]{100 * row[c]:.1f}[/bold]" if row[c] == best[c] else f"{100 * row[c]:.1f}") for c in columns]
-        table.add_row(label, *cells)
+        table.add_row(name_cell(label.replace(" (alpha=", " α=").removesuffix(")")), *cells)
     return table

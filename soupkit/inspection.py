@@ -101,16 +101,22 @@ def diff(a: CheckpointSource, b: CheckpointSource) -> dict[str, Any]:
     finally:
         left.close()
         right.close()
-    rows = [row for row, _ in compared]
+    rows = sorted((row for row, _ in compared), key=lambda r: STATUS_ORDER.index(r.status))  # stable
     dot, sum_sq_a, sum_sq_b, sum_sq_d = (sum(s[i] for _, s in compared if s) for i in range(4))
+    shared = sum(1 for _, s in compared if s)  # float tensors present in both with the same shape
     total = {
-        "l2": sum_sq_d ** 0.5,
-        "relative_l2": (sum_sq_d ** 0.5) / (sum_sq_a ** 0.5) if sum_sq_a else None,
-        "cosine": dot / ((sum_sq_a * sum_sq_b) ** 0.5) if sum_sq_a and sum_sq_b else None,
+        "shared_float_tensors": shared,
+        "l2": sum_sq_d ** 0.5 if shared else None,
+        "relative_l2": (sum_sq_d ** 0.5) / (sum_sq_a ** 0.5) if shared and sum_sq_a else None,
+        "cosine": dot / ((sum_sq_a * sum_sq_b) ** 0.5) if shared and sum_sq_a and sum_sq_b else None,
     }
     counts = Counter(r.status for r in rows)
     return {"a": left.name, "b": right.name, "summary": total, "counts": dict(counts),
             "tensors": [asdict(r) for r in rows]}
+
+
+#: the order ``diff`` lists tensors in: what differs first, what is identical (often integer buffers) last
+STATUS_ORDER = ("changed", "shape", "only_a", "only_b", "same")
 
 
 def _diff_rows(left: CheckpointReader, right: CheckpointReader) -> list[tuple[TensorDiff, tuple | None]]:

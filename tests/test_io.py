@@ -127,7 +127,7 @@ def test_output_path_checks(tmp_path: Path, make_ckpt) -> None:
     source = make_ckpt("a")
     with pytest.raises(OutputError, match="would overwrite the input"):
         check_output_path(source, inputs=[source], force=True)
-    with pytest.raises(OutputError, match="exists; pass --force"):
+    with pytest.raises(OutputError, match="exists; use --force"):
         check_output_path(source, inputs=[])
     (tmp_path / "dir.safetensors").mkdir()
     with pytest.raises(OutputError, match="is a directory"):

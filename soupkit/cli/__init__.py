@@ -20,6 +20,22 @@ from soupkit.options import cli_names
 
 __all__ = ["app", "main"]
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from soupkit import __version__
+
+        typer.echo(f"soupkit {__version__}")
+        raise typer.Exit()
+
+
+if app.registered_callback is None:  # the root options; move into cli/_app.py when it defines a callback
+
+    @app.callback()
+    def _root(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
+                                           help="Print the version and exit.")) -> None:
+        pass
+
 try:  # typer >= 0.20 vendors click; older releases use the click package itself
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - depends on the installed typer

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app, wide_console
+from soupkit.cli._app import app
 
 
 @app.command(epilog="Examples:\n\n  soupkit demo\n\n  soupkit demo --ingredients 8 --seed 1 --out runs/demo\n\n"
@@ -26,11 +26,15 @@ def demo(
     from rich.console import Console
 
     from soupkit.demo import results_table, run_demo
+    from soupkit.report.layout import console as real_width_console
+    from soupkit.report.layout import print_table
 
     console = Console(stderr=True, highlight=False)
     result = run_demo(out, ingredients=ingredients, seed=seed, quick=quick, device=device,
                       log=lambda line: console.print(f"[dim]{line}[/dim]"), progress=sys.stderr.isatty())
-    wide_console().print(results_table(result.rows))
-    Console(highlight=False).print(result.summary)
-    console.print(f"wrote {out / 'demo.json'}, " + ", ".join(str(out / name) for name in result.files)
-                  + f" in {result.seconds:.0f} s")
+    stdout = real_width_console()
+    print_table(results_table(result.rows), stdout)
+    stdout.print(result.summary)
+    console.print(f"wrote {out / 'demo.json'} (every number; the same --seed gives the same file), "
+                  f"{out / 'demo_run.json'} (timings), {out / 'recipe.yaml'} (the recipe to use with --eval), "
+                  + ", ".join(str(out / name) for name in result.files) + f" in {result.seconds:.0f} s")

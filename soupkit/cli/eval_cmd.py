@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app, require_files, wide_console
+from soupkit.cli._app import app, require_files
 from soupkit.cli.options import CacheDir, NoCache, generated_options
 from soupkit.options import OutputOptions
 
@@ -48,8 +48,11 @@ def eval_command(
     import os
 
     if not quiet and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first process reports
-        console = wide_console()
-        console.print(report.table())
+        from soupkit.report.layout import console as real_width_console
+        from soupkit.report.layout import print_table
+
+        console = real_width_console()
+        print_table(report.table(), console)
         for note in report.notes():
             console.print(note, style="dim", soft_wrap=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,28 +35,19 @@ def inspect(
     ema: Annotated[bool, typer.Option("--ema", help="Describe the EMA weights of a .pt checkpoint.")] = False,
 ) -> None:
     """Show a checkpoint's tensors, parameter count, dtypes, size and soupkit provenance; or diff two."""
-    from rich.console import Console
     from rich.table import Table
 
     from soupkit import inspection
+    from soupkit.report.layout import Wrapped, print_table
+    from soupkit.report.layout import console as real_width_console
 
-    console = Console(highlight=False)
+    console = real_width_console()
     if diff is not None:
         report = inspection.diff(checkpoint, diff)
         if as_json:
             print(json.dumps(report, indent=2))
             return
-        table = Table(title=f"{report['a']}  vs  {report['b']}")
-        for column in ("tensor", "status", "L2", "relative L2", "cosine", "max |Δ|"):
-            table.add_column(column, justify="left" if column in ("tensor", "status") else "right")
-        for row in report["tensors"]:
-            table.add_row(row["key"], row["status"], *(_num(row[k]) for k in ("l2", "relative_l2", "cosine",
-                                                                                "max_abs")))
-        console.print(table)
-        summary = report["summary"]
-        console.print(f"whole model: L2 {_num(summary['l2'])}, relative L2 {_num(summary['relative_l2'])}, "
-                      f"cosine {_num(summary['cosine'])}; " +
-                      ", ".join(f"{v} {k}" for k, v in sorted(report["counts"].items())))
+        _print_diff(report, console)
         return
     info = inspection.describe(checkpoint, ema=ema)
     if as_json:
@@ -75,21 +66,56 @@ def inspect(
         dtypes.add_column(column, justify="right" if column != "dtype" else "left")
     for name, row in info["dtypes"].items():
         dtypes.add_row(name, f"{row['tensors']:,}", f"{row['parameters']:,}", _size(row["bytes"]))
-    console.print(dtypes)
+    print_table(dtypes, console)
     if info["metadata"]:
         meta = Table(title="metadata")
-        meta.add_column("key")
+        meta.add_column("key", no_wrap=True)
         meta.add_column("value", overflow="fold")
         for key, value in info["metadata"].items():
             meta.add_row(key, value if isinstance(value, str) else json.dumps(value, indent=1))
-        console.print(meta)
+        print_table(meta, console)
     if keys:
         tensors = Table(title="tensors")
-        for column in ("name", "shape", "dtype", "bytes"):
-            tensors.add_column(column)
+        tensors.add_column("name")
+        for column in ("shape", "dtype", "bytes"):
+            tensors.add_column(column, no_wrap=True, justify="right" if column == "bytes" else "left")
         for row in info["keys"]:
-            tensors.add_row(row["key"], str(tuple(row["shape"])), row["dtype"], _size(row["bytes"]))
-        console.print(tensors)
+            tensors.add_row(Wrapped(row["key"]), str(tuple(row["shape"])), row["dtype"], _size(row["bytes"]))
+        print_table(tensors, console)
+
+
+_STATUS = {"changed": "changed", "shape": "shape differs", "only_a": "only in A", "only_b": "only in B",
+           "same": "identical"}
+
+
+def _print_diff(report: dict, console: Any) -> None:
+    """The per-tensor table (what differs first), then the whole-model line: distances only over the
+    tensors the two share; two checkpoints that share none are said to, not reported as "L2 0"."""
+    from rich.table import Table
+
+    from soupkit.report.layout import Wrapped, print_table
+
+    table = Table(title=f"A = {report['a']}\nB = {report['b']}", title_justify="left")
+    table.add_column("tensor")
+    table.add_column("status", no_wrap=True)
+    for column in ("L2", "relative L2", "cosine", "max |Δ|"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in report["tensors"]:
+        table.add_row(Wrapped(row["key"]), _STATUS.get(row["status"], row["status"]),
+                      *(_num(row[k]) for k in ("l2", "relative_l2", "cosine", "max_abs")))
+    print_table(table, console)
+    counts = ", ".join(f"{n} {_STATUS.get(k, k)}" for k, n in sorted(report["counts"].items(),
+                                                                     key=lambda kv: _ORDER.index(kv[0])))
+    summary = report["summary"]
+    if not summary.get("shared_float_tensors"):
+        console.print(f"the two checkpoints share no floating-point tensors to compare ({counts})")
+        return
+    console.print(f"over the {summary['shared_float_tensors']} floating-point tensors they share: L2 "
+                  f"{_num(summary['l2'])}, relative L2 {_num(summary['relative_l2'])}, cosine "
+                  f"{_num(summary['cosine'])}; {counts}")
+
+
+_ORDER = tuple(_STATUS)
 
 
 def _num(value: float | None) -> str:

@@ -12,12 +12,14 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from soupkit.errors import OutputError
+from soupkit.io.atomic import atomic_write_text
 
 
 def default_cache_dir() -> Path:
@@ -84,16 +86,8 @@ class ScoreCache:
                  "n": int(n), "loss": loss, "seconds": seconds, "mask": base64.b64encode(packed.tobytes()).decode()}
         path = self._path(checkpoint, dataset_key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(entry, handle)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as error:  # a read-only or full cache disk must not fail an evaluation
+            atomic_write_text(path, json.dumps(entry))
+        except OutputError as error:  # a read-only or full cache disk must not fail an evaluation
             import warnings
 
-            warnings.warn(f"score cache: cannot write {path}: {error.strerror or error}", stacklevel=3)
+            warnings.warn(f"score cache: {error}", stacklevel=3)

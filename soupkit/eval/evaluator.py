@@ -189,6 +189,18 @@ class Evaluator:
             for key, target in targets.items():
                 target.copy_(state_dict[key], non_blocking=True)
 
+    def check_fits(self, source: Any) -> None:
+        """Raise the one-line "does not fit the recipe's model" error naming ``source`` (a checkpoint path or
+        reader) if its keys or shapes do not match the model; reads the header only. Soup algorithms call it on
+        their inputs so a mismatch names the file, not the in-memory soup made from it."""
+        from soupkit.io import CheckpointReader, open_checkpoint
+
+        if isinstance(source, CheckpointReader):
+            self._targets({k: tuple(source.info(k).shape) for k in source.keys()}, source.name)
+            return
+        with open_checkpoint(source) as reader:
+            self._targets({k: tuple(reader.info(k).shape) for k in reader.keys()}, reader.name)
+
     def _load_reader(self, reader: Any) -> None:
         shapes = {k: tuple(reader.info(k).shape) for k in reader.keys()}
         targets = self._targets(shapes, reader.name)
@@ -286,10 +298,14 @@ class Evaluator:
                                                   int(entry["n"]), cached=True)
         todo = [n for n in names if n not in results]
         if todo:
-            self._load_source(state_or_path, label)
-            bar = _Progress(sum(-(-self._prepared(n).n // self.batch_size) for n in todo) if progress else 0, label)
+            bar = _Progress(progress, label)
             try:
+                bar.stage("loading weights")
+                self._load_source(state_or_path, label)  # first: a checkpoint that does not fit fails fast
+                bar.stage("preparing data")  # decoding a large image folder takes a while: show it
+                bar.stage("", sum(-(-self._prepared(n).n // self.batch_size) for n in todo))
                 for name in todo:
+                    bar.stage(name)
                     result = self._score(name, need_correct if self.world == 1 else None, bar,
                                          order if self.world == 1 else None)
                     results[name] = result
@@ -459,18 +475,33 @@ def _model_label(recipe: Recipe) -> str:
 
 
 class _Progress:
-    """A transient rich progress bar over an evaluation's batches on stderr (no-op when total is 0)."""
+    """Per-batch progress of one evaluation with its ETA, on stderr, only when stderr is a terminal (silent in
+    pipes, log files and notebooks). The bar appears before the data is prepared, so a slow first decode of
+    an image folder shows as activity rather than a frozen screen."""
 
-    def __init__(self, total: int, label: str):
+    def __init__(self, enabled: bool, label: str):
         self._bar: Any = None
-        if total > 0:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        if not enabled:
+            return
+        from rich.console import Console
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            self._task = self._bar.add_task(f"eval {Path(label).name}", total=total)
-            self._bar.start()
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        from rich import progress as p
+
+        self._label = f"eval {Path(label).name}"
+        self._bar = p.Progress(p.SpinnerColumn(), p.TextColumn("{task.description}"), p.BarColumn(),
+                               p.MofNCompleteColumn(), p.TextColumn("batches, eta"), p.TimeRemainingColumn(),
+                               p.TimeElapsedColumn(), console=console, transient=True)
+        self._task = self._bar.add_task(self._label, total=None)
+        self._bar.start()
+
+    def stage(self, what: str, total: int | None = None) -> None:
+        """Say what is being done now (a dataset's name); ``total`` batches once they are known."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"{self._label}: {what}",
+                             **({"total": total} if total is not None else {}))
 
     def advance(self) -> None:
         if self._bar is not None:

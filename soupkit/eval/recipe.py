@@ -168,7 +168,9 @@ def find_recipe(name: str | Path) -> Path:
         raise RecipeError(f"recipe {text!r} not found (not a file, not on the recipe search path)."
                           f"{suggest(text, names)} Available: {', '.join(names) or 'none'}; "
                           "set SOUPKIT_RECIPE_PATH to add folders")
-    raise RecipeError(f"{text}: no such recipe file")
+    names = available_recipes()
+    raise RecipeError(f"{text}: no such recipe file.{suggest(path.stem, names)} Recipes by name (--eval NAME): "
+                      f"{', '.join(names) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------------------ loading

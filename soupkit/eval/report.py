@@ -6,14 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soupkit.errors import CheckpointError, OutputError, ParameterError
+from soupkit.report.layout import common_parts, name_cell, names_caption
 
 MEAN_SHIFT = "mean shift"
 
@@ -28,6 +27,7 @@ class EvalReport:
     results: list[Any] = field(default_factory=list)  # EvalResult per checkpoint, in input order
     device: str = "cpu"
     precision: str = "fp32"
+    name: str | None = None  # the recipe's own name (its ``name:``), for the title
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per checkpoint: accuracy per dataset and the mean over shift sets (None where missing)."""
@@ -61,17 +61,17 @@ class EvalReport:
         """A rich table: accuracy in percent per dataset (shift sets in italics) and their mean."""
         from rich.table import Table
 
-        table = Table(title=f"{Path(self.recipe).stem}  ({self.device}, {self.precision}), accuracy %",
+        table = Table(title=f"{self.name or Path(self.recipe).stem}  ({self.device}, {self.precision}), accuracy %",
                       title_justify="left")
-        labels, _ = _labels([str(r.checkpoint) for r in self.results])
-        table.add_column("checkpoint", no_wrap=True, min_width=min(max(map(len, labels), default=10), 40),
-                         overflow="ellipsis")
+        labels, _, _ = common_parts([str(r.checkpoint) for r in self.results])
+        table.add_column("checkpoint")
         for name in self.dataset_names:
-            table.add_column(name, justify="right", header_style="italic" if name in self.shift_names else None)
+            table.add_column(name, justify="right", no_wrap=True,
+                             header_style="italic" if name in self.shift_names else None)
         if self.shift_names:
-            table.add_column(MEAN_SHIFT, justify="right", style="bold")
+            table.add_column(MEAN_SHIFT, justify="right", style="bold", no_wrap=True)
         for label, row in zip(labels, self.rows()):
-            cells = [label, *(_pct(row[name]) for name in self.dataset_names)]
+            cells = [name_cell(label), *(_pct(row[name]) for name in self.dataset_names)]
             if self.shift_names:
                 cells.append(_pct(row[MEAN_SHIFT]))
             table.add_row(*cells)
@@ -79,8 +79,9 @@ class EvalReport:
 
     def notes(self) -> list[str]:
         """Lines to print under the table: the common folder, the shift sets, how many scores were cached."""
-        _, folder = _labels([str(r.checkpoint) for r in self.results])
-        notes = [f"checkpoints in {folder}"] if folder else []
+        _, folder, extension = common_parts([str(r.checkpoint) for r in self.results])
+        caption = names_caption(folder, extension, "checkpoints")
+        notes = [caption] if caption else []
         if self.shift_names:
             notes.append(f"mean shift = mean over {', '.join(self.shift_names)}")
         cached = sum(r.datasets[n].cached for r in self.results for n in r.datasets)
@@ -95,20 +96,8 @@ class EvalReport:
         return _write_text(Path(path), text, f"--{kind}")
 
 
-def _labels(names: list[str]) -> tuple[list[str], str | None]:
-    """Checkpoint names without their common folder (named once in the caption instead)."""
-    parents = {os.path.dirname(n) for n in names}
-    if len(parents) == 1 and (folder := parents.pop()):
-        return [os.path.basename(n) for n in names], folder
-    return [_short(n) for n in names], None
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
-
-
-def _short(name: str, width: int = 48) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def _check_output(path: Path, option: str) -> None:
@@ -119,16 +108,10 @@ def _check_output(path: Path, option: str) -> None:
 
 
 def _write_text(path: Path, text: str, option: str) -> Path:
+    from soupkit.io.atomic import atomic_write_text
+
     _check_output(path, option)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def evaluate_checkpoints(checkpoints: Sequence[str | Path], recipe: Any, *, device: str | None = None,
@@ -154,7 +137,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], recipe: Any, *, devi
                                                                             cache_dir=cache_dir, use_cache=use_cache)
     names = list(datasets) if datasets else ev.dataset_names
     report = EvalReport(ev.recipe.source, names, [n for n in ev.shift_names if n in names], device=str(ev.device),
-                        precision=ev.precision)
+                        precision=ev.precision, name=ev.recipe.name)
     for path in checkpoints:
         report.results.append(ev.evaluate(path, names, progress=progress))
     if ev.rank == 0:

@@ -48,7 +48,7 @@ def _check(out: Path, inputs: tuple[Path, ...], force: bool) -> None:
             raise OutputError(f"{out}: output would overwrite the input {source_path}; soupkit never modifies "
                               f"inputs")
     if out.exists() and not force:
-        raise OutputError(f"{out}: output exists; pass --force (force=True) to overwrite it")
+        raise OutputError(f"{out}: output exists; use --force to overwrite it")
     parent = _existing_ancestor(out.parent)
     if not parent.is_dir():
         raise OutputError(f"{out}: {parent} is not a directory")
@@ -161,12 +161,18 @@ class OutputSet:
             self.commit()
 
 
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write a small file (a report, a plot, a cache entry) whole or not at all: a temporary next to it, fsynced,
-    renamed into place. The one home of this for every file soupkit writes."""
-    with OutputSet() as files:
-        files.open(path).write(data)
-    return Path(path)
+    """Write a small file (a report, a plot, a cache entry) atomically: a temporary file beside ``path``
+    (missing folders created), fsync'ed, then renamed over it, so a reader never sees half a file and a crash
+    leaves the old one. OS errors become one-line ``OutputError``s naming ``path``."""
+    target = Path(path)
+    try:
+        with OutputSet() as outputs:
+            outputs.open(target).write(data)
+    except OSError as err:
+        raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None
+    return target
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

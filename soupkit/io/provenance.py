@@ -123,6 +123,7 @@ def ingredient_record(name: str, path: Path | None, nbytes: int, state: Mapping[
 def provenance_metadata(method: str, params: Mapping[str, Any], ingredients: list[dict],
                         extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The ``__metadata__`` soupkit writes: strings only (the safetensors format requires it)."""
+    params, extra = portable_names((dict(params), dict(extra or {})))
     metadata = {
         "format": "pt",  # what transformers expects in safetensors metadata
         "soupkit.version": __version__,
@@ -131,7 +132,50 @@ def provenance_metadata(method: str, params: Mapping[str, Any], ingredients: lis
         "soupkit.ingredients": json.dumps(ingredients, default=str),
         "soupkit.created": creation_time(),
     }
-    for key, value in (extra or {}).items():
+    for key, value in extra.items():
         metadata[key if "." in key else f"soupkit.{key}"] = value if isinstance(value, str) else json.dumps(
             value, sort_keys=True, default=str)
     return metadata
+
+
+def portable_names(value: Any) -> Any:
+    """``value`` (nested dicts / lists / tuples) with every file path in it replaced by a name: its path
+    relative to the folder all the paths share (just the file name when they share one folder). Provenance
+    records what went into a file, never where the files lay on the machine that made it."""
+    paths = sorted({s for s in _strings(value) if _is_path(s)})
+    if not paths:
+        return value
+    try:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:  # absolute and relative paths mixed, or different drives
+        root = ""
+    names = {p: os.path.relpath(p, root) if root else os.path.basename(p) for p in paths}
+    return _replace(value, names)
+
+
+def _is_path(text: str) -> bool:
+    if not text or "\n" in text:
+        return False
+    return os.path.isabs(text) or (os.sep in text and os.path.exists(text))
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _replace(value: Any, names: Mapping[str, str]) -> Any:
+    if isinstance(value, (str, Path)):
+        return names.get(str(value), value)
+    if isinstance(value, Mapping):
+        return {_replace(k, names): _replace(v, names) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_replace(v, names) for v in value)
+    if isinstance(value, list):
+        return [_replace(v, names) for v in value]
+    return value

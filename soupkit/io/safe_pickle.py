@@ -1122,6 +1122,13 @@ class _Loader:
             self._blob_depth -= 1
 
 
+def _malformed(err: BaseException) -> str:
+    """What a parser error on malformed bytes means, in the user's words."""
+    if isinstance(err, EOFError) or "truncated" in str(err) or "Ran out of input" in str(err):
+        return "the file ends too early (truncated?)"
+    return "its bytes are neither a torch.save zip archive nor a pickled state dict"
+
+
 def open_lazy(path: str | Path) -> LazyFile:
     """Unpickle a torch checkpoint (any of the three layouts) without reading tensor data or running code.
 
@@ -1140,9 +1147,9 @@ def open_lazy(path: str | Path) -> LazyFile:
             raise CheckpointError(f"{path}: {prefix}{_printable(str(err))}") from None
         if isinstance(err, CheckpointError) or not isinstance(err, Exception):
             raise
-        # anything the pickle machinery raises on malformed bytes (UnpicklingError, EOFError, TypeError, ...)
-        detail = _printable(str(err)[:200]) or type(err).__name__
-        raise CheckpointError(f"{path}: not a valid torch checkpoint: {detail}") from None
+        # anything the pickle machinery raises on malformed bytes (UnpicklingError, EOFError, ValueError from
+        # `invalid literal for int()` ...): its wording is the parser's, not the user's
+        raise CheckpointError(f"{path}: not a valid torch checkpoint: {_malformed(err)}") from None
     if not loader.needs_archive:
         loader.close_archive()
     return LazyFile(path, obj, layout, handle, loader.archive)

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
+
+from soupkit.report.layout import common_parts, name_cell, names_caption
 
 
 def _pct(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{100 * value:.2f}%"
-
-
-def _short(name: str, width: int = 40) -> str:
-    if len(name) <= width:
-        return name
-    return "…" + Path(name).name[-(width - 1):]
 
 
 def greedy_table(result: Any) -> Any:
@@ -26,21 +21,28 @@ def greedy_table(result: Any) -> Any:
     title = (f"Greedy soup ({result.rule.get('accept', 'gt')}): {len(result.ingredients)} of {len(result.names)} "
              f"ingredients, held-out {_pct(result.score)}")
     table = Table(title=title)
-    for column, justify in (("step", "right"), ("ingredient", "left"), ("individual acc", "right"),
-                            ("candidate acc", "right"), ("accepted?", "center"), ("note", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
+    labels, folder, extension = common_parts(result.names)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("ingredient")
+    for column in ("individual acc", "candidate acc"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("kept", justify="center", no_wrap=True)
+    table.add_column("note", ratio=1)
     for step in result.history:
         candidate = _pct(step.candidate)
         if step.stopped_early:
             candidate = "stopped early"
-        table.add_row(str(step.step), _short(step.name), _pct(step.score), candidate,
+        table.add_row(str(step.step), name_cell(labels[step.index]), _pct(step.score), candidate,
                       "[green]yes[/green]" if step.accepted else "[red]no[/red]", step.note)
+    captions = [names_caption(folder, extension, "ingredients")]
     stats = result.stats
     if stats.get("examples_full"):
         saved = stats["examples_saved"] / stats["examples_full"]
-        table.caption = (f"{stats['candidates_evaluated']} candidates; early stop evaluated "
-                         f"{stats['examples_evaluated']:,} of {stats['examples_full']:,} held-out examples "
-                         f"({100 * saved:.0f}% saved); {stats['seconds']:.1f} s")
+        captions.append(f"{stats['candidates_evaluated']} candidates; early stop evaluated "
+                        f"{stats['examples_evaluated']:,} of {stats['examples_full']:,} held-out examples "
+                        f"({100 * saved:.0f}% saved); {stats['seconds']:.1f} s")
+    table.caption = "\n".join(c for c in captions if c) or None
+    table.caption_justify = "left"
     return table
 
 
@@ -52,12 +54,12 @@ def sweep_table(result: Any) -> Any:
     datasets = list(dict.fromkeys(name for p in points for name in p.accuracies))
     select = result.rule.get("select") or "held-out"
     table = Table(title=f"WiSE-FT sweep: α={result.alpha:g} chosen by {select} accuracy")
-    table.add_column("α", justify="right")
+    table.add_column("α", justify="right", no_wrap=True)
     for name in datasets:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     if any(p.shift is not None for p in points):
-        table.add_column("mean shift", justify="right")
-    table.add_column("chosen", justify="center")
+        table.add_column("mean shift", justify="right", no_wrap=True)
+    table.add_column("chosen", justify="center", no_wrap=True)
     for p in points:
         row = [f"{p.alpha:g}", *(_pct(p.accuracies.get(name)) for name in datasets)]
         if any(q.shift is not None for q in points):
@@ -76,11 +78,14 @@ def learned_table(result: Any) -> Any:
                         f"{result.extra.get('heldout_loss', math.nan):.4f} (uniform "
                         f"{result.extra.get('uniform_loss', math.nan):.4f}), temperature "
                         f"{result.extra.get('temperature', math.nan):.3f}")
-    table.add_column("ingredient", overflow="fold")
-    table.add_column("individual acc", justify="right")
-    table.add_column("weight", justify="right")
-    for name, score, weight in zip(result.names, result.scores, weights):
-        table.add_row(_short(name), _pct(score), f"{weight:.4f}")
+    labels, folder, extension = common_parts(result.names)
+    table.add_column("ingredient")
+    table.add_column("individual acc", justify="right", no_wrap=True)
+    table.add_column("weight", justify="right", no_wrap=True)
+    for label, score, weight in zip(labels, result.scores, weights):
+        table.add_row(name_cell(label), _pct(score), f"{weight:.4f}")
+    table.caption = names_caption(folder, extension, "ingredients")
+    table.caption_justify = "left"
     return table
 
 

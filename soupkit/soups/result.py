@@ -89,6 +89,20 @@ class SoupResult:
         """The chosen α of a WiSE-FT sweep (None for other methods)."""
         return self.extra.get("alpha")
 
+    def __repr__(self) -> str:
+        """A short summary, never the tensors: method, held-out score, what was chosen, where it was written."""
+        score = "n/a" if self.score is None or not math.isfinite(self.score) else f"{100 * self.score:.2f}%"
+        parts = [f"{self.method}", f"held-out {score}"]
+        if self.alpha is not None:
+            parts.append(f"alpha={self.alpha:g}")
+        else:
+            chosen = self.chosen_names
+            shown = ", ".join(chosen[:4]) + (f", ... ({len(chosen)} in all)" if len(chosen) > 4 else "")
+            parts.append(f"{len(chosen)} of {len(self.names)} ingredients [{shown}]")
+        parts.append(f"written to {self.path}" if self.path is not None else
+                     f"state_dict of {len(self.state_dict or {})} tensors")
+        return f"SoupResult({'; '.join(parts)})"
+
     def to_dict(self) -> dict[str, Any]:
         """Everything but the tensors, as plain JSON types (NaN becomes null)."""
         return _clean({
@@ -116,10 +130,11 @@ class SoupResult:
         return soup_table(self)
 
     def print_table(self, console: Any = None) -> None:
-        """Print the history table (to stderr by default, so stdout stays clean for pipes)."""
-        from rich.console import Console
+        """Print the history table fitted to the console's width (stderr by default, so stdout stays clean for
+        pipes)."""
+        from soupkit.report.layout import print_table
 
-        (console or Console(stderr=True)).print(self.table())
+        print_table(self.table(), console, stderr=True)
 
 
 def _clean(value: Any) -> Any:

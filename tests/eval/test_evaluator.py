@@ -82,7 +82,7 @@ def test_corrupt_or_partial_cache_entries_are_misses(trained, tmp_path):
     ev = Evaluator.from_recipe(digits_recipe(), cache_dir=tmp_path)
     ev(trained.paths[2], ["heldout"])
     entries = list(tmp_path.rglob("*.json"))
-    assert len(entries) == 1 and not list(tmp_path.rglob(".tmp-*"))  # written via temp file + rename
+    assert len(entries) == 1 and not list(tmp_path.rglob(".*tmp*"))  # written via temp file + rename
     entry = json.loads(entries[0].read_text())
     entry["correct"] += 1  # disagrees with its own mask
     entries[0].write_text(json.dumps(entry))

@@ -68,7 +68,9 @@ def test_unset_variables_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.delenv("SOUPKIT_TEST_UNSET", raising=False)
     recipe = digits_recipe(data={"heldout": {"kind": "tensors", "path": "${SOUPKIT_TEST_UNSET}/held.safetensors"}})
     assert "data.heldout.path: environment variable SOUPKIT_TEST_UNSET is not set" in error_of(write(tmp_path, recipe))
-    assert error_of(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: no such recipe file"
+    assert error_of(tmp_path / "nope.yaml").startswith(
+        f"{tmp_path / 'nope.yaml'}: no such recipe file. Recipes by name (--eval NAME): ")
+    assert "Did you mean 'digits'?" in error_of(tmp_path / "digitz.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {kind: python\n")
     assert error_of(bad).startswith(f"{bad}: not valid YAML (line 2)")

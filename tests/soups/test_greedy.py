@@ -247,6 +247,7 @@ def test_output_report_and_provenance(digits_setup, tmp_path):
     assert record["selected"] == [digits_setup.paths[i].name for i in result.ingredients]
     assert record["order"] == [digits_setup.paths[i].name for i in result.rule["order"]]
     assert record["accept"] == "gt" and not any("/" in name for name in record["scores"])
+    assert str(digits_setup.paths[0].parent) not in json.dumps(meta)
     assert len(json.loads(meta["soupkit.ingredients"])) == len(result.ingredients)
     report = json.loads((tmp_path / "report" / "greedy.json").read_text())
     assert report["ingredients"] == result.ingredients and len(report["history"]) == len(digits_setup.paths)
@@ -268,4 +269,5 @@ def test_table_renders(digits_setup):
     console = Console(record=True, width=160)
     result.print_table(console)
     text = console.export_text()
-    assert "Greedy soup (gt)" in text and Path(digits_setup.paths[0]).name in text
+    assert "Greedy soup (gt)" in text and Path(digits_setup.paths[0]).stem in text \
+        and "*.safetensors" in text  # the shared folder and extension are said once, under the table

@@ -110,7 +110,7 @@ def test_ema_weights_are_used(algorithm, ema_paths, digits_setup, tmp_path):
 def test_existing_output_refused_without_force_replaced_with_it(algorithm, setup):
     paths, make_evaluator, out = setup
     out.write_bytes(b"old")
-    with pytest.raises(OutputError, match="output exists; pass --force"):
+    with pytest.raises(OutputError, match="output exists; use --force"):
         run(algorithm, paths, make_evaluator(), out)
     assert out.read_bytes() == b"old"
     result, reference, _ = run(algorithm, paths, make_evaluator(), out, force=True)
@@ -172,7 +172,7 @@ def test_refused_options_in_one_line(algorithm, setup):
                                              r"candidate as a whole model"):
         run(algorithm, paths, make_evaluator(), out, allow_missing=True)
     with pytest.raises(ParameterError, match=r"unknown output option 'shard'\. Did you mean 'shard_size'\? "
-                                             r"Available: allow_missing, allow_nonfinite, device, dtype"):
+                                             r"Available: add_prefix, allow_missing, allow_nonfinite, device, dtype"):
         run(algorithm, paths, make_evaluator(), out, shard=1000)
     with pytest.raises(ParameterError, match="dtype: unknown dtype 'fp12'"):
         run(algorithm, paths, make_evaluator(), out, dtype="fp12")

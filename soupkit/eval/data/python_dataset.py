@@ -15,7 +15,7 @@ def python_dataset(factory: str, kwargs: dict[str, Any] | None = None, *, contex
     from soupkit.eval.models.python_factory import import_object
 
     where = f"{getattr(context, 'where', 'data')}.factory"
-    fn = import_object(factory, where)
+    fn = import_object(factory, where, getattr(context, "folder", None))
     try:
         dataset = fn(**(kwargs or {}))
     except TypeError as error:
