@@ -12,6 +12,9 @@ from typing import Any
 
 import typer
 
+# re-exported: the parsers live in the torch-free library module the library itself uses
+from soupkit.options_parse import parse_float_list, parse_size  # noqa: F401
+
 app = typer.Typer(
     name="soupkit",
     help=(
@@ -27,16 +30,6 @@ app = typer.Typer(
 )
 
 
-def parse_float_list(value: str, option: str) -> list[float]:
-    """Parse ``"0.2,0.8"`` into floats, naming the option on error."""
-    from soupkit.errors import ParameterError
-
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ParameterError(f"{option}: expected comma-separated numbers, got {value!r}") from None
-
-
 def require_files(*paths: Path | None) -> None:
     """Fail fast on an input path that does not exist, before the command imports torch (~3 s); the library
     raises the same one-line error where it opens the file."""
@@ -45,24 +38,6 @@ def require_files(*paths: Path | None) -> None:
     for path in paths:
         if path is not None and not path.exists():
             raise CheckpointError(f"{path}: no such file")
-
-
-def parse_size(value: str, option: str) -> int:
-    """Parse ``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count into bytes."""
-    from soupkit.errors import ParameterError
-
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    text = value.strip().upper()
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number):]
-    try:
-        size = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}") from None
-    if size <= 0:
-        raise ParameterError(f"{option}: must be positive, got {value!r}")
-    return size
 
 
 def wide_console(*, stderr: bool = False, min_width: int = 120) -> Any:
