@@ -49,7 +49,8 @@ def fingerprint(source: str | Path | Mapping[str, torch.Tensor]) -> str:
         digest = hashlib.sha256()
         for key in sorted(source):
             tensor = source[key].detach()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            # surrogatepass: a key may hold a lone surrogate (from a pickle); it still hashes, and distinctly
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8", "surrogatepass"))
             if tensor.numel():
                 from soupkit.io.safetensors_io import tensor_bytes
 
@@ -77,7 +78,7 @@ def quick_fingerprint(path: str | Path) -> str:
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size
-        digest.update(f"{file.name}|{size}|".encode())
+        digest.update(os.fsencode(file.name) + f"|{size}|".encode())  # fsencode: any name, even non-UTF-8
         with open(file, "rb") as handle:
             if size <= (_SAMPLES + 2) * _BLOCK:
                 while block := handle.read(8 * _BLOCK):
@@ -100,10 +101,16 @@ def creation_time() -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+def display_name(path: Path) -> str:
+    """``path.name`` as valid Unicode: bytes of a non-UTF-8 file name (which Python holds as lone surrogates,
+    unencodable in a safetensors header) shown as ``\\xff`` escapes."""
+    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
+
+
 def ingredient_record(name: str, path: Path | None, nbytes: int, state: Mapping[str, Any] | None = None) -> dict:
     """One ingredient's entry in the provenance list."""
     if path is not None:
-        return {"name": path.name, "bytes": nbytes, "fingerprint": quick_fingerprint(path)}
+        return {"name": display_name(path), "bytes": nbytes, "fingerprint": quick_fingerprint(path)}
     return {"name": name, "bytes": nbytes, "fingerprint": fingerprint(state) if state is not None else None}
 
 

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import torch
 
 from soupkit.errors import CheckpointError, OutputError, suggest
-from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
 from soupkit.io.safe_pickle import LazyTensor, flatten_module, open_lazy
 from soupkit.io.unwrap import unwrap_state_dict
 
@@ -43,6 +43,8 @@ class TorchReader(CheckpointReader):
                 flatten_object=functools.partial(flatten_module, source=self.name),
                 ema=ema,
             )
+            for key, lazy in self._tensors.items():
+                refuse_complex(self.name, key, lazy.dtype)
         except BaseException:
             self._file.close()
             raise
