@@ -6,15 +6,30 @@ unwind normally so temporary files are removed, then exit 130 / 143.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-import warnings
 
-import typer
+
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    """Ctrl-C while the CLI is still importing (typer, rich: a few hundred ms): one line, no traceback. Nothing
+    has been opened or written yet, so there is nothing to unwind; ``main()`` restores Python's handler."""
+    os.write(2, b"soupkit: interrupted\n")
+    os._exit(130)
+
+
+# installed first thing, and only when this process is the soupkit command (never for a library import)
+_COMMAND = os.path.basename(sys.argv[0]) == "soupkit" or sys.argv[0].endswith(os.path.join("soupkit", "__main__.py"))
+if _COMMAND and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import warnings  # noqa: E402 - after the handler, so Ctrl-C during these imports is quiet
+
+import typer  # noqa: E402
 
 # Each import registers that module's commands on `app`.
-from soupkit.cli import demo_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
-from soupkit.cli._app import app
+from soupkit.cli import demo_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: E402, F401
+from soupkit.cli._app import app  # noqa: E402
 
 __all__ = ["app", "main"]
 
@@ -49,6 +64,8 @@ def _one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``soupkit`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C unwinds (temp cleanup)
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
     from soupkit.errors import SoupkitError

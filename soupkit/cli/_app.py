@@ -36,7 +36,11 @@ def require_files(*paths: Path | None) -> None:
     from soupkit.errors import CheckpointError
 
     for path in paths:
-        if path is not None and not path.exists():
+        try:
+            missing = path is not None and not path.exists()
+        except OSError as err:  # a name too long for the file system, a symlink loop
+            raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+        if missing:
             raise CheckpointError(f"{path}: no such file")
 
 

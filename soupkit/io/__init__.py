@@ -255,14 +255,7 @@ class CheckpointSink:
         assert self._outputs is not None
         from soupkit.io.torch_io import save_torch
 
-        try:
-            save_torch(tensors, self._outputs.open(self.output), name=str(self.output))
-        except RuntimeError as err:
-            # torch.save's zip writer turns a failed write (a full disk) into "RuntimeError: unexpected pos"
-            cause = err.__context__
-            if not isinstance(cause, OSError):
-                raise
-            raise OutputError(f"{self.output}: cannot write output: {cause.strerror or cause}") from None
+        save_torch(tensors, self._outputs.open(self.output), name=str(self.output))
         return self.output
 
 

@@ -124,3 +124,19 @@ def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path | Binary
             torch.save(tensors, path)
     except OSError as err:
         raise OutputError(f"{name}: cannot write output: {err.strerror}") from None
+    except RuntimeError as err:
+        raise _write_failure(err, name) from None
+
+
+def _write_failure(err: RuntimeError, name: str) -> BaseException:
+    """What really stopped ``torch.save``. Its zip writer finishes the archive in ``__exit__`` even when a write
+    failed, and that raises "RuntimeError: unexpected pos" over the real cause: Ctrl-C or SIGTERM (re-raised as
+    they are, so the CLI exits 130/143 with one line and the temporary is removed) or a full disk."""
+    cause: BaseException | None = err.__context__
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        if isinstance(cause, OSError):
+            return OutputError(f"{name}: cannot write output: {cause.strerror or cause}")
+        cause = cause.__context__
+    return err
