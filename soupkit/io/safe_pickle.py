@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import pickletools
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -877,7 +878,9 @@ def _check_opcodes(span: _Span, position: int) -> None:
             if length < 0:
                 return
             if position + length > span.length:
-                raise _Problem(f"pickle data was truncated ({length}-byte argument at offset {position - size - 1})")
+                # no numbers from the file in the message: it may be a foreign file read as a pickle
+                raise _Problem(f"pickle data was truncated (an argument at offset {position - size - 1} runs past "
+                               f"the end of the data)")
             position += length
             if length > 4096:
                 reach = 256
@@ -887,7 +890,7 @@ def _check_opcodes(span: _Span, position: int) -> None:
             return
         if action in (_INDEX_ARG, _PUT_LINE, _MEMOIZE):
             if index is not None and index >= puts + _MEMO_SLACK:
-                raise _Problem(f"memo index {index} after {puts} memo writes")
+                raise _Problem(f"a memo index far beyond the {puts} memo writes before it")
             puts += 1
 
 
@@ -1180,6 +1183,16 @@ class _Loader:
             self._blob_depth -= 1
 
 
+def _without_file_bytes(err: BaseException) -> str:
+    """What the pickle machinery said, minus what it quotes of the file: "invalid load key, '\\x13'", "can't
+    decode byte 0xff", "unsupported pickle protocol: 114" echo bytes of what may be a foreign file (a
+    shard symlinked to a secret), so quoted text and numbers become '?'."""
+    if isinstance(err, UnicodeDecodeError):
+        return "text in the pickle is not valid UTF-8"
+    text = re.sub(r"'[^']*'|\"[^\"]*\"|0x[0-9a-fA-F]+|\d+", "?", str(err)[:200])
+    return _printable(text) or type(err).__name__
+
+
 def open_lazy(path: str | Path) -> LazyFile:
     """Unpickle a torch checkpoint (any of the three layouts) without reading tensor data or running code.
 
@@ -1199,7 +1212,7 @@ def open_lazy(path: str | Path) -> LazyFile:
         if isinstance(err, CheckpointError) or not isinstance(err, Exception):
             raise
         # anything the pickle machinery raises on malformed bytes (UnpicklingError, EOFError, TypeError, ...)
-        detail = _printable(str(err)[:200]) or type(err).__name__
+        detail = _without_file_bytes(err)
         raise CheckpointError(f"{path}: not a valid torch checkpoint: {detail}") from None
     if not loader.needs_archive:
         loader.close_archive()
