@@ -168,6 +168,8 @@ def find_recipe(name: str | Path) -> Path:
         raise RecipeError(f"recipe {text!r} not found (not a file, not on the recipe search path)."
                           f"{suggest(text, names)} Available: {', '.join(names) or 'none'}; "
                           "set SOUPKIT_RECIPE_PATH to add folders")
+    if path.exists():  # a FIFO, a device, a folder: never opened (a FIFO would block)
+        raise RecipeError(f"{text}: recipe is not a regular file")
     raise RecipeError(f"{text}: no such recipe file")
 
 

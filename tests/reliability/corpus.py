@@ -39,6 +39,8 @@ class Expect:
     canary: Path | None = None
     #: the case depends on a component not landed yet (reason); the runner marks it xfail(strict)
     pending: str | None = None
+    #: text the error line must NOT contain (bytes of a foreign file, read as a number or as text)
+    absent: tuple[str, ...] = ()
 
 
 @dataclass
@@ -820,3 +822,7 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
         "pickle": (".pkl", pickle.dumps(nested, protocol=2)),
         "pickle4": (".pkl", pickle.dumps(state, protocol=4)),
     }
+
+
+# round two (issue 13): bombs, escapes, odd files and names, alias bombs; registers into CASES
+from tests.reliability import corpus_round2  # noqa: E402, F401
