@@ -35,13 +35,13 @@ def parse_size(value: str | int, option: str) -> int:
         text = value.strip().upper()
         number = text.rstrip("KMGTIB")
         unit = text[len(number):]
-        try:
-            amount = float(number) * _UNITS[unit]
+        try:  # an integer byte count stays exact (a float would round 2**53 + 1 down)
+            amount = int(number) * _UNITS[unit] if number.strip().isdigit() else float(number) * _UNITS[unit]
         except (ValueError, KeyError):
             raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}") from None
         if not math.isfinite(amount):
             raise ParameterError(f"{option}: expected a finite size like 5GB, got {value!r}")
-        size = int(amount) if amount < 2 * MAX_SIZE else 2 * MAX_SIZE
+        size = int(amount) if amount <= MAX_SIZE else MAX_SIZE + 1
     else:
         raise ParameterError(f"{option}: expected a size like '5GB' or a byte count, got a {type(value).__name__}")
     if size <= 0:
