@@ -111,8 +111,8 @@ def test_compressed_records_within_deflate_bounds_still_read(tmp_path: Path) -> 
     """A .pt re-zipped with deflate (all zeros: ~1000:1, the most deflate reaches) is not a bomb."""
     import zipfile
 
-    from tests.reliability.corpus_round2 import rezip
     from tests.reliability.corpus import torch_zip_bytes
+    from tests.reliability.corpus_round2 import rezip
 
     state = {"zeros": torch.zeros(1 << 20), **small_state()}
     data = rezip(torch_zip_bytes(state), compress={"data.pkl": zipfile.ZIP_DEFLATED, "data/0": zipfile.ZIP_DEFLATED,
