@@ -12,6 +12,10 @@ from soupkit.errors import CheckpointError
 from soupkit.io.base import CheckpointReader, TensorInfo
 
 
+#: an index larger than this is not a shard index (Hugging Face's hold ~100 KB for 100B-parameter models)
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
 class ShardedReader(CheckpointReader):
     """Reads a checkpoint split over shards listed in an index's ``weight_map``."""
 
@@ -19,6 +23,10 @@ class ShardedReader(CheckpointReader):
         self.path = Path(index_path)
         self.name = str(index_path)
         try:
+            size = self.path.stat().st_size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{self.name}: shard index is {size:,} bytes; an index holds at most "
+                                      f"{MAX_INDEX_BYTES:,}")
             index = json.loads(self.path.read_text())
         except OSError as err:
             raise CheckpointError(f"{self.name}: cannot read index: {err.strerror}") from None
