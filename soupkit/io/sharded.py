@@ -11,7 +11,6 @@ import torch
 from soupkit.errors import CheckpointError
 from soupkit.io.base import CheckpointReader, TensorInfo
 
-
 #: an index larger than this is not a shard index (Hugging Face's hold ~100 KB for 100B-parameter models)
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
