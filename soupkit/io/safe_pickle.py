@@ -222,23 +222,42 @@ class _ZipStoredRecord(_Span):
 
 
 class _ZipCompressedRecord(_Span):
-    """A compressed zip record (torch never writes one, but a re-zipped file may): read through ``zipfile``."""
+    """A compressed zip record (torch never writes one, but a re-zipped file may): read through ``zipfile``.
+
+    Reading is sequential where the caller is (the merge engine reads a tensor's chunks in order): the inflating
+    stream stays open between reads and only moves forward, so a record read in n chunks is inflated once, not
+    n times from its start (quadratic work on a large record). It is closed once its last byte has been read.
+    """
 
     def __init__(self, handle: _FileHandle, archive: Callable[[], zipfile.ZipFile], length: int, record: str):
         super().__init__(handle, 0, length)
         self._archive, self._record = archive, record
+        self._member: Any = None
+        self._at = 0
 
     def read_into(self, offset: int, out: memoryview) -> None:
         try:
-            with self._archive().open(self._record) as member:
-                member.seek(offset)
-                data = member.read(len(out))
-        except (OSError, zipfile.BadZipFile, EOFError, RuntimeError) as err:
+            if self._member is None or offset < self._at:
+                self._close_member()
+                self._member, self._at = self._archive().open(self._record), 0
+            if offset > self._at:
+                self._member.seek(offset)  # forward: inflates and discards, in zipfile's bounded chunks
+            data = self._member.read(len(out))
+            self._at = offset + len(data)
+        except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as err:
+            self._close_member()
             raise CheckpointError(f"{self.handle.name if self.handle else '?'}: cannot read zip record "
                                   f"{self._record}: {err}") from None
+        if self._at >= self.length:
+            self._close_member()
         if len(data) != len(out):
             raise CheckpointError(f"{self.handle.name if self.handle else '?'}: zip record {self._record} is short")
         out[:] = data
+
+    def _close_member(self) -> None:
+        if self._member is not None:
+            self._member.close()
+            self._member = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
