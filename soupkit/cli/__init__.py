@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``soupkit`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     _signals.clear()  # a SIGTERM of an earlier in-process run must not turn this run's Ctrl-C into "terminated"
+    if hasattr(sys.stdout, "reconfigure"):  # a tensor name from a pickle may hold a lone surrogate: print it escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C unwinds (temp cleanup)
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):

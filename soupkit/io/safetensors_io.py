@@ -102,6 +102,14 @@ def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
     return torch.from_numpy(np.frombuffer(window, dtype=np.uint8, count=nbytes, offset=offset - start))
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _too_large(shape: list[int], itemsize: int) -> bool:
     """True if the bytes of ``shape`` (zero dimensions skipped) pass int64; stops multiplying once they do, so
     a header of a million huge dimensions costs no big-integer arithmetic."""
@@ -155,6 +163,10 @@ class SafetensorsReader(CheckpointReader):
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise self._fail("__metadata__ must map strings to strings")
+        for what, text in [*(("tensor key", k) for k in header), *(("metadata", t) for kv in metadata.items()
+                                                                   for t in kv)]:
+            if not _is_unicode(text):  # "\ud800" is valid JSON but no UTF-8; the safetensors library refuses it too
+                raise self._fail(f"{what} {text[:80]!r} holds a lone surrogate escape, which is not valid Unicode")
         data_start = 8 + length
         data_len = self._size - data_start
         entries: dict[str, tuple[TensorInfo, int]] = {}
@@ -262,11 +274,9 @@ def _check_unicode(name: str, plan: list[TensorInfo], metadata: object) -> None:
     if isinstance(metadata, dict):
         strings += [("metadata key", k) for k in metadata] + [(f"metadata {k!r}", v) for k, v in metadata.items()]
     for what, text in strings:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
+        if not _is_unicode(text):
             raise OutputError(f"{name}: {what} {text!r} is not valid Unicode (it holds a lone surrogate) and "
-                              f"cannot be stored in safetensors; rename it, or write a .pt output") from None
+                              f"cannot be stored in safetensors; rename it, or write a .pt output")
 
 
 class SafetensorsWriter:

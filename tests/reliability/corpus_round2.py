@@ -454,7 +454,14 @@ def _surrogate_merge(w: Workspace) -> Expect:
 def _surrogate_st(w: Workspace) -> Expect:
     raw = b'{"bad\\udc80":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
     bad = w.write("surrogate.safetensors", safetensors_bytes(None, bytes(4), raw_header=raw))
-    return Expect(["convert", str(bad), w.out], ("'bad\\udc80'", "lone surrogate"), w.canary)
+    return Expect(["convert", str(bad), w.out], (str(bad), "'bad\\udc80'", "lone surrogate"), w.canary)
+
+
+@case("safetensors metadata with a lone surrogate escape (inspect)")
+def _surrogate_meta(w: Workspace) -> Expect:
+    raw = b'{"__metadata__":{"note":"x\\ud800y"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    bad = w.write("surrogate_meta.safetensors", safetensors_bytes(None, bytes(4), raw_header=raw))
+    return Expect(["inspect", str(bad)], (str(bad), "'x\\ud800y'", "lone surrogate"), w.canary)
 
 
 # --- YAML alias bombs ---------------------------------------------------------------------------------------------
