@@ -75,9 +75,9 @@ class StateDictReader(CheckpointReader):
         return self._state
 
 
-def _check_in_memory(name: str, key: str, tensor: torch.Tensor) -> None:
+def _check_in_memory(name: str, key: str, tensor: torch.Tensor, *, complex_ok: bool = False) -> None:
     """Refuse tensors a merge cannot read element by element: sparse / quantized / nested layouts (their
-    ``reshape(-1)`` is not their values), meta tensors (no values at all) and complex ones."""
+    ``reshape(-1)`` is not their values), meta tensors (no values at all) and, as merge inputs, complex ones."""
     if tensor.layout != torch.strided or tensor.is_quantized or getattr(tensor, "is_nested", False):
         kind = "quantized" if tensor.is_quantized else str(tensor.layout).replace("torch.", "")
         raise CheckpointError(f"{name}: tensor {key!r} is a {kind} tensor; soupkit merges dense tensors "
@@ -85,7 +85,8 @@ def _check_in_memory(name: str, key: str, tensor: torch.Tensor) -> None:
     if tensor.is_meta:
         raise CheckpointError(f"{name}: tensor {key!r} is on the meta device and holds no values; load the "
                               f"weights before merging")
-    refuse_complex(name, key, tensor.dtype)
+    if not complex_ok:
+        refuse_complex(name, key, tensor.dtype)
 
 
 def _regular_file(path: Path) -> Path:
@@ -276,6 +277,8 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, me
     state = {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
     if len(state) != len(state_dict) or not all(isinstance(k, str) for k in state):
         raise OutputError(f"{path}: state dict values must be tensors and keys strings")
+    for key, tensor in state.items():  # written faithfully, complex included; never a sparse or meta tensor
+        _check_in_memory(str(path), key, tensor, complex_ok=True)
     protected = [Path(p) for p in protect]
     out = check_output_path(path, inputs=protected, force=force)
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):

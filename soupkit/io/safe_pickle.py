@@ -563,6 +563,17 @@ def _storage(value: Any) -> LazyStorage:
     return value
 
 
+@functools.cache
+def _negatable(dtype: torch.dtype) -> bool:
+    """Whether torch can negate ``dtype`` (not bool, uint16/32/64 or the float8s, as of torch 2.x): a 'neg' view
+    of such a tensor can be saved but never read back."""
+    try:
+        torch.zeros(1, dtype=dtype).neg()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
 def _lazy_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: torch.dtype | None,
                  metadata: Any) -> LazyTensor:
     storage = _storage(storage)
@@ -572,8 +583,9 @@ def _lazy_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dtyp
     flags = metadata if isinstance(metadata, Mapping) else {}
     dtype = dtype or storage.dtype
     neg = bool(flags.get("neg"))
-    if neg and dtype == torch.bool:  # torch cannot negate a bool tensor (torch.save never writes one)
-        raise _Problem("a bool tensor carries the 'neg' flag, which no bool tensor can have")
+    if neg and not _negatable(dtype):
+        raise _Problem(f"a {str(dtype).replace('torch.', '')} tensor carries the 'neg' flag, but torch cannot "
+                       f"negate {str(dtype).replace('torch.', '')} tensors; save it with .resolve_neg() applied")
     return LazyTensor(storage, _int(storage_offset, "a storage offset"), shape, steps, dtype,
                       conj=bool(flags.get("conj")), neg=neg)
 

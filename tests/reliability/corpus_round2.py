@@ -127,23 +127,18 @@ def _record_claims(w: Workspace) -> Expect:
     return merge_with(w, w.write("claims.pt", claim_size(data, "data/0", 2**32 - 1)), "decompression bomb")
 
 
-def neg_bool(layout: str) -> bytes:
-    """A bool tensor whose pickle carries the 'neg' flag (torch never writes one; torch.load cannot read it)."""
-    state = {**small_state(), "mask": torch._neg_view(torch.ones(2))}
-    if layout == "zip":
-        data = torch_zip_bytes(state)
-        pkl = record(data, "data.pkl")  # the neg-flagged tensor is the last one: retarget its FloatStorage
-        at = pkl.rfind(b"FloatStorage")
-        return rezip(data, replace={"data.pkl": pkl[:at] + b"BoolStorage" + pkl[at + len(b"FloatStorage"):]})
-    data = torch_legacy_bytes({"mask": torch._neg_view(torch.ones(2))})
-    return data.replace(b"FloatStorage", b"BoolStorage")
+def neg_view(dtype: torch.dtype) -> torch.Tensor:
+    """A tensor with the 'neg' bit set, of a dtype torch cannot negate: torch.save writes it, torch.load fails."""
+    return torch._neg_view(torch.zeros(2, dtype=dtype))
 
 
-for _layout in ("zip", "legacy"):
-    def _neg_bool(w: Workspace, layout: str = _layout) -> Expect:
-        return merge_with(w, w.write(f"neg_bool_{layout}.pt", neg_bool(layout)), "bool tensor", "'neg'")
+for _layout, _dtype in (("zip", torch.bool), ("legacy", torch.bool), ("zip", torch.uint16),
+                        ("zip", torch.float8_e4m3fn), ("pickle", torch.uint32)):
+    def _neg_flag(w: Workspace, layout: str = _layout, dtype: torch.dtype = _dtype) -> Expect:
+        bad = w.pickle(f"neg_{layout}.pt", {**small_state(), "mask": neg_view(dtype)}, layout)
+        return merge_with(w, bad, f"a {str(dtype)[6:]} tensor carries the 'neg' flag")
 
-    case(f".pt ({_layout}) bool tensor with the neg flag")(_neg_bool)
+    case(f".pt ({_layout}) {str(_dtype)[6:]} tensor with the neg flag")(_neg_flag)
 
 
 # --- complex tensors: every reader refuses them (averaging would drop the imaginary part) -------------------------

@@ -205,6 +205,14 @@ def test_in_memory_tensors_a_merge_cannot_read_are_named(tmp_path: Path, kind: s
     assert not (tmp_path / "soup.safetensors").exists()
 
 
+@pytest.mark.parametrize("kind", ["sparse", "sparse_csr", "meta", "quantized"])
+def test_save_checkpoint_names_tensors_it_cannot_write(tmp_path: Path, kind: str) -> None:
+    make, needle = IN_MEMORY[kind]
+    with pytest.raises(CheckpointError, match=f"tensor 'layer.weight' .*{needle}"):
+        save_checkpoint({**small_state(), "layer.weight": make()}, tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- peak memory of the bombs ---------------------------------------------------------------------------------------
 
 _RUNNER = """
