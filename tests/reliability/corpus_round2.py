@@ -30,7 +30,6 @@ from tests.reliability.corpus import (
     merge_with,
     safetensors_bytes,
     small_state,
-    torch_legacy_bytes,
     torch_zip_bytes,
 )
 from tests.reliability.corpus import case as register
