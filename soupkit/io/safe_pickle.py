@@ -438,13 +438,15 @@ _CALLS_OUT = frozenset({
     "runpy", "importlib", "imp", "pkgutil", "zipimport", "shutil", "socket", "ssl", "pty", "pickle", "_pickle",
     "marshal", "shelve", "dbm", "ctypes", "_ctypes", "code", "codeop", "compileall", "py_compile", "multiprocessing",
     "concurrent", "threading", "_thread", "asyncio", "signal", "resource", "fcntl", "mmap", "select", "webbrowser",
-    "torch", "operator", "_operator", "copyreg", "types", "gc", "inspect", "platform", "sysconfig", "site",
+    "torch", "operator", "_operator", "copyreg", "gc", "inspect", "platform", "sysconfig", "site",
     "distutils", "setuptools", "pip", "venv", "ensurepip", "pydoc", "pdb", "bdb", "trace", "timeit", "profile",
     "cProfile", "atexit", "io", "_io", "tempfile", "glob", "fileinput", "linecache", "tarfile", "zipfile",
-    "sqlite3", "urllib", "http", "ftplib", "smtplib", "telnetlib", "xmlrpc", "socketserver", "logging",
+    "sqlite3", "urllib", "http", "ftplib", "smtplib", "telnetlib", "xmlrpc", "socketserver",
     "cloudpickle", "dill", "joblib", "yaml", "numpy.ctypeslib", "numpy.f2py", "numpy.testing", "numpy.distutils",
-    "numpy.lib.npyio", "numpy.lib.format", "pathlib",
+    "numpy.lib.npyio", "numpy.lib.format",
 })  # fmt: skip
+#: names in those modules that data pickles call: typing generics (``Dict[str, Any]``) reduce to operator.getitem
+_CALLS_IN = frozenset({"operator.getitem", "_operator.getitem"})
 _CALLS_OUT_NAMES = frozenset({"functools.reduce", "numpy.load", "numpy.fromfile", "numpy.loadtxt",
                               "numpy.genfromtxt", "numpy.memmap"})
 
@@ -453,6 +455,8 @@ def _calls_out(module: str, qualname: str) -> bool:
     """True if calling ``module.qualname`` would reach the system or run code (see ``_CALLS_OUT``)."""
     if f"{module}.{qualname}" in _CALLS_OUT_NAMES:
         return True
+    if f"{module}.{qualname}" in _CALLS_IN:
+        return False
     return any(module == name or module.startswith(name + ".") for name in _CALLS_OUT)
 
 
@@ -536,7 +540,9 @@ _INERT_CALLS = {
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct", "numpy.dtype", "datetime.datetime", "datetime.date", "datetime.time",
     "datetime.timedelta", "datetime.timezone", "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
-    "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "collections.defaultdict", "collections.deque",
+    "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "pathlib._local.Path", "pathlib._local.PosixPath",
+    "pathlib._local.WindowsPath", "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
+    "collections.defaultdict", "collections.deque",
     "collections.Counter",
 }  # fmt: skip
 

@@ -9,16 +9,20 @@ index and shards are symlinks into ``blobs/``.
 
 from __future__ import annotations
 
+import argparse
 import decimal
 import enum
 import functools
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -48,7 +52,10 @@ def activation(x: float, slope: float = 0.1) -> float:
 def lightning_checkpoint(state: dict[str, torch.Tensor]) -> dict:
     """What Lightning saves: the weights plus hyperparameters of types the restricted unpickler cannot import."""
     hparams = {"precision": Precision.HALF, "act": functools.partial(activation, slope=0.2),
-               "lr": decimal.Decimal("0.0003"), "pattern": re.compile(r"layer\.\d+", re.IGNORECASE)}
+               "lr": decimal.Decimal("0.0003"), "pattern": re.compile(r"layer\.\d+", re.IGNORECASE),
+               # and what else hyperparameters hold: argparse / SimpleNamespace, a logger, a path, typing generics
+               "args": argparse.Namespace(batch_size=32), "extra": types.SimpleNamespace(seed=1),
+               "logger": logging.getLogger("train"), "root": Path("/runs/1"), "kind": dict[str, typing.Any]}
     return {"state_dict": state, "hyper_parameters": hparams, "epoch": 3, "global_step": 120,
             "pytorch-lightning_version": "2.4.0"}
 
