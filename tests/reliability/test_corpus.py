@@ -84,7 +84,8 @@ def test_bad_file_through_inspect_and_convert(name: str, command: str, tmp_path:
 #: a handful of cases through the real executable, all at once (each pays torch's import time)
 SUBPROCESS_CASES = ["hostile os.system (pickle)", "hostile handwritten getattr(builtins, 'eval')",
                     "safetensors data cut", "shape mismatch", "output equal to an input", "--dtype fp8",
-                    "index shard path escapes the folder (../x.safetensors)"]
+                    "index shard path escapes the folder (../x.safetensors)", "FIFO as an input (pipe.safetensors)",
+                    ".pt data.pkl bzip2 bomb (8 MiB from a few bytes)"]
 
 
 @pytest.mark.skipif(not SOUPKIT.exists(), reason="the soupkit console script is not installed beside python")
