@@ -6,6 +6,7 @@ unwind normally so temporary files are removed, then exit 130 / 143.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -112,4 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except click_errors.ClickException as err:
         print(f"{_prog(args)}: error: {_one_line(err.format_message())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        # a path the user typed that no file system accepts (a name over 255 bytes, a symlink loop), met by a
+        # pathlib check somewhere before the code that would have named it: still one line naming the path
+        if err.errno not in (errno.ENAMETOOLONG, errno.ELOOP) or err.filename is None:
+            raise
+        print(f"{_prog(args)}: error: {_one_line(str(err.filename))}: {err.strerror}", file=sys.stderr)
         sys.exit(2)

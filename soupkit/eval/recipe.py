@@ -156,7 +156,11 @@ def find_recipe(name: str | Path) -> Path:
     """A recipe file from a path or a bare name (``digits`` -> ``<search path>/digits.yaml``)."""
     path = Path(name)
     text = str(name)
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as err:  # a name too long for the file system, a symlink loop
+        raise RecipeError(f"{text}: cannot read recipe: {err.strerror}") from None
+    if is_file:
         return path
     looks_like_path = text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text
     if not looks_like_path:

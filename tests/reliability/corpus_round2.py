@@ -426,6 +426,32 @@ def _long_input(w: Workspace) -> Expect:
     return merge_with(w, w.root / f"{LONG}.safetensors", "File name too long")
 
 
+@case("merge config name over 255 bytes")
+def _long_config(w: Workspace) -> Expect:
+    config = str(w.root / f"{LONG}.yaml")
+    return Expect(["merge", "--config", config, "-o", w.out], (config, "File name too long"), w.canary)
+
+
+@case("eval recipe name over 255 bytes (soupkit eval)")
+def _long_recipe(w: Workspace) -> Expect:
+    recipe = str(w.root / f"{LONG}.yaml")
+    return Expect(["eval", str(w.good()), "--eval", recipe], (recipe, "File name too long"), w.canary)
+
+
+@case("--base name over 255 bytes")
+def _long_base(w: Workspace) -> Expect:
+    base = str(w.root / f"{LONG}.safetensors")
+    return Expect(["merge", *_two(w), "--method", "task_arithmetic", "--base", base, "-o", w.out],
+                  (base, "File name too long"), w.canary)
+
+
+@case("input path through a symlink loop")
+def _loop_input(w: Workspace) -> Expect:
+    (w.root / "loop1").symlink_to("loop2")
+    (w.root / "loop2").symlink_to("loop1")
+    return merge_with(w, w.root / "loop1" / "model.safetensors")
+
+
 def _surrogate_pt(w: Workspace, name: str = "surrogate.pt") -> Path:
     state = small_state()
     state["bad\udc80key"] = state.pop("layer.bias")
