@@ -338,6 +338,22 @@ for _name in ("pipe.safetensors", "pipe.pt", "model.safetensors.index.json"):
     case(f"FIFO as an input ({_name})")(_fifo_input)
 
 
+@case("folder whose only checkpoint is a FIFO")
+def _fifo_folder(w: Workspace) -> Expect:
+    folder = w.root / "run"
+    folder.mkdir()
+    os.mkfifo(folder / "weights.safetensors")
+    return merge_with(w, folder, "weights.safetensors", "is a FIFO")
+
+
+@case("folder whose only checkpoint is a symlink loop")
+def _loop_folder(w: Workspace) -> Expect:
+    folder = w.root / "run"
+    folder.mkdir()
+    (folder / "model.pt").symlink_to("model.pt")
+    return merge_with(w, folder, "model.pt", "symbolic links")
+
+
 @case("FIFO as the --base")
 def _fifo_base(w: Workspace) -> Expect:
     bad = _fifo(w, "base.safetensors")
