@@ -48,7 +48,7 @@ def header_entry(draw: st.DrawFn, offset: int) -> tuple[dict, int]:
     size = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
             "U16": 2}.get(code, 1) if isinstance(code, str) else 1
     nbytes = math.prod(d for d in shape if type(d) is int) * size if isinstance(shape, list) else 0
-    nbytes = nbytes if nbytes < 1 << 12 else 4
+    nbytes = nbytes if 0 <= nbytes < 1 << 12 else 4
     if draw(st.integers(0, 3)):
         offsets = [offset, offset + nbytes]
     else:
