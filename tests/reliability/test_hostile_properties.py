@@ -82,7 +82,7 @@ def safetensors_file(draw: st.DrawFn) -> bytes:
     return struct.pack("<Q", claimed) + raw + data
 
 
-def _opened_share(count: int = 300) -> float:
+def _opened_share(count: int = 120) -> float:
     """The share of drawn files the reader opens: the property below must exercise both branches."""
     from soupkit.io.safetensors_io import SafetensorsReader
 
