@@ -76,7 +76,7 @@ def _maybe_json(value: str) -> Any:
     if value[:1] in "[{":
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than Python's stack
             pass
     return value
 

@@ -10,43 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from soupkit.errors import ParameterError, suggest
+from soupkit.options_parse import parse_size
 
 #: dtype names users may give -> the canonical name written to provenance
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
                "bf16": "bf16", "bfloat16": "bf16", "fp64": "fp64", "float64": "fp64", "double": "fp64"}
 #: where merge arithmetic can run; "auto" is cuda when available, else cpu
 DEVICE_KINDS = ("cpu", "cuda", "auto")
-#: the largest shard size accepted (an absurd value is a typo, not a plan): 1 PB
-MAX_SHARD_BYTES = 10**15
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: str | int, option: str = "--shard-size") -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes, finite, positive and at most 1 PB."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}")
-    text = str(value).strip().upper()
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number):]
-    try:
-        scaled = float(number) * _SIZE_UNITS[unit]
-    except (ValueError, KeyError, OverflowError):
-        raise ParameterError(f"{option}: expected a size like 5GB or 500MB, got {value!r}") from None
-    if not math.isfinite(scaled) or scaled > MAX_SHARD_BYTES:
-        raise ParameterError(f"{option}: {value!r} is not a usable size (at most 1PB)")
-    if scaled < 1:
-        raise ParameterError(f"{option}: must be at least one byte, got {value!r}")
-    return int(scaled)
-
-
 class OutputOptions(BaseModel):
     """How a checkpoint is computed and written. Each field's description is its CLI help."""
 

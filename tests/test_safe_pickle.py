@@ -177,7 +177,7 @@ def test_memo_bombs_are_refused_before_unpickling(tmp_path: Path, data: bytes) -
     path = tmp_path / "bomb.pkl"
     path.write_bytes(data)
     started = time.perf_counter()
-    expect_error(path, "memo index .* after 0 memo writes")
+    expect_error(path, "memo index far beyond the 0 memo writes")
     assert time.perf_counter() - started < 1.0
 
 

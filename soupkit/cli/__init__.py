@@ -6,17 +6,33 @@ unwind normally so temporary files are removed, then exit 130 / 143.
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
-import warnings
 
-import typer
+
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    """Ctrl-C while the CLI is still importing (typer, rich: a few hundred ms): one line, no traceback. Nothing
+    has been opened or written yet, so there is nothing to unwind; ``main()`` restores Python's handler."""
+    os.write(2, b"soupkit: interrupted\n")
+    os._exit(130)
+
+
+# installed first thing, and only when this process is the soupkit command (never for a library import)
+_COMMAND = os.path.basename(sys.argv[0]) == "soupkit" or sys.argv[0].endswith(os.path.join("soupkit", "__main__.py"))
+if _COMMAND and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import warnings  # noqa: E402 - after the handler, so Ctrl-C during these imports is quiet
+
+import typer  # noqa: E402
 
 # Each import registers that module's commands on `app`.
-from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
-from soupkit.cli._app import app
-from soupkit.cli._help import tidy
-from soupkit.options import cli_names
+from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: E402, F401
+from soupkit.cli._app import app  # noqa: E402
+from soupkit.cli._help import tidy  # noqa: E402
+from soupkit.options import cli_names  # noqa: E402
 
 __all__ = ["app", "main"]
 
@@ -67,6 +83,11 @@ def _one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``soupkit`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _signals.clear()  # a SIGTERM of an earlier in-process run must not turn this run's Ctrl-C into "terminated"
+    if hasattr(sys.stdout, "reconfigure"):  # a tensor name from a pickle may hold a lone surrogate: print it escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C unwinds (temp cleanup)
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
     from soupkit.errors import SoupkitError
@@ -110,4 +131,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except click_errors.ClickException as err:
         print(f"{_prog(args)}: error: {_one_line(err.format_message())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        # a path the user typed that no file system accepts (a name over 255 bytes, a symlink loop), met by a
+        # pathlib check somewhere before the code that would have named it: still one line naming the path
+        if err.errno not in (errno.ENAMETOOLONG, errno.ELOOP) or err.filename is None:
+            raise
+        print(f"{_prog(args)}: error: {_one_line(str(err.filename))}: {err.strerror}", file=sys.stderr)
         sys.exit(2)

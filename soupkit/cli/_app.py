@@ -12,6 +12,9 @@ from typing import Any
 
 import typer
 
+# re-exported: the parsers live in the torch-free library module the library itself uses
+from soupkit.options_parse import parse_float_list, parse_size  # noqa: F401
+
 app = typer.Typer(
     name="soupkit",
     help=(
@@ -27,26 +30,17 @@ app = typer.Typer(
 )
 
 
-def parse_float_list(value: str, option: str) -> list[float]:
-    """Parse ``"0.2,0.8"`` into floats, naming the option on error."""
-    from soupkit.errors import ParameterError
-
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ParameterError(f"{option}: expected comma-separated numbers, got {value!r}") from None
-
-
-from soupkit.options import parse_size  # noqa: E402, F401  (one size parser, shared with the library)
-
-
 def require_files(*paths: Path | None) -> None:
     """Fail fast on an input path that does not exist, before the command imports torch (~3 s); the library
     raises the same one-line error where it opens the file."""
     from soupkit.errors import CheckpointError
 
     for path in paths:
-        if path is not None and not path.exists():
+        try:
+            missing = path is not None and not path.exists()
+        except OSError as err:  # a name too long for the file system, a symlink loop
+            raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+        if missing:
             raise CheckpointError(f"{path}: no such file")
 
 

@@ -33,7 +33,8 @@ def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=20)
     for key in sorted(state):
         tensor = state[key].detach()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # surrogatepass: a key from a pickle may hold a lone surrogate; valid keys hash as before
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8", "surrogatepass"))
         if tensor.numel():
             flat = tensor.reshape(-1).contiguous().cpu().view(torch.uint8)
             digest.update(flat.numpy().data)

@@ -156,7 +156,11 @@ def find_recipe(name: str | Path) -> Path:
     """A recipe file from a path or a bare name (``digits`` -> ``<search path>/digits.yaml``)."""
     path = Path(name)
     text = str(name)
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as err:  # a name too long for the file system, a symlink loop
+        raise RecipeError(f"{text}: cannot read recipe: {err.strerror}") from None
+    if is_file:
         return path
     looks_like_path = text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text
     if not looks_like_path:
@@ -168,6 +172,8 @@ def find_recipe(name: str | Path) -> Path:
         raise RecipeError(f"recipe {text!r} not found (not a file, not on the recipe search path)."
                           f"{suggest(text, names)} Available: {', '.join(names) or 'none'}; "
                           "set SOUPKIT_RECIPE_PATH to add folders")
+    if path.exists():  # a FIFO, a device, a folder: never opened (a FIFO would block)
+        raise RecipeError(f"{text}: recipe is not a regular file")
     names = available_recipes()
     raise RecipeError(f"{text}: no such recipe file.{suggest(path.stem, names)} Recipes by name (--eval NAME): "
                       f"{', '.join(names) or 'none'}")

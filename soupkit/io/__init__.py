@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from soupkit.errors import CheckpointError, OutputError
 from soupkit.io import lora
 from soupkit.io.atomic import OutputSet, check_derived_output, check_output_path
-from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
 from soupkit.io.hf_folder import with_ties
 from soupkit.io.provenance import creation_time, fingerprint, provenance_metadata, quick_fingerprint
 from soupkit.io.safetensors_io import SafetensorsReader, SafetensorsWriter, looks_like_safetensors
@@ -53,6 +54,8 @@ class StateDictReader(CheckpointReader):
         self.name = name
         self.path = None
         self._state = unwrap_state_dict(state, source=name, is_tensor=torch.is_tensor)
+        for key, tensor in self._state.items():
+            _check_in_memory(name, key, tensor)
 
     def keys(self) -> list[str]:
         return list(self._state)
@@ -75,6 +78,34 @@ class StateDictReader(CheckpointReader):
     @property
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         return self._state
+
+
+def _check_in_memory(name: str, key: str, tensor: torch.Tensor, *, complex_ok: bool = False) -> None:
+    """Refuse tensors a merge cannot read element by element: sparse / quantized / nested layouts (their
+    ``reshape(-1)`` is not their values), meta tensors (no values at all) and, as merge inputs, complex ones."""
+    if tensor.layout != torch.strided or tensor.is_quantized or getattr(tensor, "is_nested", False):
+        kind = "quantized" if tensor.is_quantized else str(tensor.layout).replace("torch.", "")
+        raise CheckpointError(f"{name}: tensor {key!r} is a {kind} tensor; soupkit merges dense tensors "
+                              f"(call .to_dense() / .dequantize() first)")
+    if tensor.is_meta:
+        raise CheckpointError(f"{name}: tensor {key!r} is on the meta device and holds no values; load the "
+                              f"weights before merging")
+    if not complex_ok:
+        refuse_complex(name, key, tensor.dtype)
+
+
+def _regular_file(path: Path) -> Path:
+    """``path`` if it is a regular file (after symlinks). A FIFO would block the open, a device (/dev/zero)
+    never ends: both are refused before anything opens them."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(
+            mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+        raise CheckpointError(f"{path}: is {kind}, not a checkpoint file")
+    return path
 
 
 def _open_torch(path: Path, ema: bool) -> CheckpointReader:
@@ -139,10 +170,15 @@ def open_checkpoint(source: CheckpointSource, *, ema: bool = False, name: str | 
 def open_file(source: str | Path, *, ema: bool = False) -> CheckpointReader:
     """Open one checkpoint file (or folder / index) by its format alone: no adapter or tie handling."""
     path = Path(source)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as err:  # a name too long for the file system, a symlink loop
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+    if not exists:
         raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
+    if is_dir:
         path = _resolve_directory(path)
+    path = _regular_file(path)
     if path.name.endswith(".index.json"):
         return ShardedReader(path, lambda shard: open_file(shard, ema=ema))
     try:
@@ -291,6 +327,8 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, me
     state = {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
     if len(state) != len(state_dict) or not all(isinstance(k, str) for k in state):
         raise OutputError(f"{path}: state dict values must be tensors and keys strings")
+    for key, tensor in state.items():  # written faithfully, complex included; never a sparse or meta tensor
+        _check_in_memory(str(path), key, tensor, complex_ok=True)
     protected = [Path(p) for p in protect]
     out = check_output_path(path, inputs=protected, force=force)
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):

@@ -36,7 +36,31 @@ def check_derived_output(path: str | Path, *, inputs: Iterable[Path] = (), force
     return out
 
 
+#: the longest file name (one path component, in bytes) ext4, xfs, btrfs, APFS and NTFS allow
+NAME_MAX = 255
+_TMP_SUFFIX = ".soupkit-tmp"
+
+
+def _check_name(out: Path) -> None:
+    """A component longer than the file system allows fails at open() with a raw ENAMETOOLONG; say so first."""
+    for part in out.parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise OutputError(f"{out}: a file or folder name in the output path is {size} bytes long; file "
+                              f"systems allow at most {NAME_MAX}")
+
+
+def _temporary(target: Path) -> Path:
+    """A hidden temporary next to ``target``; its name is shortened where the full one would pass NAME_MAX."""
+    token = secrets.token_hex(4)
+    name = f".{target.name}.{token}{_TMP_SUFFIX}"
+    if len(os.fsencode(name)) > NAME_MAX:
+        name = f".soupkit.{token}{_TMP_SUFFIX}"
+    return target.parent / name
+
+
 def _check(out: Path, inputs: tuple[Path, ...], force: bool) -> None:
+    _check_name(out)
     if out.is_dir():
         raise OutputError(f"{out}: output path is a directory; give a file name like {out / 'soup.safetensors'}")
     resolved = out.resolve()
@@ -98,7 +122,7 @@ class OutputSet:
         for directory in reversed(missing):
             directory.mkdir()
             self._made_dirs.append(directory)
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.soupkit-tmp"
+        tmp = _temporary(target)
         try:
             handle = open(tmp, "xb")  # noqa: SIM115 - closed in commit/abort
         except OSError as err:

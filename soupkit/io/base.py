@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from soupkit.errors import CheckpointError
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -34,6 +36,14 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype.is_floating_point or self.dtype.is_complex
+
+
+def refuse_complex(name: str, key: str, dtype: torch.dtype) -> None:
+    """Every reader refuses complex tensors: merges average real numbers, and writing the mean of complex
+    tensors through a real dtype would silently drop the imaginary part."""
+    if dtype.is_complex:
+        raise CheckpointError(f"{name}: tensor {key!r} is complex ({str(dtype).replace('torch.', '')}); soupkit "
+                              f"merges real tensors only (store the real and imaginary parts as two tensors)")
 
 
 class CheckpointReader(ABC):

@@ -151,7 +151,11 @@ def is_folder_output(output: str | Path, inputs: Sequence[Any] = ()) -> bool:
     text = os.fspath(output)
     if text.endswith(("/", os.sep)):
         return True
-    if Path(text).is_dir():  # a folder named like a file (out.safetensors/) is a mistake, refused as before
+    try:
+        is_dir = Path(text).is_dir()
+    except OSError:  # a name too long for the file system: the output check says so in one line
+        return False
+    if is_dir:  # a folder named like a file (out.safetensors/) is a mistake, refused as before
         return not Path(text).name.lower().endswith(_WEIGHT_SUFFIXES)
     return not Path(text).suffix and bool(inputs) and _input_folder(inputs[0]) is not None
 

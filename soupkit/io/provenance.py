@@ -49,7 +49,8 @@ def fingerprint(source: str | Path | Mapping[str, torch.Tensor]) -> str:
         digest = hashlib.sha256()
         for key in sorted(source):
             tensor = source[key].detach()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            # surrogatepass: a key may hold a lone surrogate (from a pickle); it still hashes, and distinctly
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8", "surrogatepass"))
             if tensor.numel():
                 from soupkit.io.safetensors_io import tensor_bytes
 
@@ -77,7 +78,7 @@ def quick_fingerprint(path: str | Path) -> str:
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size
-        digest.update(f"{file.name}|{size}|".encode())
+        digest.update(os.fsencode(file.name) + f"|{size}|".encode())  # fsencode: any name, even non-UTF-8
         with open(file, "rb") as handle:
             if size <= (_SAMPLES + 2) * _BLOCK:
                 while block := handle.read(8 * _BLOCK):
@@ -109,8 +110,14 @@ def ingredient_name(path: Path) -> str:
     """How provenance names an input: its file name, or its folder's for a Hugging Face / PEFT folder's weights
     (``run-a/model.safetensors`` -> ``run-a``)."""
     if path.name in _GENERIC_NAMES and path.parent.name:
-        return path.parent.name
-    return path.name
+        return display_name(path.parent)
+    return display_name(path)
+
+
+def display_name(path: Path) -> str:
+    """``path.name`` as valid Unicode: bytes of a non-UTF-8 file name (which Python holds as lone surrogates,
+    unencodable in a safetensors header) shown as ``\\xff`` escapes."""
+    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
 
 
 def ingredient_record(name: str, path: Path | None, nbytes: int, state: Mapping[str, Any] | None = None) -> dict:

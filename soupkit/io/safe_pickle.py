@@ -62,6 +62,10 @@ _CHUNK = 8192  # read-ahead for the many tiny reads the unpickler makes on unfra
 _MAX_BLOB_DEPTH = 2  # a _load_from_bytes blob may not nest another one
 #: how far a memo index may run ahead of the number of memo writes so far (picklers number them 0, 1, 2, ...)
 _MEMO_SLACK = 1024
+#: a compressed zip record may claim at most this many bytes per compressed byte. Deflate cannot exceed 1032:1
+#: (RFC 1951: 258 bytes per 2-bit code at best), so a bigger claim is a bzip2/lzma decompression bomb; torch
+#: itself never compresses, so only re-zipped files have compressed records at all
+MAX_INFLATION = 1032
 _LENGTH_PREFIX = {  # pickletools' codes for length-prefixed arguments -> (struct format, prefix size)
     pickletools.TAKEN_FROM_ARGUMENT1: ("<B", 1), pickletools.TAKEN_FROM_ARGUMENT4: ("<i", 4),
     pickletools.TAKEN_FROM_ARGUMENT4U: ("<I", 4), pickletools.TAKEN_FROM_ARGUMENT8U: ("<Q", 8),
@@ -217,23 +221,42 @@ class _ZipStoredRecord(_Span):
 
 
 class _ZipCompressedRecord(_Span):
-    """A compressed zip record (torch never writes one, but a re-zipped file may): read through ``zipfile``."""
+    """A compressed zip record (torch never writes one, but a re-zipped file may): read through ``zipfile``.
+
+    Reading is sequential where the caller is (the merge engine reads a tensor's chunks in order): the inflating
+    stream stays open between reads and only moves forward, so a record read in n chunks is inflated once, not
+    n times from its start (quadratic work on a large record). It is closed once its last byte has been read.
+    """
 
     def __init__(self, handle: _FileHandle, archive: Callable[[], zipfile.ZipFile], length: int, record: str):
         super().__init__(handle, 0, length)
         self._archive, self._record = archive, record
+        self._member: Any = None
+        self._at = 0
 
     def read_into(self, offset: int, out: memoryview) -> None:
         try:
-            with self._archive().open(self._record) as member:
-                member.seek(offset)
-                data = member.read(len(out))
-        except (OSError, zipfile.BadZipFile, EOFError, RuntimeError) as err:
+            if self._member is None or offset < self._at:
+                self._close_member()
+                self._member, self._at = self._archive().open(self._record), 0
+            if offset > self._at:
+                self._member.seek(offset)  # forward: inflates and discards, in zipfile's bounded chunks
+            data = self._member.read(len(out))
+            self._at = offset + len(data)
+        except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as err:
+            self._close_member()
             raise CheckpointError(f"{self.handle.name if self.handle else '?'}: cannot read zip record "
                                   f"{self._record}: {err}") from None
+        if self._at >= self.length:
+            self._close_member()
         if len(data) != len(out):
             raise CheckpointError(f"{self.handle.name if self.handle else '?'}: zip record {self._record} is short")
         out[:] = data
+
+    def _close_member(self) -> None:
+        if self._member is not None:
+            self._member.close()
+            self._member = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,6 +428,37 @@ class _SafeCallable:
         return f"<allowed {self.qualname}>"
 
 
+#: modules whose callables reach the system, import or run code, or unpickle again. A pickle that *calls* one is
+#: refused with the name shown (it is hostile or broken); a mere reference to one (a pickled function object)
+#: stays an inert stand-in. No call is ever made either way: this list makes refusals explicit, it is not
+#: what keeps soupkit safe.
+_CALLS_OUT = frozenset({
+    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "_posixsubprocess", "sys", "builtins", "__builtin__",
+    "runpy", "importlib", "imp", "pkgutil", "zipimport", "shutil", "socket", "ssl", "pty", "pickle", "_pickle",
+    "marshal", "shelve", "dbm", "ctypes", "_ctypes", "code", "codeop", "compileall", "py_compile", "multiprocessing",
+    "concurrent", "threading", "_thread", "asyncio", "signal", "resource", "fcntl", "mmap", "select", "webbrowser",
+    "torch", "operator", "_operator", "copyreg", "gc", "inspect", "platform", "sysconfig", "site",
+    "distutils", "setuptools", "pip", "venv", "ensurepip", "pydoc", "pdb", "bdb", "trace", "timeit", "profile",
+    "cProfile", "atexit", "io", "_io", "tempfile", "glob", "fileinput", "linecache", "tarfile", "zipfile",
+    "sqlite3", "urllib", "http", "ftplib", "smtplib", "telnetlib", "xmlrpc", "socketserver",
+    "cloudpickle", "dill", "joblib", "yaml", "numpy.ctypeslib", "numpy.f2py", "numpy.testing", "numpy.distutils",
+    "numpy.lib.npyio", "numpy.lib.format",
+})  # fmt: skip
+#: names in those modules that data pickles call: typing generics (``Dict[str, Any]``) reduce to operator.getitem
+_CALLS_IN = frozenset({"operator.getitem", "_operator.getitem"})
+_CALLS_OUT_NAMES = frozenset({"functools.reduce", "numpy.load", "numpy.fromfile", "numpy.loadtxt",
+                              "numpy.genfromtxt", "numpy.memmap"})
+
+
+def _calls_out(module: str, qualname: str) -> bool:
+    """True if calling ``module.qualname`` would reach the system or run code (see ``_CALLS_OUT``)."""
+    if f"{module}.{qualname}" in _CALLS_OUT_NAMES:
+        return True
+    if f"{module}.{qualname}" in _CALLS_IN:
+        return False
+    return any(module == name or module.startswith(name + ".") for name in _CALLS_OUT)
+
+
 class _StandInMeta(type):
     """Metaclass of stand-in classes: instances may be created (inert), but calling the class is refused."""
 
@@ -412,7 +466,13 @@ class _StandInMeta(type):
     _sk_qualname: str
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise _Refused(cls._sk_module, cls._sk_qualname)
+        if _calls_out(cls._sk_module, cls._sk_qualname):
+            raise _Refused(cls._sk_module, cls._sk_qualname)
+        # any other name (an Enum member, functools.partial, Decimal, re._compile in Lightning hparams): the
+        # call is recorded, never made, exactly like NEWOBJ; the result is inert data off the tensors' path
+        instance = cls.__new__(cls, *args, **kwargs)
+        instance.called = True
+        return instance
 
 
 class Opaque(metaclass=_StandInMeta):
@@ -428,6 +488,7 @@ class Opaque(metaclass=_StandInMeta):
     def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         self = object.__new__(cls)
         self.args, self.kwargs, self.state = args, kwargs, None
+        self.called = False  # True: the pickle called the class (REDUCE), which was recorded, not made
         self.dictitems: dict[Any, Any] = {}
         self.listitems: list[Any] = []
         return self
@@ -478,7 +539,9 @@ _INERT_CALLS = {
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct", "numpy.dtype", "datetime.datetime", "datetime.date", "datetime.time",
     "datetime.timedelta", "datetime.timezone", "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
-    "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "collections.defaultdict", "collections.deque",
+    "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "pathlib._local.Path", "pathlib._local.PosixPath",
+    "pathlib._local.WindowsPath", "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
+    "collections.defaultdict", "collections.deque",
     "collections.Counter",
 }  # fmt: skip
 
@@ -505,6 +568,17 @@ def _storage(value: Any) -> LazyStorage:
     return value
 
 
+@functools.cache
+def _negatable(dtype: torch.dtype) -> bool:
+    """Whether torch can negate ``dtype`` (not bool, uint16/32/64 or the float8s, as of torch 2.x): a 'neg' view
+    of such a tensor can be saved but never read back."""
+    try:
+        torch.zeros(1, dtype=dtype).neg()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
 def _lazy_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: torch.dtype | None,
                  metadata: Any) -> LazyTensor:
     storage = _storage(storage)
@@ -512,8 +586,13 @@ def _lazy_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dtyp
     if len(shape) != len(steps):
         raise _Problem(f"a tensor's size {list(shape)} and stride {list(steps)} differ in length")
     flags = metadata if isinstance(metadata, Mapping) else {}
-    return LazyTensor(storage, _int(storage_offset, "a storage offset"), shape, steps, dtype or storage.dtype,
-                      conj=bool(flags.get("conj")), neg=bool(flags.get("neg")))
+    dtype = dtype or storage.dtype
+    neg = bool(flags.get("neg"))
+    if neg and not _negatable(dtype):
+        raise _Problem(f"a {str(dtype).replace('torch.', '')} tensor carries the 'neg' flag, but torch cannot "
+                       f"negate {str(dtype).replace('torch.', '')} tensors; save it with .resolve_neg() applied")
+    return LazyTensor(storage, _int(storage_offset, "a storage offset"), shape, steps, dtype,
+                      conj=bool(flags.get("conj")), neg=neg)
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> LazyTensor:
@@ -665,6 +744,13 @@ _SAFE_GLOBALS: dict[str, Any] = {
         for f in (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3)
     },
 }  # fmt: skip
+
+
+def _check_inflation(info: zipfile.ZipInfo) -> None:
+    """Refuse a compressed record that claims more bytes than its compressed size can justify."""
+    if info.file_size > MAX_INFLATION * max(info.compress_size, 1):
+        raise _Problem(f"zip record {info.filename} claims {info.file_size:,} bytes from {info.compress_size:,} "
+                       f"compressed (more than {MAX_INFLATION}:1): refusing a decompression bomb", standalone=True)
 
 
 def _unsupported(kind: str, qualname: str) -> _SafeCallable:
@@ -828,7 +914,9 @@ def _check_opcodes(span: _Span, position: int) -> None:
             if length < 0:
                 return
             if position + length > span.length:
-                raise _Problem(f"pickle data was truncated ({length}-byte argument at offset {position - size - 1})")
+                # no numbers from the file in the message: it may be a foreign file read as a pickle
+                raise _Problem(f"pickle data was truncated (an argument at offset {position - size - 1} runs past "
+                               f"the end of the data)")
             position += length
             if length > 4096:
                 reach = 256
@@ -838,7 +926,7 @@ def _check_opcodes(span: _Span, position: int) -> None:
             return
         if action in (_INDEX_ARG, _PUT_LINE, _MEMOIZE):
             if index is not None and index >= puts + _MEMO_SLACK:
-                raise _Problem(f"memo index {index} after {puts} memo writes")
+                raise _Problem(f"a memo index far beyond the {puts} memo writes before it")
             puts += 1
 
 
@@ -981,7 +1069,7 @@ class _Loader:
         if f"{prefix}/byteorder" in infos:
             byteorder = self._zip_read(archive, f"{prefix}/byteorder")
             if byteorder not in (b"little", b"big"):
-                raise _Problem(f"unknown byte order {byteorder[:20]!r}")
+                raise _Problem("the byteorder record is neither 'little' nor 'big'")
         swap = byteorder.decode() != "little"
         storages: dict[str, LazyStorage] = {}
 
@@ -1005,6 +1093,7 @@ class _Loader:
                 source: _Span = _ZipStoredRecord(self.handle, info.header_offset, info.file_size, record)
                 _ = source.start  # read the local header now, so reading a tensor later is one pread
             else:
+                _check_inflation(info)
                 source = _ZipCompressedRecord(self.handle, lambda: archive, info.file_size, record)
                 self.needs_archive = True
             storages[key] = LazyStorage(source, 0, nbytes, dtype, name=self.handle.name, swap=swap)
@@ -1014,10 +1103,18 @@ class _Loader:
         span = _Span(None, 0, len(payload), payload)
         return self.unpickle(_Stream(span), load_persistent)
 
-    @staticmethod
-    def _zip_read(archive: zipfile.ZipFile, name: str) -> bytes:
+    def _zip_read(self, archive: zipfile.ZipFile, name: str) -> bytes:
+        """A small record (``data.pkl``, ``byteorder``) in full. A stored record is read straight from the file
+        (one pread, bounded by the file's size, and without a CRC check: torch writes CRC 0 when
+        ``torch.serialization.set_crc32_options(False)``); a compressed one only up to ``MAX_INFLATION`` times
+        its compressed size, checked before a byte is inflated."""
+        info = archive.getinfo(name)
+        if info.compress_type == zipfile.ZIP_STORED:
+            return _ZipStoredRecord(self.handle, info.header_offset, info.file_size, name).pread(0, info.file_size)
+        _check_inflation(info)
         try:
-            return archive.read(name)
+            with archive.open(info) as member:
+                return member.read(info.file_size)
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError, NotImplementedError) as err:
             raise _Problem(f"cannot read zip record {name} ({err})") from None
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from soupkit.errors import CheckpointError, OutputError
-from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
 
 #: safetensors dtype codes <-> torch dtypes
 DTYPES: dict[str, torch.dtype] = {
@@ -43,6 +43,8 @@ DTYPES: dict[str, torch.dtype] = {
 CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 MAGIC_MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit on header size
+#: dimensions and offsets are JSON integers in int64 range (the spec's Rust reader uses usize / u64, torch int64)
+_INT64_MAX = 2**63 - 1
 _ALIGN = 8
 
 
@@ -100,6 +102,25 @@ def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
     return torch.from_numpy(np.frombuffer(window, dtype=np.uint8, count=nbytes, offset=offset - start))
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _too_large(shape: list[int], itemsize: int) -> bool:
+    """True if the bytes of ``shape`` (zero dimensions skipped) pass int64; stops multiplying once they do, so
+    a header of a million huge dimensions costs no big-integer arithmetic."""
+    total = itemsize
+    for size in shape:
+        total *= size or 1
+        if total > _INT64_MAX:
+            return True
+    return False
+
+
 class SafetensorsReader(CheckpointReader):
     """Lazy, validated reader for one ``.safetensors`` file."""
 
@@ -125,7 +146,9 @@ class SafetensorsReader(CheckpointReader):
             raise self._fail(f"only {self._size} bytes, too short for a header")
         (length,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
         if length > MAGIC_MAX_HEADER or 8 + length > self._size:
-            raise self._fail(f"header length {length} exceeds the file size {self._size} (truncated header?)")
+            # the length is not echoed: in a file that is not safetensors it is just the first 8 bytes as a number
+            raise self._fail(f"the 8-byte header length exceeds the file size {self._size} (truncated header, or "
+                             f"not a safetensors file)")
         raw = os.pread(self._fd, length, 8)
         try:
             header = json.loads(raw)
@@ -140,28 +163,16 @@ class SafetensorsReader(CheckpointReader):
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise self._fail("__metadata__ must map strings to strings")
+        for what, text in [*(("tensor key", k) for k in header), *(("metadata", t) for kv in metadata.items()
+                                                                   for t in kv)]:
+            if not _is_unicode(text):  # "\ud800" is valid JSON but no UTF-8; the safetensors library refuses it too
+                raise self._fail(f"{what} {text[:80]!r} holds a lone surrogate escape, which is not valid Unicode")
         data_start = 8 + length
         data_len = self._size - data_start
         entries: dict[str, tuple[TensorInfo, int]] = {}
         spans: list[tuple[int, int, str]] = []
         for key, entry in header.items():
-            if not isinstance(entry, dict):
-                raise self._fail(f"tensor {key!r}: entry is not an object")
-            code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if code not in DTYPES:
-                raise self._fail(f"tensor {key!r}: unknown dtype {code!r}")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise self._fail(f"tensor {key!r}: bad shape {shape!r}")
-            if (not isinstance(offsets, list) or len(offsets) != 2
-                    or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-                raise self._fail(f"tensor {key!r}: bad data_offsets {offsets!r}")
-            info = TensorInfo(key, tuple(shape), DTYPES[code])
-            begin, end = offsets
-            if end - begin != info.nbytes:
-                raise self._fail(
-                    f"tensor {key!r}: {code} {tuple(shape)} needs {info.nbytes} bytes but data_offsets "
-                    f"span {end - begin}"
-                )
+            info, begin, end = self._entry(key, entry)
             if end > data_len:
                 raise CheckpointError(
                     f"{self.name}: file is truncated: tensor {key!r} ends at byte {data_start + end} but the "
@@ -176,6 +187,30 @@ class SafetensorsReader(CheckpointReader):
         # keep the writer's order (file order), which is the order users see in `inspect`
         ordered = sorted(entries, key=lambda k: entries[k][1])
         return {k: entries[k] for k in ordered}, dict(metadata), data_start
+
+    def _entry(self, key: str, entry: object) -> tuple[TensorInfo, int, int]:
+        """One header entry validated: a known dtype, a shape of int64 dimensions whose product (ignoring zero
+        dimensions, so ``[0, 2**63]`` is refused too) fits in int64, offsets spanning exactly its bytes."""
+        if not isinstance(entry, dict):
+            raise self._fail(f"tensor {key!r}: entry is not an object")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise self._fail(f"tensor {key!r}: unknown dtype {str(code)[:40]!r}")
+        # type(d) is int: JSON true/false are bools, and bool is an int subclass in Python
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= _INT64_MAX for d in shape):
+            raise self._fail(f"tensor {key!r}: bad shape {json.dumps(shape)[:80]} (dimensions are integers >= 0)")
+        if _too_large(shape, DTYPES[code].itemsize):
+            raise self._fail(f"tensor {key!r}: shape {json.dumps(shape)[:80]} is impossibly large")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and 0 <= o <= _INT64_MAX for o in offsets) or offsets[0] > offsets[1]):
+            raise self._fail(f"tensor {key!r}: bad data_offsets {json.dumps(offsets)[:80]}")
+        info = TensorInfo(key, tuple(shape), DTYPES[code])
+        refuse_complex(self.name, key, info.dtype)
+        begin, end = offsets
+        if end - begin != info.nbytes:
+            raise self._fail(f"tensor {key!r}: {code} {tuple(shape)} needs {info.nbytes} bytes but data_offsets "
+                             f"span {end - begin}")
+        return info, begin, end
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -234,6 +269,19 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+def _check_unicode(name: str, plan: list[TensorInfo], metadata: object) -> None:
+    """Keys and metadata must be valid Unicode: safetensors headers are UTF-8, and a lone surrogate (which a
+    pickle or a Python dict can hold) has no UTF-8 form. Refused by name rather than written lossily; a ``.pt``
+    output keeps such a key faithfully."""
+    strings = [("tensor key", info.key) for info in plan]
+    if isinstance(metadata, dict):
+        strings += [("metadata key", k) for k in metadata] + [(f"metadata {k!r}", v) for k, v in metadata.items()]
+    for what, text in strings:
+        if not _is_unicode(text):
+            raise OutputError(f"{name}: {what} {text!r} is not valid Unicode (it holds a lone surrogate) and "
+                              f"cannot be stored in safetensors; rename it, or write a .pt output")
+
+
 class SafetensorsWriter:
     """Streams one safetensors file: header from the planned tensors first, then each tensor's bytes in order.
 
@@ -248,6 +296,7 @@ class SafetensorsWriter:
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        _check_unicode(name, self._plan, header.get("__metadata__", {}))
         offset = 0
         for info in self._plan:
             if info.dtype not in CODES:

@@ -11,6 +11,9 @@ import torch
 from soupkit.errors import CheckpointError
 from soupkit.io.base import CheckpointReader, TensorInfo
 
+#: an index larger than this is not a shard index (Hugging Face's hold ~100 KB for 100B-parameter models)
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
 
 class ShardedReader(CheckpointReader):
     """Reads a checkpoint split over shards listed in an index's ``weight_map``."""
@@ -19,6 +22,10 @@ class ShardedReader(CheckpointReader):
         self.path = Path(index_path)
         self.name = str(index_path)
         try:
+            size = self.path.stat().st_size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{self.name}: shard index is {size:,} bytes; an index holds at most "
+                                      f"{MAX_INDEX_BYTES:,}")
             index = json.loads(self.path.read_text())
         except OSError as err:
             raise CheckpointError(f"{self.name}: cannot read index: {err.strerror}") from None
@@ -31,12 +38,7 @@ class ShardedReader(CheckpointReader):
             raise CheckpointError(f"{self.name}: shard index has no 'weight_map' of tensor name -> shard file")
         self._shards: dict[str, CheckpointReader] = {}
         for shard_name in dict.fromkeys(weight_map.values()):
-            shard_path = self.path.parent / shard_name
-            if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts:
-                raise CheckpointError(f"{self.name}: shard {shard_name!r} points outside the checkpoint folder")
-            if not shard_path.is_file():
-                raise CheckpointError(f"{self.name}: shard {shard_name!r} listed in the index does not exist")
-            self._shards[shard_name] = open_shard(shard_path)
+            self._shards[shard_name] = open_shard(self._shard_path(shard_name))
         self._where: dict[str, CheckpointReader] = {}
         for key, shard_name in weight_map.items():
             shard = self._shards[shard_name]
@@ -47,6 +49,33 @@ class ShardedReader(CheckpointReader):
         metadata = index.get("metadata")
         self._metadata = {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(
             metadata, dict) else {}
+
+    def _shard_path(self, shard_name: str) -> Path:
+        """The file a shard name stands for, after the symlink policy (SECURITY.md): the name is relative, and
+        the file it resolves to (symlinks followed) is a regular file inside the index's folder -- either the
+        folder as named or, for an index that is itself a symlink (the Hugging Face cache links snapshots into
+        ``blobs/``), the folder it resolves into. Indexes do not nest, so no chain of indexes can loop."""
+        parts = Path(shard_name).parts
+        if not shard_name or Path(shard_name).is_absolute() or ".." in parts:
+            raise CheckpointError(f"{self.name}: shard {shard_name!r} points outside the checkpoint folder")
+        folders = {self.path.parent.resolve(), self.path.resolve().parent}
+        shard_path = self.path.parent / shard_name
+        try:
+            real = shard_path.resolve(strict=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.name}: shard {shard_name!r} listed in the index does not exist") from None
+        except (OSError, RuntimeError) as err:  # a symlink loop, a name too long
+            raise CheckpointError(f"{self.name}: shard {shard_name!r} cannot be resolved: "
+                                  f"{getattr(err, 'strerror', None) or 'symlink loop'}") from None
+        if not any(real.is_relative_to(folder) for folder in folders):
+            raise CheckpointError(f"{self.name}: shard {shard_name!r} is a symlink to a file outside the "
+                                  f"checkpoint folder; soupkit reads shards only inside it (see SECURITY.md)")
+        if real == self.path.resolve() or real.name.endswith(".index.json"):
+            raise CheckpointError(f"{self.name}: shard {shard_name!r} is an index, not a shard (an index naming "
+                                  f"itself or another index would never end)")
+        if not real.is_file():
+            raise CheckpointError(f"{self.name}: shard {shard_name!r} is not a regular file")
+        return shard_path
 
     def keys(self) -> list[str]:
         return list(self._where)

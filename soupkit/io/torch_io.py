@@ -16,7 +16,7 @@ from typing import BinaryIO
 import torch
 
 from soupkit.errors import CheckpointError, OutputError, suggest
-from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
 from soupkit.io.safe_pickle import LazyTensor, flatten_module, open_lazy
 from soupkit.io.unwrap import unwrap_state_dict
 
@@ -43,6 +43,8 @@ class TorchReader(CheckpointReader):
                 flatten_object=functools.partial(flatten_module, source=self.name),
                 ema=ema,
             )
+            for key, lazy in self._tensors.items():
+                refuse_complex(self.name, key, lazy.dtype)
         except BaseException:
             self._file.close()
             raise
@@ -133,3 +135,19 @@ def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path | Binary
             torch.save(tensors, path)
     except OSError as err:
         raise OutputError(f"{name}: cannot write output: {err.strerror}") from None
+    except RuntimeError as err:
+        raise _write_failure(err, name) from None
+
+
+def _write_failure(err: RuntimeError, name: str) -> BaseException:
+    """What really stopped ``torch.save``. Its zip writer finishes the archive in ``__exit__`` even when a write
+    failed, and that raises "RuntimeError: unexpected pos" over the real cause: Ctrl-C or SIGTERM (re-raised as
+    they are, so the CLI exits 130/143 with one line and the temporary is removed) or a full disk."""
+    cause: BaseException | None = err.__context__
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        if isinstance(cause, OSError):
+            return OutputError(f"{name}: cannot write output: {cause.strerror or cause}")
+        cause = cause.__context__
+    return err

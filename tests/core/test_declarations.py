@@ -62,8 +62,8 @@ def test_normalize_is_a_real_option(make_ckpt, tmp_path: Path, cli) -> None:
     (["-m", "wise", "--alpha", "nan"], "--alpha must be a finite number, got nan"),
     (["-m", "ties", "--base", "{a}", "--scaling", "nan"], "--scaling must be a finite number"),
     (["-m", "dare_linear", "--base", "{a}", "--seed", "-1"], "--seed must be in [0, 9223372036854775808), got -1"),
-    (["--shard-size", "inf"], "--shard-size: 'inf' is not a usable size"),
-    (["--shard-size", "1e400GB"], "--shard-size: '1e400GB' is not a usable size"),
+    (["--shard-size", "inf"], "--shard-size: expected a finite size"),
+    (["--shard-size", "1e400GB"], "--shard-size: expected a finite size"),
     (["--device", "meta"], "--device: unknown device 'meta'"),
     (["--device", "mps"], "--device: unknown device 'mps'"),
     (["--dtype", "16"], "--dtype: unknown dtype '16'"),
@@ -82,7 +82,7 @@ def test_non_finite_and_absurd_options_are_one_line_errors(make_ckpt, tmp_path: 
     ({"dtype": torch.int8}, "dtype: unknown dtype 'int8'"),
     ({"shard_size": "5GB", "method": None}, "method: expected a method name"),
     ({"device": "meta"}, "device: unknown device 'meta'"),
-    ({"shard_size": float("inf")}, "shard_size: expected a size"),
+    ({"shard_size": float("inf")}, "shard_size: expected a size like"),
     ({"include": 3}, "include: expected a glob"),
 ])
 def test_library_arguments_of_the_wrong_type(make_ckpt, kwargs, message) -> None:

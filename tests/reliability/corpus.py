@@ -39,6 +39,8 @@ class Expect:
     canary: Path | None = None
     #: the case depends on a component not landed yet (reason); the runner marks it xfail(strict)
     pending: str | None = None
+    #: text the error line must NOT contain (bytes of a foreign file, read as a number or as text)
+    absent: tuple[str, ...] = ()
 
 
 @dataclass
@@ -536,7 +538,7 @@ options_case("--weights not numbers", ["--weights", "a,b"], "--weights[0]", "got
 options_case("--weights wrong count", ["--weights", "0.2,0.3,0.5"], "weights", "3")
 options_case("--dtype fp8", ["--dtype", "fp8"], "--dtype", "'fp8'", "fp32, fp16, bf16 or fp64")
 options_case("--shard-size banana", ["--shard-size", "banana"], "--shard-size", "'banana'")
-options_case("--shard-size zero", ["--shard-size", "0"], "--shard-size", "at least one byte")
+options_case("--shard-size zero", ["--shard-size", "0"], "--shard-size", "positive")
 options_case("--density out of range", ["--method", "ties", "--density", "1.5", "--base", "BASE"], "density")
 options_case("--device nonsense", ["--device", "tpu9"], "--device", "'tpu9'")
 options_case("--include matching nothing", ["--include", "decoder.*"], "'decoder.*'", "matches no tensor")
@@ -820,3 +822,7 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
         "pickle": (".pkl", pickle.dumps(nested, protocol=2)),
         "pickle4": (".pkl", pickle.dumps(state, protocol=4)),
     }
+
+
+# round two (issue 13): bombs, escapes, odd files and names, alias bombs; registers into CASES
+from tests.reliability import corpus_round2  # noqa: E402, F401

@@ -38,6 +38,8 @@ def check(expect: Expect, code: int, err: str, before: dict[str, str], folder: P
     assert line.startswith(f"soupkit {expect.argv[0]}: error: "), line
     for needle in expect.needles:
         assert needle in line, f"{needle!r} not in {line!r}"
+    for secret in expect.absent:
+        assert secret not in line, f"{secret!r} echoed in {line!r}"
     assert snapshot(folder) == before, "an input changed or a file (output, temporary) was left behind"
     if expect.canary is not None:
         assert not expect.canary.exists(), "a hostile payload ran"
@@ -45,6 +47,9 @@ def check(expect: Expect, code: int, err: str, before: dict[str, str], folder: P
 
 def test_corpus_is_large_enough() -> None:
     assert len(CASES) >= 40
+    from tests.reliability.corpus_round2 import ROUND2
+
+    assert len(ROUND2) >= 60
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -79,7 +84,8 @@ def test_bad_file_through_inspect_and_convert(name: str, command: str, tmp_path:
 #: a handful of cases through the real executable, all at once (each pays torch's import time)
 SUBPROCESS_CASES = ["hostile os.system (pickle)", "hostile handwritten getattr(builtins, 'eval')",
                     "safetensors data cut", "shape mismatch", "output equal to an input", "--dtype fp8",
-                    "index shard path escapes the folder (../x.safetensors)"]
+                    "index shard path escapes the folder (../x.safetensors)", "FIFO as an input (pipe.safetensors)",
+                    ".pt data.pkl bzip2 bomb (8 MiB from a few bytes)"]
 
 
 @pytest.mark.skipif(not SOUPKIT.exists(), reason="the soupkit console script is not installed beside python")

@@ -52,12 +52,13 @@ def temporaries(folder: Path) -> list[Path]:
 @pytest.mark.skipif(not SOUPKIT.exists(), reason="the soupkit console script is not installed beside python")
 @pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
                                                        (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])  # .pt: torch.save's zip writer is interrupted
 def test_signal_mid_write_leaves_nothing(big_inputs: list[Path], tmp_path: Path, signum: int, code: int,
-                                         word: str) -> None:
+                                         word: str, suffix: str) -> None:
     inputs_before = snapshot(big_inputs[0].parent)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    output = out_dir / "soup.safetensors"
+    output = out_dir / f"soup{suffix}"
     for _attempt in range(5):  # a busy machine can let a whole merge finish between two polls: try again
         # the child gets default signal dispositions: a run started in the background by a non-interactive shell
         # (`pytest &`) inherits an ignored SIGINT, which Python and so soupkit rightly keep ignoring
