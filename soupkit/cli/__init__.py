@@ -28,34 +28,30 @@ import warnings  # noqa: E402 - after the handler, so Ctrl-C during these import
 
 import typer  # noqa: E402
 
-# Each import registers that module's commands on `app`.
-from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: E402, F401
+# Each import registers that module's commands on `app`; building the merge flags loads method plugins, whose
+# failures are warnings shown by main() as one line each
+with warnings.catch_warnings(record=True) as _import_warnings:
+    warnings.simplefilter("always")
+    from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
 from soupkit.cli._app import app  # noqa: E402
 from soupkit.cli._help import tidy  # noqa: E402
 from soupkit.options import cli_names  # noqa: E402
 
 __all__ = ["app", "main"]
 
-
-def _print_version(value: bool) -> None:
-    if value:
-        from soupkit import __version__
-
-        typer.echo(f"soupkit {__version__}")
-        raise typer.Exit()
-
-
-if app.registered_callback is None:  # the root options; move into cli/_app.py when it defines a callback
-
-    @app.callback()
-    def _root(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
-                                           help="Print the version and exit.")) -> None:
-        pass
-
 try:  # typer >= 0.20 vendors click; older releases use the click package itself
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as click_errors
+
+
+def _plugin_warnings() -> list[warnings.WarningMessage]:
+    """The plugin warnings raised while the commands were built (shown once, by the first ``main()``)."""
+    from soupkit.registry import PluginWarning
+
+    found = [w for w in _import_warnings if issubclass(w.category, PluginWarning)]
+    _import_warnings.clear()
+    return found
 
 
 class Terminated(KeyboardInterrupt):
@@ -80,9 +76,9 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``soupkit`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
+def _prepare_process(*, standalone: bool) -> None:
+    """Signals and streams for a CLI run: Ctrl-C and SIGTERM unwind (temporary files are removed), a closed
+    pipe (``soupkit --help | head``) stops quietly as Unix tools do, odd names print escaped."""
     _signals.clear()  # a SIGTERM of an earlier in-process run must not turn this run's Ctrl-C into "terminated"
     if hasattr(sys.stdout, "reconfigure"):  # a tensor name from a pickle may hold a lone surrogate: print it escaped
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -90,6 +86,14 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C unwinds (temp cleanup)
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "SIGPIPE") and standalone:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``soupkit`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _prepare_process(standalone=argv is None)
     from soupkit.errors import SoupkitError
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=ResourceWarning)
             warnings.showwarning = show_warning
+            for caught in _plugin_warnings():
+                show_warning(caught.message, caught.category, caught.filename, caught.lineno)
             # non-standalone typer returns the exit code of Exit (and of Ctrl-C: 130) instead of raising
             code = tidy(typer.main.get_command(app)).main(args=args, prog_name="soupkit", standalone_mode=False)
         if isinstance(code, int) and code == 130:

@@ -8,7 +8,7 @@ argument errors answer without loading torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import typer
 
@@ -44,10 +44,15 @@ def require_files(*paths: Path | None) -> None:
             raise CheckpointError(f"{path}: no such file")
 
 
-def wide_console(*, stderr: bool = False, min_width: int = 120) -> Any:
-    """A rich console at least ``min_width`` columns wide: result tables (one column per dataset) stay readable
-    when stdout is a pipe or a narrow terminal instead of being squeezed to 80 columns."""
-    from rich.console import Console
+def _print_version(value: bool) -> None:
+    if value:
+        from soupkit import __version__
 
-    width = Console(stderr=stderr).width
-    return Console(stderr=stderr, highlight=False, width=max(width, min_width))
+        typer.echo(f"soupkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_print_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass

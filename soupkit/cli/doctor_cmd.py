@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from soupkit.cli._app import app, require_files, wide_console
+from soupkit.cli._app import app, require_files
+from soupkit.cli.options import CacheDir, EvalRecipe, NoCache, Quiet
 
 
 @app.command(epilog="Examples:\n\n"
@@ -20,17 +21,16 @@ def doctor(
     base: Annotated[Path | None, typer.Option(help="The pretrained model they were fine-tuned from: angles are "
                                                    "then measured from it (the paper's φ) \\[default: from the "
                                                    "mean of the inputs].", show_default=False)] = None,
-    recipe: Annotated[str | None, typer.Option("--eval", "-e", help="Evaluation recipe (a YAML path or a built-in "
-                                                                     "name): adds held-out scores, interpolation "
-                                                                     "barriers and the uniform soup's score.",
-                                               show_default=False)] = None,
+    recipe: EvalRecipe = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every number as JSON here.",
                                                   show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a heatmap of the pairwise angles (PNG) here.",
                                               show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="Evaluation device: auto, cpu, cuda or cuda:N \\[default: the "
                                                     "recipe's].", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.")] = False,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Will these checkpoints soup? Compares the task vectors (norms, distances, angles; whole model and per
     module) in one streaming pass and gives each ingredient a verdict: soupable, duplicate, different_init,
@@ -38,8 +38,15 @@ def doctor(
     require_files(*checkpoints, base)
     from soupkit.diagnosis import doctor as run_doctor
 
-    report = run_doctor(checkpoints, base=base, evaluator=recipe, json=json_out, plot=plot, device=device)
+    judge = None
+    if recipe is not None:
+        from soupkit.eval import Evaluator
+
+        judge = Evaluator.from_recipe(recipe, device=device, cache_dir=cache_dir, use_cache=not no_cache)
+    report = run_doctor(checkpoints, base=base, evaluator=judge, json=json_out, plot=plot)
     if not quiet:
-        console = wide_console()
-        console.print(report.table())
-        console.print(report.module_note(), style="dim", soft_wrap=True)
+        from soupkit.report.layout import console, print_table
+
+        out = console()
+        print_table(report.table(), out)
+        out.print(report.module_note(), style="dim", soft_wrap=True)

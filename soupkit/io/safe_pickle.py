@@ -1163,10 +1163,15 @@ class _Loader:
             return views[view_key]
 
         obj = self.unpickle(stream, load_persistent)
-        keys = self.unpickle(stream)
+        self._place_legacy_storages(span, stream.position, self.unpickle(stream), roots)
+        return obj
+
+    @staticmethod
+    def _place_legacy_storages(span: _Span, position: int, keys: Any, roots: dict[str, LazyStorage]) -> None:
+        """Point each storage of a legacy stream at its bytes: after the pickles come, per key in ``keys``, an
+        int64 element count and the raw data."""
         if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)) or len(set(keys)) != len(keys):
             raise _Problem("legacy torch.save storage-key list is malformed")
-        position = stream.position
         for key in keys:
             root = roots.get(key)
             if root is None:
@@ -1189,7 +1194,6 @@ class _Loader:
         missing = [k for k in roots if k not in stored]
         if missing:
             raise _Problem(f"storage {missing[0]} is referred to but not stored")
-        return obj
 
     def _load_from_bytes(self, blob: Any) -> Any:
         """``torch.storage._load_from_bytes(b)``: ``b`` is a legacy ``torch.save`` of one storage."""

@@ -173,6 +173,9 @@ class SoupRun:
             self.out = (check_output_path(self._output, inputs=self.protect, force=force)
                         if self._output is not None else None)
             self.judge = Judge(self._evaluator)
+            check_fits = getattr(self.judge.evaluator, "check_fits", None)
+            for reader in self.readers if check_fits is not None else ():
+                check_fits(reader)  # a model/recipe mismatch names the file, not the in-memory soup made from it
             self.names = ingredient_names(self.sources)
         except BaseException:
             close_all(self.readers, self.sources)

@@ -241,8 +241,8 @@ def _plots(run: SoupRun, result: SoupResult, folder: Path) -> list[Path]:
 
         valid = [i for i, s in enumerate(result.scores) if s is not None]
         sources = run.scoring_sources
-        points = [_point(result.names[i], "ingredient", judge.accuracies(sources[i], tests + shifts), tests, shifts)
-                  for i in valid]
+        points = [{**_point(result.names[i], "ingredient", judge.accuracies(sources[i], tests + shifts), tests,
+                            shifts), "heldout": result.scores[i]} for i in valid]
         uniform = uniform_soup([run.sources[i] for i in valid], ema=run.ema)
         points.append(_point(f"uniform soup ({len(valid)})", "uniform",
                              judge.accuracies(uniform, tests + shifts, use_cache=False), tests, shifts))
