@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from soupkit.cli._app import app, require_files
-from soupkit.cli.options import CacheDir, NoCache, generated_options
+from soupkit.cli.options import CacheDir, NoCache, Output, Quiet, generated_options
 from soupkit.options import OutputOptions
 
 
@@ -64,8 +64,7 @@ def eval_command(
 @generated_options()
 def zeroshot(
     model: Annotated[str, typer.Option(help="open_clip model name, e.g. ViT-B-32.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).",
-                                         show_default=False)],
+    output: Output,
     weights: Annotated[Path | None, typer.Option(help="Local CLIP weights (nothing is downloaded) \\[default: "
                                                       "random initialisation].", show_default=False)] = None,
     classes: Annotated[str, typer.Option(help="'imagenet' or a text file with one class name per line.")
@@ -75,6 +74,7 @@ def zeroshot(
     config: Annotated[Path | None, typer.Option(help="An open_clip model-config JSON for an architecture "
                                                      "open_clip does not ship (named by the file's stem).",
                                                 show_default=False)] = None,
+    quiet: Quiet = False,
     options: OutputOptions | None = None,
 ) -> None:
     """Write a CLIP zero-shot classifier (image encoder + WiSE-FT-style head) as a checkpoint: the start of
@@ -83,4 +83,5 @@ def zeroshot(
 
     path = zeroshot_checkpoint(model, classes, templates, weights=weights, output=output, config=config,
                                options=options)
-    print(f"wrote {path}", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)

@@ -178,7 +178,7 @@ def zeroshot_checkpoint(model: str, classes: str | Path | Sequence[str] = "image
     opts, rest = split_options(options)
     if rest:
         raise ParameterError(f"zeroshot has no option {next(iter(rest))!r}")
-    opts.refuse(["ema"], "soupkit zeroshot", "it reads CLIP weights, not a training checkpoint")
+    opts.refuse(["ema", "strip_prefix"], "soupkit zeroshot", "it writes the CLIP model's own tensor names")
     check_output_path(output, inputs=[Path(weights)] if weights else [], force=opts.force)
     folder = Path.cwd()
     class_names = read_classes(classes, folder, "--classes")
