@@ -18,7 +18,16 @@ from soupkit._lazy import torch
 from soupkit.errors import ParameterError
 from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS
 from soupkit.merging.methods.task_arithmetic import SCALING
-from soupkit.merging.methods.ties import DENSITY, TASK_WEIGHTS, check_task_weights, disjoint_merge, per_model, trim
+from soupkit.merging.methods.ties import (
+    CONVENTION,
+    DENSITY,
+    DISJOINT_NORMALIZE,
+    TASK_WEIGHTS,
+    check_task_weights,
+    disjoint_merge,
+    per_model,
+    trim,
+)
 from soupkit.merging.registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -143,15 +152,18 @@ def dare_ties(
     drop_rate: Annotated[float, DROP_RATE] = DEFAULT_DROP_RATE,
     scaling: Annotated[float, SCALING] = 1.0,
     seed: Annotated[int, SEED] = 0,
+    normalize: Annotated[bool, DISJOINT_NORMALIZE] = True,
+    convention: Annotated[str, CONVENTION] = "soupkit",
 ) -> Tensor:
     """base + scaling * TIES(DARE(theta_i - base)): random drop-and-rescale, then trim, sign election and
-    disjoint mean.
+    disjoint mean (the agreeing entries' weighted sum with normalize=false).
 
     density (TIES trim after the drop) defaults to 1, i.e. only DARE sparsifies; drop_rate=0 is TIES.
     """
     n = len(tensors)
     deltas = [
-        trim(drop_and_rescale(tensor - base, drop_rate, seed=seed, key=key, index=i, offset=0), d)
+        trim(drop_and_rescale(tensor - base, drop_rate, seed=seed, key=key, index=i, offset=0), d, convention)
         for i, (tensor, d) in enumerate(zip(tensors, per_model(density, 1.0, n)))
     ]
-    return base + disjoint_merge(deltas, per_model(weights, 1.0, n)).mul_(scaling)
+    merged = disjoint_merge(deltas, per_model(weights, 1.0, n), normalize=normalize, convention=convention)
+    return base + merged.mul_(scaling)
