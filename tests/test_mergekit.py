@@ -198,6 +198,18 @@ def test_dare_density_is_the_keep_fraction(llm: Path) -> None:
     assert not np.array_equal(merged(llm, config, seed=1)["w"], out)
 
 
+def test_dare_densities_per_model(llm: Path) -> None:
+    """Each model keeps its own fraction: model 0 (density 1) whole, model 1's entries 0 or delta / 0.4."""
+    config = gta_config("dare_linear", [{"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 0.4}])
+    base, m0, m1 = load(llm, "base"), load(llm, "m0"), load(llm, "m1")
+    out = merged(llm, config)
+    for key in KEYS:
+        rest = out[key] - base[key] - (m0[key] - base[key])
+        kept = np.abs(rest) > 1e-5
+        np.testing.assert_allclose(rest[kept], (m1[key] - base[key])[kept] / 0.4, rtol=1e-4, atol=1e-5)
+        assert 0 < kept.sum() < kept.size
+
+
 def test_slerp_with_gradient_and_filters(llm: Path) -> None:
     config = {"merge_method": "slerp", "base_model": "base.safetensors",
               "models": [{"model": "base.safetensors"}, {"model": "m0.safetensors"}],
@@ -298,8 +310,6 @@ BAD = [
                                  "parameters": {"weight": 1}}]}]},
      r"slices\[0\]\.sources\[0\]\.layer_range: \[0, 2\]: only whole models are supported \(m0\.safetensors has 3 "
      r"layers"),
-    (gta_config("dare_ties", [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.3}]),
-     r"density: DARE densities differ across models"),
     (gta_config("dare_linear", [{"weight": 1}], rescale=False), r"parameters\.rescale: false"),
     ({"merge_method": "slerp", "base_model": "base.safetensors", "parameters": {"t": 0.5},
       "models": [{"model": "m0.safetensors"}, {"model": "m1.safetensors"}]},

@@ -27,8 +27,7 @@ tensor names. Tensors outside the layers sit where mergekit's architectures put 
 DARE masks: mergekit draws them with ``torch.bernoulli`` from the global RNG (a new mask every run); soupkit's
 are seeded and deterministic (``seed`` 0), so DARE merges agree with mergekit in expectation, and exactly at
 density 1. mergekit rescales kept entries by 1/density (recent versions: to the task vector's L1 norm; the
-same in expectation); soupkit by 1/density. Differing DARE densities across models are refused (soupkit's
-``drop_rate`` is one value per tensor; per-layer gradients of it work).
+same in expectation); soupkit by 1/density.
 """
 
 from __future__ import annotations
@@ -130,12 +129,8 @@ def _dare(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     if not g["rescale"]:
         raise _Problem("parameters.rescale", "false (DARE without rescaling) is not supported: soupkit's DARE "
                        "always rescales kept entries by 1/density")
-    densities = {min(1.0, m["density"]) for m in models}
-    if len(densities) > 1:
-        raise _Problem("density", f"DARE densities differ across models ({', '.join(map(str, sorted(densities)))})"
-                       f"; soupkit's drop rate is one value per tensor: give every model the same density")
     return {"weights": _weights(models), "normalize": g["normalize"], "scaling": g["lambda"],
-            "drop_rate": 1.0 - densities.pop()}
+            "drop_rate": [1.0 - min(1.0, m["density"]) for m in models]}
 
 
 def _dare_ties(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:

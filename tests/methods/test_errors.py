@@ -23,8 +23,8 @@ LIBRARY_CASES = [
     ("ties", {"density": [0.5, 0.5]}, True, 3, r"ties: density has 2 values for 3 input models"),
     ("ties", {"weights": [1.0, -1.0, 1.0]}, True, 3, r"ties: weights\[1\] must be >= 0, got -1.0"),
     ("dare_ties", {"density": 2.0}, True, 3, r"dare_ties: density\[0\] must be in \(0, 1\]"),
-    ("dare_linear", {"drop_rate": 1.0}, True, 3, r"dare_linear: drop_rate must be in \[0, 1\).*got 1.0"),
-    ("dare_ties", {"drop_rate": -0.1}, True, 3, r"dare_ties: drop_rate must be in \[0, 1\)"),
+    ("dare_linear", {"drop_rate": 1.0}, True, 3, r"dare_linear: drop_rate\[0\] must be in \[0, 1\).*got 1.0"),
+    ("dare_ties", {"drop_rate": -0.1}, True, 3, r"dare_ties: drop_rate\[0\] must be in \[0, 1\)"),
     ("dare_linear", {"weights": [1.0, -1.0, 0.0]}, True, 3, r"weights sum to 0"),
     ("slerp", {"t": 1.5}, False, 2, r"slerp: t must be in \[0, 1\].*got 1.5"),
     ("slerp", {"t": -0.1}, False, 2, r"slerp: t must be in \[0, 1\]"),
@@ -91,7 +91,7 @@ def checkpoints(tmp_path: Path) -> Path:
 
 CLI_CASES = [
     (["m0", "m1", "--method", "ties", "--base", "base", "--density", "1.5"], "--density[0] must be in (0, 1]"),
-    (["m0", "m1", "--method", "dare_linear", "--base", "base", "--drop-rate", "1"], "--drop-rate must be in [0, 1)"),
+    (["m0", "m1", "--method", "dare_linear", "--base", "base", "--drop-rate", "1"], "--drop-rate[0] must be in [0, 1)"),
     (["m0", "m1", "--method", "slerp", "--t", "2"], "--t must be in [0, 1]"),
     (["m0", "m1", "m2", "--method", "slerp"], "takes exactly 2 input models"),
     (["m0", "m1", "--method", "task_arithmetic", "--scaling", "0.5"], "needs a base model (--base)"),
