@@ -234,6 +234,17 @@ def test_slerp_parallel_tensors_fall_back_to_lerp(llm: Path) -> None:
     np.testing.assert_allclose(merged(llm, config)["w"], expected, rtol=1e-6)
 
 
+def test_slerp_of_a_zero_tensor_takes_mergekits_angle(llm: Path) -> None:
+    """mergekit does not normalise a zero tensor: cos = 0, so the result is sin(t pi / 2) v1, not t v1."""
+    save_file({"w": torch.zeros(7, 5)}, str(llm / "base.safetensors"))
+    save_file({"w": torch.arange(1.0, 36.0).reshape(7, 5)}, str(llm / "m0.safetensors"))
+    config = {"merge_method": "slerp", "base_model": "base.safetensors", "models": [{"model": "m0.safetensors"}],
+              "parameters": {"t": 0.25}}
+    expected = ref_slerp(0.25, load(llm, "base")["w"], load(llm, "m0")["w"])
+    np.testing.assert_allclose(expected, np.sin(0.25 * np.pi / 2) * load(llm, "m0")["w"], rtol=1e-12)
+    np.testing.assert_allclose(merged(llm, config)["w"], expected, rtol=1e-6)
+
+
 def test_model_stock(llm: Path) -> None:
     config = {"merge_method": "model_stock", "base_model": "base.safetensors",
               "models": [{"model": f"m{j}.safetensors"} for j in range(3)]}

@@ -10,8 +10,9 @@ computes something mergekit would not.
 
 Each mergekit method runs as the soupkit method with the same formula, mergekit's conventions switched on
 (``docs/methods.md`` tabulates them): ``weight`` -> ``weights``, ``lambda`` -> ``scaling``, ``normalize`` with
-mergekit's per-method default, ``convention="mergekit"`` for ties, dare_ties and model_stock (k = max(1,
-int(density*n)), + elected on a zero sign sum, negative Model Stock cosines kept), DARE's ``density`` (the keep
+mergekit's per-method default, ``convention="mergekit"`` for ties, dare_ties, slerp and model_stock (k = max(1,
+int(density*n)), + elected on a zero sign sum, a zero tensor kept in slerp's angle, negative Model Stock
+cosines kept), DARE's ``density`` (the keep
 fraction) -> ``drop_rate = 1 - density``; slerp's ``t`` interpolates from ``base_model`` to the other model.
 
 Parameter values follow mergekit's rules (``evaluate``): a number; a list of numbers, a gradient interpolated
@@ -138,7 +139,7 @@ def _dare_ties(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any
 
 
 def _slerp(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"t": g["t"]}
+    return {"t": g["t"], "convention": "mergekit"}
 
 
 def _model_stock(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
