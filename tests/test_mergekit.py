@@ -151,6 +151,20 @@ def test_ties(llm: Path, density: float, normalize: bool, lam: float) -> None:
                                            sparsify=True, normalize=normalize, lam=lam) for k in KEYS})
 
 
+def test_ties_density_gradient(llm: Path) -> None:
+    """The README's example: one model's density as a gradient over the layers (np.interp is mergekit's
+    piecewise-linear spread of the list over [0, 1])."""
+    config = gta_config("ties", [{"weight": 1.0, "density": [1, 0.7, 0.1]}, {"weight": 0.5, "density": 0.5}],
+                        normalize=True, int8_mask=True)
+    base, models = load(llm, "base"), [load(llm, f"m{j}") for j in range(2)]
+    with pytest.warns(UserWarning, match="int8_mask has no effect"):
+        out = merged(llm, config)
+    expected = {k: ref_gta(base[k], [m[k] for m in models], [1.0, 0.5],
+                           [float(np.interp(POSITION[k], [0, 0.5, 1], [1, 0.7, 0.1])), 0.5], consensus=True,
+                           sparsify=True, normalize=True) for k in KEYS}
+    close(out, expected)
+
+
 def test_ties_conventions_differ_from_soupkits(llm: Path) -> None:
     """+ is elected where opposite task vectors cancel exactly (soupkit's own ties elects nothing: 0), and
     k = int(0.31 * 35) = 10 entries are kept where round() keeps 11."""
