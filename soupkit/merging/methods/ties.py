@@ -31,7 +31,7 @@ DENSITY = Param("Fraction of each task vector kept (top magnitudes), in (0, 1]; 
 TASK_WEIGHTS = Param("Per-model weights, comma-separated, >= 0 with at least one > 0.", ge=0)
 #: whose arithmetic TIES-family methods follow (a mergekit config sets "mergekit"; docs/methods.md compares them)
 CONVENTIONS = ("soupkit", "mergekit")
-CONVENTION = Param("Rounding conventions: 'soupkit' (k = round(density*n) entries kept; where the weighted "
+CONVENTION = Param("Whose conventions: 'soupkit' (k = round(density*n) entries kept; where the weighted "
                    "sign sum is 0 no sign is elected and the entry stays 0) or 'mergekit' (k = max(1, "
                    "int(density*n)); a zero sum elects +), which mergekit configs use to reproduce mergekit.")
 DISJOINT_NORMALIZE = Param("Divide by the summed weights of the models agreeing with the elected sign (false: "
