@@ -367,3 +367,27 @@ def test_cli_refusal_exits_2_without_output(llm: Path, cli) -> None:
     result = cli("merge", "--config", path, "-o", llm / "out.safetensors")
     assert result.code == 2 and "della" in result.err and "Traceback" not in result.err
     assert not (llm / "out.safetensors").exists()
+
+
+def test_slerp_gradient_over_real_llama_folders(tmp_path: Path, cli) -> None:
+    """mergekit's own use case: Hugging Face llama folders in, a folder out that transformers loads; the
+    gradient's positions come from the real names (model.layers.N., embed_tokens first, norm/lm_head last)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    for seed, name in ((0, "base"), (1, "tuned")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+    path = write_config(tmp_path, {"merge_method": "slerp", "base_model": "base", "models": [{"model": "tuned"}],
+                                   "parameters": {"t": [0, 1]}})
+    result = cli("merge", "--config", path, "-o", tmp_path / "out/")
+    assert result.code == 0, result.err
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    tuned = LlamaForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()
+    t_of = {"model.embed_tokens.weight": 0.0, "model.norm.weight": 1.0, "lm_head.weight": 1.0,
+            "model.layers.1.mlp.up_proj.weight": 0.5, "model.layers.2.self_attn.q_proj.weight": 1.0}
+    for key, t in t_of.items():
+        expected = ref_slerp(t, base[key].double().numpy(), tuned[key].double().numpy())
+        np.testing.assert_allclose(out[key].double().numpy(), expected, rtol=2e-6, atol=2e-6, err_msg=key)
