@@ -163,7 +163,7 @@ def test_folder_output_refusals(folders: list[Path], tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"stale: output folder already holds weights \(pytorch_model.bin\)"):
         plan_folder_output(stale, folders).check(inputs)
     done = save_folder({"w": torch.ones(2)}, tmp_path / "done", folders)
-    with pytest.raises(OutputError, match=r"done/model.safetensors: output exists; pass --force"):
+    with pytest.raises(OutputError, match=r"done/model.safetensors: output exists; use --force"):
         plan_folder_output(done, folders).check(inputs)
     plan_folder_output(done, folders).check(inputs, force=True)
 

@@ -1163,7 +1163,8 @@ class _Loader:
             return views[view_key]
 
         obj = self.unpickle(stream, load_persistent)
-        self._place_legacy_storages(span, stream.position, self.unpickle(stream), roots)
+        keys = self.unpickle(stream)  # the storage data starts after this last pickle
+        self._place_legacy_storages(span, stream.position, keys, roots)
         return obj
 
     @staticmethod

@@ -63,7 +63,7 @@ def recalibrate_bn(state_dict: Mapping[str, torch.Tensor], evaluator: Any,
     if max_batches is not None and max_batches < 1:
         raise ParameterError(f"recalibrate_bn: max_batches must be >= 1, got {max_batches}")
     ev = resolve_evaluator(evaluator)
-    ev.load_state(dict(state_dict), name="the merged model")
+    ev.load_state(dict(state_dict))
     model = ev.model
     norms = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
     if not norms:

@@ -28,7 +28,7 @@ for every method: ``recipes/merges/``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,9 @@ FIELDS = (*_File.model_fields, *CONFIG_OPTIONS)
 
 
 class MergeConfig(BaseModel):
-    """A validated merge config: every path resolved and checked to exist, parameters bound to the method."""
+    """A validated merge config: every path resolved and checked to exist, parameters bound to the method.
+    ``layer_parameters``, when set, gives each tensor's parameters from its name (mergekit's per-layer
+    gradients and filters); ``parameters`` is then empty."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -69,6 +71,7 @@ class MergeConfig(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     options: OutputOptions = Field(default_factory=OutputOptions)
     eval: str | None = None
+    layer_parameters: Callable[[str], Mapping[str, Any]] | None = None
 
     @property
     def dtype(self) -> str | None:
@@ -120,7 +123,9 @@ def merge_from_config(path_or_dict: str | Path | Mapping[str, Any], output: str 
             raise RecipeError(f"{config.source}: method {config.method!r} has no parameter {name!r} to override."
                               f"{suggest(name, spec.parameters)}")
     options = config.options.model_copy(update={n: getattr(given, n) for n in given.changed()})
-    return merge_variants(config.models, config.method, [({**config.parameters, **params}, output)],
+    per_key = config.layer_parameters
+    variant = {**config.parameters, **params} if per_key is None else (lambda key: {**per_key(key), **params})
+    return merge_variants(config.models, config.method, [(variant, output)],
                           base=config.base, options=options, progress=progress,
                           metadata={"soupkit.config": config.source})[0]
 

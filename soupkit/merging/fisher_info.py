@@ -71,7 +71,7 @@ def compute_fisher(
         check_output_path(output, inputs=protect, force=force)  # fail before the (long) computation
     state = load_checkpoint(checkpoint)
     ev = resolve_evaluator(evaluator_or_recipe)
-    ev.load_state(state, name=str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<state dict>")
+    ev.load_state(state)
     model: nn.Module = ev.model
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     keys = checkpoint_keys(params, state)

@@ -65,7 +65,8 @@ def argv(command: str, files: dict[str, Path], out: Path, option: str) -> list[s
 
 
 VALUES = {"dtype": ["--dtype", "fp16"], "precise": ["--precise"], "device": ["--device", "cpu"],
-          "shard_size": ["--shard-size", "400B"], "include": ["--include", "head.*"], "exclude": ["--exclude", "head.*"],
+          "shard_size": ["--shard-size", "400B"], "include": ["--include", "head.*"],
+          "exclude": ["--exclude", "head.*"],
           "allow_missing": ["--allow-missing"], "allow_nonfinite": ["--allow-nonfinite"], "ema": ["--ema"],
           "force": ["--force"], "strip_prefix": ["--strip-prefix", "model."],
           "add_prefix": ["--add-prefix", "net."],

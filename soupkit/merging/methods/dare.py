@@ -18,7 +18,16 @@ from soupkit._lazy import torch
 from soupkit.errors import ParameterError
 from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS
 from soupkit.merging.methods.task_arithmetic import SCALING
-from soupkit.merging.methods.ties import DENSITY, TASK_WEIGHTS, check_task_weights, disjoint_merge, per_model, trim
+from soupkit.merging.methods.ties import (
+    CONVENTION,
+    DENSITY,
+    DISJOINT_NORMALIZE,
+    TASK_WEIGHTS,
+    check_task_weights,
+    disjoint_merge,
+    per_model,
+    trim,
+)
 from soupkit.merging.registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -77,7 +86,8 @@ def drop_and_rescale(delta: Tensor, drop_rate: float, *, seed: int, key: str, in
     return torch.where(keep.view_as(delta), delta / (1.0 - drop_rate), 0.0)
 
 
-DROP_RATE = Param("DARE drop probability p of each task-vector entry, in [0, 1).", ge=0, lt=1)
+DROP_RATE = Param(f"DARE drop probability p of each task-vector entry, in [0, 1); one per model or one for all "
+                  f"(default {DEFAULT_DROP_RATE}).", ge=0, lt=1)
 SEED = Param("Seed of the random drop masks (the same seed gives the same output on any device).", ge=0,
              lt=2**63)
 
@@ -101,7 +111,7 @@ def dare_linear(
     offset: int,
     weights: Annotated[list[float] | None, WEIGHTS] = None,
     normalize: Annotated[bool, NORMALIZE] = True,
-    drop_rate: Annotated[float, DROP_RATE] = DEFAULT_DROP_RATE,
+    drop_rate: Annotated[list[float] | None, DROP_RATE] = None,
     scaling: Annotated[float, SCALING] = 1.0,
     seed: Annotated[int, SEED] = 0,
 ) -> Tensor:
@@ -116,8 +126,9 @@ def dare_linear(
         total = sum(weights)
         weights = [w / total for w in weights]
     merged: Tensor | None = None
+    drop_rates = per_model(drop_rate, DEFAULT_DROP_RATE, n)
     for index, (weight, tensor) in enumerate(zip(weights, tensors)):
-        delta = drop_and_rescale(tensor - base, drop_rate, seed=seed, key=key, index=index, offset=offset)
+        delta = drop_and_rescale(tensor - base, drop_rates[index], seed=seed, key=key, index=index, offset=offset)
         if merged is None:
             merged = delta * weight
         elif weight:
@@ -140,18 +151,22 @@ def dare_ties(
     key: str,
     weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
     density: Annotated[list[float] | None, DENSITY] = None,
-    drop_rate: Annotated[float, DROP_RATE] = DEFAULT_DROP_RATE,
+    drop_rate: Annotated[list[float] | None, DROP_RATE] = None,
     scaling: Annotated[float, SCALING] = 1.0,
     seed: Annotated[int, SEED] = 0,
+    normalize: Annotated[bool, DISJOINT_NORMALIZE] = True,
+    convention: Annotated[str, CONVENTION] = "soupkit",
 ) -> Tensor:
     """base + scaling * TIES(DARE(theta_i - base)): random drop-and-rescale, then trim, sign election and
-    disjoint mean.
+    disjoint mean (the agreeing entries' weighted sum with normalize=false).
 
     density (TIES trim after the drop) defaults to 1, i.e. only DARE sparsifies; drop_rate=0 is TIES.
     """
     n = len(tensors)
+    drop_rates = per_model(drop_rate, DEFAULT_DROP_RATE, n)
     deltas = [
-        trim(drop_and_rescale(tensor - base, drop_rate, seed=seed, key=key, index=i, offset=0), d)
-        for i, (tensor, d) in enumerate(zip(tensors, per_model(density, 1.0, n)))
+        trim(drop_and_rescale(tensor - base, p, seed=seed, key=key, index=i, offset=0), d, convention)
+        for i, (tensor, p, d) in enumerate(zip(tensors, drop_rates, per_model(density, 1.0, n)))
     ]
-    return base + disjoint_merge(deltas, per_model(weights, 1.0, n)).mul_(scaling)
+    merged = disjoint_merge(deltas, per_model(weights, 1.0, n), normalize=normalize, convention=convention)
+    return base + merged.mul_(scaling)

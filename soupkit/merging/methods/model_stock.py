@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
 
 from soupkit._lazy import torch
 from soupkit.merging.methods.linear import weighted_mean
-from soupkit.merging.registry import merge_method
+from soupkit.merging.methods.ties import CONVENTIONS, check_convention
+from soupkit.merging.registry import Param, merge_method
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -26,24 +27,33 @@ def mean_pairwise_cosine(deltas: Sequence[Tensor]) -> float:
     return sum(cosines) / len(cosines)
 
 
+def _check(params: Any) -> None:
+    check_convention(params.convention)
+
+
 @merge_method(
     "model_stock",
     pretty_name="Model Stock (agreement-weighted average towards the base)",
     reference="https://arxiv.org/abs/2403.19522",
     min_models=2,
     elementwise=False,
+    check=_check,
 )
-def model_stock(tensors: Sequence[Tensor], *, base: Tensor) -> Tensor:
+def model_stock(tensors: Sequence[Tensor], *, base: Tensor,
+                convention: Annotated[str, Param(
+                    f"{' or '.join(map(repr, CONVENTIONS))}: a negative mean cosine gives t = 0 (the base; "
+                    f"soupkit) or is used as is, extrapolating (mergekit).")] = "soupkit") -> Tensor:
     """t * mean(theta_i) + (1 - t) * base per tensor, t = N cos / (1 + (N - 1) cos), cos the mean pairwise
     cosine between the task vectors theta_i - base.
 
     Gets most of a large soup's benefit from few fine-tuned models (the paper uses two). Layers where the
     models agree (cos ~ 1) take the average; where they are unrelated (cos ~ 0) the base. A negative mean
-    cosine is clamped to 0 (t = 0: the base), where the formula would extrapolate away from the models.
+    cosine is clamped to 0 (t = 0: the base), where the formula would extrapolate away from the models
+    (convention="mergekit" keeps it, as mergekit does).
     """
     n = len(tensors)
     if all(torch.equal(tensors[0], other) for other in tensors[1:]):
         return tensors[0].clone()  # identical models: the formula gives t = 1 up to rounding; make it exact
-    cos = min(max(mean_pairwise_cosine([x - base for x in tensors]), 0.0), 1.0)
+    cos = min(max(mean_pairwise_cosine([x - base for x in tensors]), 0.0 if convention == "soupkit" else -1.0), 1.0)
     t = n * cos / (1.0 + (n - 1) * cos)
     return weighted_mean(tensors, [1.0] * n).mul_(t).add_(base, alpha=1.0 - t)

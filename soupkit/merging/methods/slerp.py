@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from soupkit._lazy import torch
+from soupkit.merging.methods.ties import CONVENTIONS, check_convention
 from soupkit.merging.registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -15,6 +16,12 @@ if TYPE_CHECKING:
 
 #: above this |cos| the two directions are (anti-)parallel: sin(angle) ~ 0, so interpolate linearly
 PARALLEL_COS = 0.9995
+#: mergekit leaves a direction of norm at most this unnormalised (and still takes the angle)
+MERGEKIT_EPS = 1e-8
+
+
+def _check(params: Any) -> None:
+    check_convention(params.convention)
 
 
 @merge_method(
@@ -24,10 +31,14 @@ PARALLEL_COS = 0.9995
     min_models=2,
     max_models=2,
     elementwise=False,
+    check=_check,
 )
 def slerp(tensors: Sequence[Tensor], *,
           t: Annotated[float, Param("SLERP interpolation factor: 0 gives the first model, 1 the second.", ge=0,
-                                    le=1)] = 0.5) -> Tensor:
+                                    le=1)] = 0.5,
+          convention: Annotated[str, Param(
+              f"{' or '.join(map(repr, CONVENTIONS))}: a zero tensor makes the interpolation linear (soupkit) or, "
+              f"as in mergekit, stays unnormalised in the angle's computation.")] = "soupkit") -> Tensor:
     """Interpolate each tensor along the great circle between the two models: sin((1-t)a)/sin(a) x0 +
     sin(t a)/sin(a) x1, a the angle between them.
 
@@ -42,10 +53,12 @@ def slerp(tensors: Sequence[Tensor], *,
     a, b = first.reshape(-1), second.reshape(-1)
     norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float64))
     norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float64))
-    if norm_a > 0.0 and norm_b > 0.0:
-        cos = float(torch.dot(a / norm_a, b / norm_b))
-        if abs(cos) <= PARALLEL_COS:
-            angle = math.acos(max(-1.0, min(1.0, cos)))
-            sin = math.sin(angle)
-            return first * (math.sin((1.0 - t) * angle) / sin) + second * (math.sin(t * angle) / sin)
+    if convention == "mergekit":
+        cos = float(torch.dot(a / norm_a if norm_a > MERGEKIT_EPS else a, b / norm_b if norm_b > MERGEKIT_EPS else b))
+    else:
+        cos = float(torch.dot(a / norm_a, b / norm_b)) if norm_a > 0.0 and norm_b > 0.0 else 1.0  # zero: linear
+    if abs(cos) <= PARALLEL_COS:
+        angle = math.acos(max(-1.0, min(1.0, cos)))
+        sin = math.sin(angle)
+        return first * (math.sin((1.0 - t) * angle) / sin) + second * (math.sin(t * angle) / sin)
     return first + (second - first) * t  # exactly the input when both are equal

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
-from soupkit.merging.methods.linear import WEIGHTS
+from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS
 from soupkit.merging.registry import Param, merge_method
 
 SCALING = Param("Task-vector scaling λ (0 gives the base model).")
@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 )
 def task_arithmetic(
     tensors: Sequence[Tensor], *, base: Tensor, weights: Annotated[list[float] | None, WEIGHTS] = None,
-    scaling: Annotated[float, SCALING] = 1.0
+    scaling: Annotated[float, SCALING] = 1.0, normalize: Annotated[bool, NORMALIZE] = False
 ) -> Tensor:
-    """base + scaling * sum_i w_i (theta_i - base); weights default to 1 each and are not normalised.
+    """base + scaling * sum_i w_i (theta_i - base); weights default to 1 each and are not normalised
+    (normalize=true divides the sum by sum_i w_i, as mergekit's task_arithmetic with normalize: true).
 
     Adds what each fine-tuning taught to one model. scaling ~0.3-0.5 is typical for several task vectors
     (the paper tunes it on held-out data); scaling=0 gives the base model exactly.
@@ -38,4 +39,5 @@ def task_arithmetic(
         elif weight:
             total.add_(tensor - base, alpha=weight)
     assert total is not None
-    return base + total.mul_(scaling)
+    divisor = sum(weights) if normalize else 1.0  # a ~zero sum divides by 1, as mergekit does
+    return base + total.mul_(scaling / (divisor if abs(divisor) >= 1e-8 else 1.0))

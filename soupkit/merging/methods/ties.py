@@ -29,20 +29,43 @@ DENSITY = Param("Fraction of each task vector kept (top magnitudes), in (0, 1]; 
                 gt=0, le=1)
 #: TIES-style weights: the sign election needs them non-negative
 TASK_WEIGHTS = Param("Per-model weights, comma-separated, >= 0 with at least one > 0.", ge=0)
+#: whose arithmetic TIES-family methods follow (a mergekit config sets "mergekit"; docs/methods.md compares them)
+CONVENTIONS = ("soupkit", "mergekit")
+CONVENTION = Param("Whose conventions: 'soupkit' (k = round(density*n) entries kept; where the weighted "
+                   "sign sum is 0 no sign is elected and the entry stays 0) or 'mergekit' (k = max(1, "
+                   "int(density*n)); a zero sum elects +), which mergekit configs use to reproduce mergekit.")
+DISJOINT_NORMALIZE = Param("Divide by the summed weights of the models agreeing with the elected sign (false: "
+                           "their weighted sum, mergekit's normalize: false).")
+
+
+def check_convention(convention: str) -> None:
+    """``convention`` must be one of ``CONVENTIONS``."""
+    if convention not in CONVENTIONS:
+        raise ParameterError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
 
 
 def check_task_weights(params: Any) -> None:
-    """Sign election: weights must not all be zero."""
+    """Sign election: weights must not all be zero; a convention, where the method has one, must be known."""
     if params.weights is not None and not any(w > 0 for w in params.weights):
         raise ParameterError(f"weights must have at least one value > 0 (sign election needs them), got "
                              f"{', '.join(map(str, params.weights))}")
+    if "convention" in type(params).model_fields:
+        check_convention(params.convention)
 
 
-def trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``k = round(density * numel)`` largest-magnitude entries of ``delta``; zero the rest. Among equal
-    magnitudes at the cut, the lowest indices are kept (a stable sort's choice), so the result is unique."""
+def kept_count(density: float, numel: int, convention: str = "soupkit") -> int:
+    """How many entries a trim to ``density`` keeps: ``round(density * numel)``, or mergekit's
+    ``max(1, int(density * numel))`` (all of them at density 1 either way)."""
+    if convention == "mergekit":
+        return numel if density >= 1 else max(1, int(density * numel))
+    return round(density * numel)
+
+
+def trim(delta: Tensor, density: float, convention: str = "soupkit") -> Tensor:
+    """Keep the ``k = kept_count(density, numel)`` largest-magnitude entries of ``delta``; zero the rest. Among
+    equal magnitudes at the cut, the lowest indices are kept (a stable sort's choice), so the result is unique."""
     numel = delta.numel()
-    k = round(density * numel)
+    k = kept_count(density, numel, convention)
     if k >= numel:
         return delta
     flat = delta.reshape(-1)
@@ -80,16 +103,22 @@ def kth_largest(values: Tensor, k: int, *, sample: int = 1 << 16) -> Tensor:
     return torch.kthvalue(band, band.numel() - rank + 1).values
 
 
-def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """Elect each entry's sign as that of ``sum_i w_i delta_i``, then average (weighted by ``w_i``) only the
-    non-zero entries that agree with it. Entries where nothing agrees are 0."""
-    elected = torch.sign(sum(d * w for d, w in zip(deltas, weights)))
+def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True,
+                   convention: str = "soupkit") -> Tensor:
+    """Elect each entry's sign as that of ``sum_i w_i delta_i`` (weights applied before the election), then
+    average (weighted by ``w_i``) only the non-zero entries that agree with it; ``normalize=False``: their
+    weighted sum. Entries where nothing agrees are 0. A zero sum elects no sign (``convention="soupkit"``) or
+    + (``"mergekit"``)."""
+    votes = sum(d * w for d, w in zip(deltas, weights))
+    elected = torch.where(votes >= 0, 1.0, -1.0) if convention == "mergekit" else torch.sign(votes)
     total = torch.zeros_like(deltas[0])
     count = torch.zeros_like(deltas[0])
     for delta, weight in zip(deltas, weights):
         agree = (torch.sign(delta) == elected) & (delta != 0)
         total += torch.where(agree, delta * weight, 0.0)
         count += agree * weight
+    if not normalize:
+        return total
     return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), 0.0)
 
 
@@ -107,6 +136,8 @@ def ties(
     weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
     density: Annotated[list[float] | None, DENSITY] = None,
     scaling: Annotated[float, SCALING] = 1.0,
+    normalize: Annotated[bool, DISJOINT_NORMALIZE] = True,
+    convention: Annotated[str, CONVENTION] = "soupkit",
 ) -> Tensor:
     """base + scaling * disjoint mean of the task vectors, each trimmed to its top-density magnitudes.
 
@@ -116,5 +147,6 @@ def ties(
     """
     n = len(tensors)
     densities = per_model(density, DEFAULT_DENSITY, n)
-    deltas = [trim(tensor - base, d) for tensor, d in zip(tensors, densities)]
-    return base + disjoint_merge(deltas, per_model(weights, 1.0, n)).mul_(scaling)
+    deltas = [trim(tensor - base, d, convention) for tensor, d in zip(tensors, densities)]
+    merged = disjoint_merge(deltas, per_model(weights, 1.0, n), normalize=normalize, convention=convention)
+    return base + merged.mul_(scaling)
