@@ -3,7 +3,8 @@
 Location: ``cache_dir`` argument, else ``$SOUPKIT_CACHE_DIR``, else ``~/.cache/soupkit/scores``. Each entry is
 written to a temporary file and renamed into place, so an interrupted run leaves either the old state or a
 complete entry. Entries hold the counts, the mean loss and the per-example correctness mask (bit-packed), or
-for log-likelihood datasets the token count and per-example values (float32); an unreadable entry is a miss. Nothing is unpickled.
+for log-likelihood datasets the token count and per-example values (float32); an unreadable entry is a miss.
+Nothing is unpickled.
 """
 
 from __future__ import annotations

@@ -154,6 +154,14 @@ class Evaluator:
                                        self.recipe.num_workers, self.batch_size)
         return self._data[name]
 
+    def require_class_scores(self, dataset: str, purpose: str) -> None:
+        """Refuse ``purpose`` (e.g. Fisher information, which samples labels from class scores) on a dataset
+        scored by log-likelihood."""
+        if self._prepared(dataset).metric != "accuracy":
+            raise ParameterError(f"{purpose} needs class or choice scores; dataset {dataset!r} of "
+                                 f"{self.recipe.source} is plain text scored by log-likelihood (give it "
+                                 "prompt_field, choices_field and answer_field instead)")
+
     def num_examples(self, dataset: str) -> int:
         """Examples in ``dataset`` (over all processes)."""
         return self._prepared(dataset).total
@@ -385,7 +393,7 @@ class Evaluator:
         per_example = _dataset_order(torch.cat(values), order)
         if self.world > 1:
             (nll, tokens), (per_example,) = self._combine(data, [nll, tokens], [per_example])
-        count = int(round(float(tokens)))
+        count = round(float(tokens))
         return DatasetResult(name, None, data.total, None, float(nll) / max(count, 1),
                              time.perf_counter() - started, False, data.total, metric="log_likelihood",
                              values=per_example.to("cpu", torch.float32), tokens=count)

@@ -2,8 +2,8 @@
 
 The model's evaluation transform is split at its ``ToTensor``: the PIL part (resize, crop, mode conversion) runs
 once per image while decoding and yields uint8 pixels (4x smaller than float); the ``Normalize`` after it runs on
-the device, per batch. Transforms that do more after ``ToTensor`` are applied whole, and stored as float. Text records (for
-``kind: transformers`` models) are tokenised once instead, by ``soupkit.eval.text``.
+the device, per batch. Transforms that do more after ``ToTensor`` are applied whole, and stored as float.
+Text records (for ``kind: transformers`` models) are tokenised once instead, by ``soupkit.eval.text``.
 """
 
 from __future__ import annotations

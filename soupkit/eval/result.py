@@ -109,7 +109,8 @@ class EvalResult:
 
 def as_score(result: Any, heldout: str = "heldout") -> float:
     """A single number for soup algorithms: an ``EvalResult``'s held-out score (its only dataset's, if it has
-    one), a ``DatasetResult``'s score (accuracy, or mean per-token log-likelihood), or a plain number as a float. NaN when there is no complete score."""
+    one), a ``DatasetResult``'s score (accuracy, or mean per-token log-likelihood), or a plain number as a float.
+    NaN when there is no complete score."""
     from soupkit.errors import ParameterError
 
     if isinstance(result, EvalResult) or hasattr(result, "datasets"):

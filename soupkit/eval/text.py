@@ -35,6 +35,9 @@ from soupkit.eval.recipe import DatasetSpec
 #: with an explicit example order, batches are length-sorted within windows of this many batches: small enough
 #: to keep the order's front (hardest examples first for early stopping), large enough to cut most padding
 ORDER_WINDOW = 4
+#: the score of an absent choice (an example with fewer choices than the batch's widest): finite, because a
+#: learned soup's temperature gradient multiplies it by its zero gradient, and -inf * 0 is NaN
+ABSENT = -1e9
 
 
 class TextTaskModel(nn.Module):
@@ -56,7 +59,8 @@ class TextTaskModel(nn.Module):
         self._register_state_dict_hook(_drop_aliases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, labels); (B, C) choice log-likelihoods for a 4-D multiple-choice batch; token logits
+        """Class logits (B, labels); (B, C) choice log-likelihoods for a 4-D multiple-choice batch (``ABSENT``
+        for missing choices); token logits
         (B, vocab, T-1) for a causal LM on plain text."""
         if x.dim() == 4:
             return self._choice_scores(x)
@@ -75,7 +79,7 @@ class TextTaskModel(nn.Module):
         summed = (picked * rows[:, 2, 1:].to(picked.dtype)).sum(-1)
         if rows is flat:
             return summed.view(batch, choices)
-        scores = torch.full((batch * choices,), float("-inf"), dtype=summed.dtype, device=summed.device)
+        scores = torch.full((batch * choices,), ABSENT, dtype=summed.dtype, device=summed.device)
         return scores.masked_scatter(present, summed).view(batch, choices)
 
 

@@ -186,14 +186,14 @@ def learned_soup(
         result = SoupResult(
             method="learned", names=names, ingredients=list(range(count)),
             scores=[s.accuracy if s.valid else None for s in scores], history=history,
-            score=float(learned.accuracy),
+            score=float(learned.score),
             rule={"by_layer": by_layer, "steps": steps, "lr": lr, "weight_decay": weight_decay,
                   "heldout": judge.heldout},
             stats={"seconds": time.perf_counter() - started, "memory_estimate_bytes": need,
                    "memory_free_bytes": free},
             extra={"weights": per_ingredient, "temperature": float(beta.detach()),
                    "heldout_loss": _loss(learned), "uniform_loss": _loss(uniform),
-                   "uniform_accuracy": float(uniform.accuracy), "train_losses": losses},
+                   "uniform_accuracy": float(uniform.score), "train_losses": losses},
         )
         if out is not None:
             records = [ingredient_record(names[i], readers[i].path, readers[i].nbytes,

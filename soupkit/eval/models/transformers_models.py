@@ -6,13 +6,14 @@ model: {kind: transformers, path: base_folder, task: sequence-classification}   
 ```
 
 The architecture comes from the config (``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM``
-``.from_config``, random weights; transformers and torch are imported only when one is built): every checkpoint the evaluator scores is loaded into it, strictly. The module
-the evaluator runs is a ``soupkit.eval.text.TextTaskModel``: it takes one packed integer tensor per batch (see
-``soupkit.eval.text``) and returns what the evaluator, learned soups and Fisher information need —
+``.from_config``, random weights; transformers is imported only when one is built); every checkpoint the
+evaluator scores is loaded into it, strictly. The module the evaluator runs is a
+``soupkit.eval.text.TextTaskModel``: it takes one packed integer tensor per batch and returns what the
+evaluator, learned soups and Fisher information need —
 
 - ``sequence-classification``: class logits (B, num_labels);
 - ``causal-lm`` multiple choice: (B, choices) summed log-likelihoods of each choice's tokens given the prompt
-  (lm-eval-harness ``acc``); absent choices of an example with fewer choices are -inf;
+  (lm-eval-harness ``acc``); absent choices of an example with fewer choices score -1e9;
 - ``causal-lm`` plain text: token logits (B, vocab, T-1) against the shifted tokens, so that
   ``cross_entropy(logits, targets)`` with ``-100`` padding is the mean per-token negative log-likelihood.
 

@@ -1,0 +1,257 @@
+"""The evaluator on transformers models (``kind: transformers``): counts equal a plain, unbatched transformers
+loop; the soups, WiSE-FT, ``soupkit eval``, learned soups and Fisher work on text recipes; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from tests.eval.text_models import TextKit, classifier_recipe, lm_recipe, make_causal_lm, make_classifier
+
+
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> TextKit:
+    return make_classifier(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory: pytest.TempPathFactory) -> TextKit:
+    return make_causal_lm(tmp_path_factory.mktemp("gpt2"))
+
+
+def _hf(kit: TextKit, checkpoint: Any, causal: bool) -> tuple[Any, Any]:
+    """The plain transformers model of ``kit`` with ``checkpoint`` loaded, and its tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = auto.from_pretrained(kit.folder, local_files_only=True).eval()
+    model.load_state_dict(load_file(str(checkpoint)), strict=False)  # lm_head.weight is tied
+    return model, AutoTokenizer.from_pretrained(kit.folder, local_files_only=True)
+
+
+def _rows(path: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def reference_classifier(kit: TextKit, checkpoint: Any, path: Any) -> list[bool]:
+    """Batch 1, dataset order, no padding: is each example's argmax its label?"""
+    model, tok = _hf(kit, checkpoint, causal=False)
+    out = []
+    with torch.no_grad():
+        for row in _rows(path):
+            label = model.config.label2id.get(row["label"], row["label"])
+            out.append(int(model(**tok(row["text"], return_tensors="pt")).logits.argmax(-1)) == label)
+    return out
+
+
+def _loglik(model: Any, context: list[int], continuation: list[int]) -> float:
+    ids = torch.tensor([context + continuation])
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    positions = range(len(context) - 1, len(context) + len(continuation) - 1)
+    return sum(float(logprobs[p, t]) for p, t in zip(positions, continuation))
+
+
+def reference_choices(kit: TextKit, checkpoint: Any, path: Any) -> list[bool]:
+    """lm-eval-harness ``acc``: the choice with the highest summed log-likelihood given the prompt."""
+    model, tok = _hf(kit, checkpoint, causal=True)
+    out = []
+    with torch.no_grad():
+        for row in _rows(path):
+            context = tok(row["question"].rstrip(), add_special_tokens=False).input_ids
+            scores = []
+            for choice in row["choices"]:
+                whole = tok(row["question"] + choice, add_special_tokens=False).input_ids
+                scores.append(_loglik(model, context, whole[len(context):]))
+            out.append(max(range(len(scores)), key=scores.__getitem__) == row["answer"])
+    return out
+
+
+def reference_text(kit: TextKit, checkpoint: Any, path: Any) -> tuple[list[float], float]:
+    """Each text's mean per-token log-likelihood after the EOS prefix, and the token-weighted mean."""
+    model, tok = _hf(kit, checkpoint, causal=True)
+    means, total, count = [], 0.0, 0
+    with torch.no_grad():
+        for row in _rows(path):
+            ids = tok(row["text"], add_special_tokens=False).input_ids
+            value = _loglik(model, [tok.eos_token_id], ids)
+            means.append(value / len(ids))
+            total, count = total + value, count + len(ids)
+    return means, total / count
+
+
+def test_classifier_counts_equal_a_plain_transformers_loop(bert, tmp_path):
+    from soupkit.eval import Evaluator
+
+    ev = Evaluator.from_recipe(classifier_recipe(bert), cache_dir=tmp_path)
+    for checkpoint in bert.finetunes:
+        result = ev(checkpoint)
+        for name, key in (("heldout", "heldout"), ("clean", "test")):
+            expected = reference_classifier(bert, checkpoint, bert.files[key])
+            assert result[name].correct == sum(expected)
+            assert result[name].correct_mask.tolist() == expected  # in dataset order, despite bucketing
+    counts = {ev(c)["heldout"].correct for c in bert.finetunes}
+    assert len(counts) > 1, "the fine-tunes should differ"
+    assert ev(bert.finetunes[0])["heldout"].cached
+
+
+def test_causal_lm_choices_and_log_likelihood_equal_a_plain_loop(gpt2, tmp_path):
+    from soupkit.eval import Evaluator
+
+    ev = Evaluator.from_recipe(lm_recipe(gpt2), cache_dir=tmp_path)
+    overall = {}
+    for checkpoint in gpt2.finetunes[1:]:
+        result = ev(checkpoint)
+        for name, key in (("heldout", "heldout"), ("mc", "test")):
+            expected = reference_choices(gpt2, checkpoint, gpt2.files[key])
+            assert result[name].correct_mask.tolist() == expected
+        text = result["text"]
+        means, overall[checkpoint] = reference_text(gpt2, checkpoint, gpt2.files["text"])
+        assert text.metric == "log_likelihood" and text.accuracy is None and text.correct_mask is None
+        assert text.score == pytest.approx(overall[checkpoint], abs=1e-4)
+        assert text.perplexity == pytest.approx(math.exp(-overall[checkpoint]), rel=1e-4)
+        assert torch.allclose(text.values, torch.tensor(means), atol=1e-4)
+    cached = ev(gpt2.finetunes[1])["text"]
+    assert cached.cached and cached.score == pytest.approx(overall[gpt2.finetunes[1]], abs=1e-4)
+    assert len(cached.values) == 24
+
+
+def test_checkpoint_forms_and_strict_loading(gpt2, tmp_path):
+    """An HF folder, a state dict with the tied lm_head.weight and one without all load; a wrong one fails."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from soupkit.errors import CheckpointError
+    from soupkit.eval import Evaluator
+
+    ev = Evaluator.from_recipe(lm_recipe(gpt2), use_cache=False)
+    state = load_file(str(gpt2.finetunes[2]))
+    model = AutoModelForCausalLM.from_pretrained(gpt2.folder, local_files_only=True)
+    model.load_state_dict(state, strict=False)
+    model.save_pretrained(tmp_path / "hf")
+    expected = ev(gpt2.finetunes[2], ["heldout"])["heldout"].correct_mask
+    assert torch.equal(ev(tmp_path / "hf", ["heldout"])["heldout"].correct_mask, expected)
+    tied = {**state, "lm_head.weight": state["transformer.wte.weight"]}
+    assert torch.equal(ev(tied, ["heldout"])["heldout"].correct_mask, expected)
+    broken = {k: v for k, v in state.items() if k != "transformer.h.0.attn.c_attn.weight"}
+    broken["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"^<state dict>: does not fit the recipe's model \(transformers.*"
+                                              r"missing 1 key\(s\) \('transformer.h.0.attn.c_attn.weight'\); "
+                                              r"unexpected 1 key\(s\) \('extra.weight'\)"):
+        ev(broken, ["heldout"])
+
+
+def test_bucketing_and_early_stop(bert):
+    """Batches are cut to their longest example (less padding than dataset order); need_correct is exact."""
+    from soupkit.eval import Evaluator
+
+    ev = Evaluator.from_recipe(classifier_recipe(bert), use_cache=False)
+    data = ev._prepared("heldout")
+    bucketed = sum(x.shape[-1] * len(x) for x, _ in ev.batches("heldout"))
+    unbucketed = sum(int(data.lengths[i:i + 8].max()) * len(data.lengths[i:i + 8]) for i in range(0, data.n, 8))
+    assert bucketed < unbucketed
+    full = ev(bert.finetunes[2], ["heldout"])["heldout"]
+    order = torch.randperm(full.n, generator=torch.Generator().manual_seed(0))
+    hopeless = ev.evaluate(bert.finetunes[2], ["heldout"], need_correct=full.correct + 8, order=order)["heldout"]
+    assert hopeless.stopped_early and hopeless.examples_seen < full.n
+    exact = ev.evaluate(bert.finetunes[2], ["heldout"], need_correct=full.correct, order=order)["heldout"]
+    assert not exact.stopped_early and torch.equal(exact.correct_mask, full.correct_mask)
+
+
+def test_soups_wise_eval_and_fisher_through_the_cli(cli, bert, tmp_path):
+    recipe = tmp_path / "text.yaml"
+    recipe.write_text(yaml.safe_dump(classifier_recipe(bert)))
+    soup = tmp_path / "soup.safetensors"
+    out = cli("merge", "--method", "greedy", *bert.finetunes, "--eval", recipe, "-o", soup, "-q")
+    assert out.code == 0, out.err
+    wise = cli("wise", bert.base, bert.finetunes[2], "--alpha", "0:1:0.25", "--eval", recipe,
+               "-o", tmp_path / "wise.safetensors", "-q")
+    assert wise.code == 0, wise.err
+    scores = cli("eval", soup, bert.finetunes[2], "--eval", recipe, "--json", tmp_path / "s.json")
+    assert scores.code == 0 and "heldout" in scores.out, scores.err
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["checkpoints"][0]["datasets"]["heldout"]["metric"] == "accuracy"
+    fisher = cli("fisher", bert.finetunes[0], "--eval", recipe, "-o", tmp_path / "f.safetensors",
+                 "--max-examples", "8")
+    assert fisher.code == 0, fisher.err
+    from safetensors.torch import load_file
+
+    values = load_file(str(tmp_path / "f.safetensors"))
+    assert "classifier.weight" in values and float(values["classifier.weight"].sum()) > 0
+
+
+def test_lm_greedy_learned_and_fisher(gpt2, tmp_path):
+    from soupkit import greedy_soup, learned_soup
+    from soupkit.errors import ParameterError
+    from soupkit.eval import Evaluator
+    from soupkit.merging.fisher_info import compute_fisher
+
+    ev = Evaluator.from_recipe(lm_recipe(gpt2), cache_dir=tmp_path)
+    greedy = greedy_soup(gpt2.finetunes, ev)
+    assert greedy.score is not None and 0 <= greedy.score <= 1
+    learned = learned_soup(gpt2.finetunes, ev, steps=3, lr=0.1)
+    assert len(learned.extra["weights"]) == 3 and math.isfinite(learned.extra["heldout_loss"])
+    fisher = compute_fisher(gpt2.finetunes[0], ev, max_examples=4)
+    assert "transformer.wte.weight" in fisher and "lm_head.weight" not in fisher
+    text_only = lm_recipe(gpt2)
+    text_only["data"] = {"heldout": text_only["data"]["test"]["text"]}
+    text_ev = Evaluator.from_recipe(text_only, cache_dir=tmp_path)
+    by_likelihood = greedy_soup(gpt2.finetunes, text_ev)  # selects on mean log-likelihood
+    assert by_likelihood.score < 0 and math.isfinite(by_likelihood.score)
+    with pytest.raises(ParameterError, match="^Fisher information needs class or choice scores; dataset "
+                                             "'heldout' .* is plain text scored by log-likelihood"):
+        compute_fisher(gpt2.finetunes[0], text_ev)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda r: r["data"]["heldout"].pop("label_field"),
+     r"data.heldout.label_field: missing; a sequence-classification model scores text_field and label_field"),
+    (lambda r: r["data"]["heldout"].update(prompt_field="q"),
+     r"data.heldout.prompt_field: not used with a sequence-classification model"),
+    (lambda r: r["model"].update(task="translation"), r"model.task: .*sequence-classification"),
+    (lambda r: r["data"]["heldout"].update(kind="hf_disk"),
+     r"data.heldout.kind: hf_disk needs the 'datasets' package"),
+    (lambda r: r["data"]["heldout"].update(kind="digits"),
+     r"data.heldout.path: unknown key 'path'"),
+    (lambda r: r["data"].update(heldout={"kind": "digits", "split": "heldout"}),
+     r"data.heldout.kind: digits gives images but the recipe's model takes text"),
+])
+def test_recipe_errors_are_one_line(bert, tmp_path, change, expected):
+    from soupkit.errors import RecipeError
+    from soupkit.eval import Evaluator
+
+    recipe = classifier_recipe(bert)
+    change(recipe)
+    with pytest.raises(RecipeError, match=expected) as error:
+        Evaluator.from_recipe(recipe, use_cache=False).evaluate(bert.finetunes[0], ["heldout"])
+    assert "\n" not in str(error.value)
+
+
+def test_data_errors_name_file_and_line(bert, tmp_path):
+    from soupkit.errors import RecipeError
+    from soupkit.eval import Evaluator
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good film", "label": "pos"}\n\n{"text": "bad", "label": "meh"}\n')
+    recipe = classifier_recipe(bert)
+    recipe["data"]["heldout"]["path"] = str(bad)
+    ev = Evaluator.from_recipe(recipe, use_cache=False)
+    with pytest.raises(RecipeError, match=rf"^{bad}:3: label 'meh' in 'label' is neither a class id nor a label "
+                                          r"of the model config's label2id \(neg, pos\)$"):
+        ev(bert.finetunes[0], ["heldout"])
+    bad.write_text('{"text": "good film", "label": 1}\n{"text": "bad", "label": 1\n')
+    with pytest.raises(RecipeError, match=rf"^{bad}:2: not valid JSON"):
+        Evaluator.from_recipe(recipe, use_cache=False)(bert.finetunes[0], ["heldout"])
+    table = tmp_path / "t.csv"
+    table.write_text('sentence,label\n"good film, nice",pos\nbad plot,0\n')
+    recipe["data"]["heldout"] = {"kind": "csv", "path": str(table), "text_field": "sentence", "label_field": "label"}
+    ev = Evaluator.from_recipe(recipe, use_cache=False)
+    assert ev(bert.finetunes[0], ["heldout"])["heldout"].n == 2
+    recipe["data"]["heldout"]["text_field"] = "text"
+    with pytest.raises(RecipeError, match=rf"^{table}:2: no field 'text' \(text_field\)"):
+        Evaluator.from_recipe(recipe, use_cache=False)(bert.finetunes[0], ["heldout"])
