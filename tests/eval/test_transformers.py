@@ -208,6 +208,20 @@ def test_lm_greedy_learned_and_fisher(gpt2, tmp_path):
         compute_fisher(gpt2.finetunes[0], text_ev)
 
 
+def test_eval_report_shows_log_likelihood_and_perplexity(cli, gpt2, tmp_path):
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(yaml.safe_dump(lm_recipe(gpt2)))
+    out = cli("eval", *gpt2.finetunes[:2], "--eval", recipe, "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv")
+    assert out.code == 0, out.err
+    assert "log-likelihood per token (perplexity)" in out.out
+    text = json.loads((tmp_path / "s.json").read_text())["checkpoints"][0]["datasets"]["text"]
+    assert text["metric"] == "log_likelihood" and text["accuracy"] is None and text["tokens"] > 0
+    assert text["perplexity"] == pytest.approx(math.exp(-text["score"]))
+    assert f"{text['score']:.4f} ({text['perplexity']:.2f})" in out.out
+    header, first = (tmp_path / "s.csv").read_text().splitlines()[:2]
+    assert header == "checkpoint,heldout,mc,text,mean shift" and first.split(",")[3] == f"{text['score']:.6f}"
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     (lambda r: r["data"]["heldout"].pop("label_field"),
      r"data.heldout.label_field: missing; a sequence-classification model scores text_field and label_field"),
@@ -255,3 +269,36 @@ def test_data_errors_name_file_and_line(bert, tmp_path):
     recipe["data"]["heldout"]["text_field"] = "text"
     with pytest.raises(RecipeError, match=rf"^{table}:2: no field 'text' \(text_field\)"):
         Evaluator.from_recipe(recipe, use_cache=False)(bert.finetunes[0], ["heldout"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_gloo_processes_equal_one_on_text(gpt2, tmp_path):
+    """torchrun: each process tokenises and scores its shard; masks and per-example values come back whole."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from soupkit.eval import Evaluator
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(lm_recipe(gpt2)))
+    out, repo = tmp_path / "dist.json", Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(__file__).with_name("dist_worker.py")), str(recipe), str(out), str(tmp_path / "cache"),
+               str(gpt2.finetunes[1])]
+    done = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["world"] == 2 and got["cached_again"]
+    single = Evaluator.from_recipe(recipe, use_cache=False)(gpt2.finetunes[1])
+    for name, row in got["rows"][0].items():
+        expected = single[name]
+        assert row["correct"] == expected.correct and row["n"] == expected.n
+        assert row["loss"] == pytest.approx(expected.loss, rel=1e-5)
+        if expected.correct_mask is not None:
+            assert row["mask"] == expected.correct_mask.int().tolist()
+        else:
+            assert row["values"] == pytest.approx(expected.values.tolist(), abs=1e-5)
