@@ -302,3 +302,23 @@ def test_two_gloo_processes_equal_one_on_text(gpt2, tmp_path):
             assert row["mask"] == expected.correct_mask.int().tolist()
         else:
             assert row["values"] == pytest.approx(expected.values.tolist(), abs=1e-5)
+
+
+def test_example_recipes_run_next_to_their_files(bert, gpt2, tmp_path):
+    """recipes/text-classification.yaml and llm-multiple-choice.yaml, copied next to files made as they say."""
+    import shutil
+    from pathlib import Path
+
+    from soupkit.eval import Evaluator
+
+    repo = Path(__file__).resolve().parents[2]
+    for kit, name, files in ((bert, "text-classification", {"heldout.jsonl": "heldout", "test.jsonl": "test"}),
+                             (gpt2, "llm-multiple-choice", {"heldout.jsonl": "heldout", "test.jsonl": "test",
+                                                            "wiki.jsonl": "text"})):
+        folder = tmp_path / name
+        shutil.copytree(kit.folder, folder / "base")
+        for target, key in files.items():
+            shutil.copy(kit.files[key], folder / target)
+        shutil.copy(repo / "recipes" / f"{name}.yaml", folder)
+        result = Evaluator.from_recipe(folder / f"{name}.yaml", device="cpu", use_cache=False)(kit.finetunes[0])
+        assert all(r.score is not None for r in result.datasets.values())
