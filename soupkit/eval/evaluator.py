@@ -150,8 +150,10 @@ class Evaluator:
             spec = self.recipe.datasets[name]
             adapter = registry.data.get(spec.kind)
             source = adapter.fn(**spec.params, context=DataContext(self.recipe.folder, self._built, spec.where))
+            tokens = self.cache.folder / "tokens" / f"{self._keys[name]}-{self.rank}of{self.world}.safetensors"
             self._data[name] = prepare(spec, source, self._built, self.device, self.rank, self.world,
-                                       self.recipe.num_workers, self.batch_size)
+                                       self.recipe.num_workers, self.batch_size,
+                                       tokens if self.use_cache and self._built.text is not None else None)
         return self._data[name]
 
     def require_class_scores(self, dataset: str, purpose: str) -> None:

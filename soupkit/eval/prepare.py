@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,9 +101,9 @@ def select(n: int, spec: DatasetSpec) -> torch.Tensor | None:
 
 
 def prepare(spec: DatasetSpec, source: Source, model: BuiltModel, device: torch.device, rank: int, world: int,
-            num_workers: int | None, batch_size: int) -> Any:
+            num_workers: int | None, batch_size: int, token_cache: Path | None = None) -> Any:
     """Turn ``source`` into this process's shard of ready tensors, stored on ``device`` if they fit: a
-    ``Prepared`` for images, a ``soupkit.eval.text.TextData`` for text."""
+    ``Prepared`` for images, a ``soupkit.eval.text.TextData`` for text (``token_cache``: see ``prepare_text``)."""
     if (source.text is None) != (model.text is None):
         given, wanted = ("text", "images") if source.text is not None else ("images", "text")
         kinds = "imagefolder, tensors, digits or python" if wanted == "images" else "jsonl, csv or hf_disk"
@@ -111,7 +112,7 @@ def prepare(spec: DatasetSpec, source: Source, model: BuiltModel, device: torch.
     if source.text is not None:
         from soupkit.eval.text import prepare_text
 
-        return prepare_text(spec, source.text, model.text, device, rank, world)
+        return prepare_text(spec, source.text, model.text, device, rank, world, token_cache)
     index = select(len(source), spec)
     total = len(source) if index is None else len(index)
     if total == 0:

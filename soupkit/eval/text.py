@@ -23,6 +23,7 @@ context. Over-long inputs are cut: multiple choice keeps the end (the choice), p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,13 +161,38 @@ class TextData:
                 yield x, x[:, 0, 1:].masked_fill(x[:, 1, 1:] == 0, -100)
 
 
-def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.device, rank: int, world: int
-                 ) -> TextData:
+def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.device, rank: int, world: int,
+                 token_cache: Path | None = None) -> TextData:
     """Tokenise this process's shard of ``records`` (``soupkit.eval.data.text.TextRecords``) for the model
-    described by ``info`` (``TextInfo``); one-line errors name the recipe field, or the file and line."""
-    from soupkit.eval.prepare import place, select
+    described by ``info`` (``TextInfo``); one-line errors name the recipe field, or the file and line.
+
+    ``token_cache``: a file (named by the score cache's dataset key, which covers the data file, the text keys,
+    the model folder's config and tokenizer files) holding this shard's tokens from an earlier run; written
+    when absent, so the next process (``soupkit eval`` after ``soupkit merge --method greedy``) skips
+    tokenising."""
+    from soupkit.eval.prepare import place
 
     mode = _mode(spec, records.fields, info.task)
+    cached = _read_tokens(token_cache) if token_cache is not None else None
+    if cached is None:
+        cached = _tokenise(spec, records, info, mode, rank, world)
+        if token_cache is not None:
+            _write_tokens(token_cache, cached)
+    packed, lengths, labels, total, start = cached
+    subset = None
+    if spec.class_subset is not None:
+        if mode != "classification":
+            raise RecipeError(f"{spec.where}.class_subset: applies to classifiers, not to a causal LM")
+        subset = torch.tensor(spec.class_subset, device=device)
+    return TextData(spec.name, place(packed, device), lengths,
+                    None if labels is None else labels.to(device), total, start, subset,
+                    "log_likelihood" if mode == "text" else "accuracy")
+
+
+def _tokenise(spec: DatasetSpec, records: Any, info: Any, mode: str, rank: int, world: int) -> tuple[Any, ...]:
+    """(packed, lengths, labels or None, total, start) of this process's shard."""
+    from soupkit.eval.prepare import select
+
     index = select(len(records), spec)
     total = len(records) if index is None else len(index)
     if total == 0:
@@ -180,14 +206,38 @@ def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.devic
         packed, lengths, labels = _multiple_choice(records, chosen, info, max_length)
     else:
         packed, lengths, labels = _plain_text(records, chosen, info, max_length)
-    subset = None
-    if spec.class_subset is not None:
-        if mode != "classification":
-            raise RecipeError(f"{spec.where}.class_subset: applies to classifiers, not to a causal LM")
-        subset = torch.tensor(spec.class_subset, device=device)
-    return TextData(spec.name, place(packed, device), lengths,
-                    None if labels is None else labels.to(device), total, start, subset,
-                    "log_likelihood" if mode == "text" else "accuracy")
+    return packed, lengths, labels, total, start
+
+
+def _read_tokens(path: Path) -> tuple[Any, ...] | None:
+    """A token-cache file's tensors, or None when absent or unreadable (then the data is tokenised again)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            labels = handle.get_tensor("labels") if "labels" in handle.keys() else None
+            return (handle.get_tensor("packed"), handle.get_tensor("lengths"), labels, int(meta["total"]),
+                    int(meta["start"]))
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _write_tokens(path: Path, tokens: tuple[Any, ...]) -> None:
+    import warnings
+
+    from soupkit.errors import SoupkitError
+    from soupkit.io import save_checkpoint
+
+    packed, lengths, labels, total, start = tokens
+    state = {"packed": packed, "lengths": lengths, **({"labels": labels} if labels is not None else {})}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(state, path, {"total": str(total), "start": str(start)}, force=True)
+    except (OSError, SoupkitError) as error:  # a read-only or full cache disk must not fail an evaluation
+        warnings.warn(f"token cache: cannot write {path}: {error}", stacklevel=3)
 
 
 def _mode(spec: DatasetSpec, fields: dict[str, str | None], task: str) -> str:

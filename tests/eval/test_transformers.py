@@ -203,6 +203,9 @@ def test_lm_greedy_learned_and_fisher(gpt2, tmp_path):
     text_ev = Evaluator.from_recipe(text_only, cache_dir=tmp_path)
     by_likelihood = greedy_soup(gpt2.finetunes, text_ev)  # selects on mean log-likelihood
     assert by_likelihood.score < 0 and math.isfinite(by_likelihood.score)
+    assert by_likelihood.score >= max(text_ev(p)["heldout"].score for p in gpt2.finetunes)
+    learned_text = learned_soup(gpt2.finetunes, text_ev, steps=2, lr=0.05)  # trains on the token NLL
+    assert learned_text.score < 0 and learned_text.extra["heldout_loss"] == pytest.approx(-learned_text.score)
     with pytest.raises(ParameterError, match="^Fisher information needs class or choice scores; dataset "
                                              "'heldout' .* is plain text scored by log-likelihood"):
         compute_fisher(gpt2.finetunes[0], text_ev)
@@ -322,3 +325,22 @@ def test_example_recipes_run_next_to_their_files(bert, gpt2, tmp_path):
         shutil.copy(repo / "recipes" / f"{name}.yaml", folder)
         result = Evaluator.from_recipe(folder / f"{name}.yaml", device="cpu", use_cache=False)(kit.finetunes[0])
         assert all(r.score is not None for r in result.datasets.values())
+
+
+def test_tokens_are_cached_for_the_next_process(bert, tmp_path, monkeypatch):
+    from soupkit.eval import Evaluator, text
+
+    first = Evaluator.from_recipe(classifier_recipe(bert), cache_dir=tmp_path)
+    expected = first(bert.finetunes[1])["clean"].correct_mask
+    assert len(list((tmp_path / "tokens").glob("*-0of1.safetensors"))) == 2
+
+    def refuse(*_args: object) -> None:
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(text, "_tokenise", refuse)
+    again = Evaluator.from_recipe(classifier_recipe(bert), cache_dir=tmp_path)
+    assert torch.equal(again(bert.finetunes[1], use_cache=False)["clean"].correct_mask, expected)
+    recipe = classifier_recipe(bert)
+    recipe["data"]["test"]["clean"]["max_length"] = 6  # a different dataset definition: a different key
+    with pytest.raises(AssertionError, match="tokenised again"):
+        Evaluator.from_recipe(recipe, cache_dir=tmp_path)(bert.finetunes[1], ["clean"])
