@@ -23,7 +23,16 @@ from soupkit.io import CheckpointSource, check_output_path, provenance_metadata,
 from soupkit.io.provenance import ingredient_record
 from soupkit.merging.engine import check_compatible
 from soupkit.soups.result import LearnedWeights, SoupResult
-from soupkit.soups.scoring import Judge, Steps, close_all, input_name, open_inputs, protected_files, read_tensors
+from soupkit.soups.scoring import (
+    Judge,
+    Steps,
+    close_all,
+    dataset_score,
+    input_name,
+    open_inputs,
+    protected_files,
+    read_tensors,
+)
 
 
 class InsufficientMemoryError(SoupkitError):
@@ -186,14 +195,14 @@ def learned_soup(
         result = SoupResult(
             method="learned", names=names, ingredients=list(range(count)),
             scores=[s.accuracy if s.valid else None for s in scores], history=history,
-            score=float(learned.score),
+            score=dataset_score(learned),
             rule={"by_layer": by_layer, "steps": steps, "lr": lr, "weight_decay": weight_decay,
                   "heldout": judge.heldout},
             stats={"seconds": time.perf_counter() - started, "memory_estimate_bytes": need,
                    "memory_free_bytes": free},
             extra={"weights": per_ingredient, "temperature": float(beta.detach()),
                    "heldout_loss": _loss(learned), "uniform_loss": _loss(uniform),
-                   "uniform_accuracy": float(uniform.score), "train_losses": losses},
+                   "uniform_accuracy": dataset_score(uniform), "train_losses": losses},
         )
         if out is not None:
             records = [ingredient_record(names[i], readers[i].path, readers[i].nbytes,

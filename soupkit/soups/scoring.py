@@ -122,16 +122,16 @@ class Judge:
         if self.is_evaluator:
             result = self.evaluator.evaluate(source, None if datasets is None else list(datasets),
                                              use_cache=use_cache)
-            return {name: _number(r) for name, r in result.datasets.items()}
+            return {name: dataset_score(r) for name, r in result.datasets.items()}
         state = source if isinstance(source, Mapping) else load_checkpoint(source)
         value = self.evaluator(state)
         if hasattr(value, "datasets"):
-            return {name: _number(r) for name, r in value.datasets.items()}
+            return {name: dataset_score(r) for name, r in value.datasets.items()}
         score = from_value(value, self.heldout)
         return {self.heldout: score.accuracy if score.accuracy is not None else math.nan}
 
 
-def _number(result: Any) -> float:
+def dataset_score(result: Any) -> float:
     """A dataset result's score (accuracy, or mean log-likelihood for a causal LM on plain text); NaN if none."""
     value = getattr(result, "score", result.accuracy)
     return math.nan if value is None else float(value)
