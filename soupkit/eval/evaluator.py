@@ -531,7 +531,7 @@ def _few(keys: list[str]) -> str:
 
 def _model_label(recipe: Recipe) -> str:
     params = recipe.model.params
-    return str(params.get("name") or params.get("factory") or "")
+    return str(params.get("name") or params.get("factory") or params.get("path") or "")
 
 
 class _Progress:

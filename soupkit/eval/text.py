@@ -22,6 +22,7 @@ context. Over-long inputs are cut: multiple choice keeps the end (the choice), p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ class TextData:
         return torch.cat(parts) if parts else order
 
     def batches(self, batch_size: int, order: torch.Tensor, device: torch.device
-                ) -> Any:
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(packed int64 batch cut to its longest example, labels or shifted target tokens) on ``device``."""
         for begin in range(0, self.n, batch_size):
             rows = order[begin:begin + batch_size]
