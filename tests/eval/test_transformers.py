@@ -231,6 +231,9 @@ def test_eval_report_shows_log_likelihood_and_perplexity(cli, gpt2, tmp_path):
     (lambda r: r["data"]["heldout"].update(prompt_field="q"),
      r"data.heldout.prompt_field: not used with a sequence-classification model"),
     (lambda r: r["model"].update(task="translation"), r"model.task: .*sequence-classification"),
+    (lambda r: r["data"]["heldout"].update(kind="csv", delimiter=";;"),
+     r"data.heldout.delimiter: expected one character, got ';;'"),
+    (lambda r: r["data"]["heldout"].update(max_length="long"), r"data.heldout.max_length: Input should be a valid"),
     (lambda r: r["data"]["heldout"].update(kind="hf_disk"),
      r"data.heldout.kind: hf_disk needs the 'datasets' package"),
     (lambda r: r["data"]["heldout"].update(kind="digits"),
@@ -348,3 +351,14 @@ def test_tokens_are_cached_for_the_next_process(bert, tmp_path, monkeypatch):
     recipe["data"]["test"]["clean"]["max_length"] = 6  # a different dataset definition: a different key
     with pytest.raises(AssertionError, match="tokenised again"):
         Evaluator.from_recipe(recipe, cache_dir=tmp_path)(bert.finetunes[1], ["clean"])
+
+
+def test_bf16_autocast_path(gpt2):
+    """precision bf16 (what ``auto`` picks on CUDA) runs the same code under autocast: choice scores and token
+    log-likelihoods are computed in float32 from the bf16 logits, so the results stay close to fp32."""
+    from soupkit.eval import Evaluator
+
+    fp32 = Evaluator.from_recipe(lm_recipe(gpt2), use_cache=False)(gpt2.finetunes[2])
+    bf16 = Evaluator.from_recipe(lm_recipe(gpt2, precision="bf16"), use_cache=False)(gpt2.finetunes[2])
+    assert abs(bf16["heldout"].correct - fp32["heldout"].correct) <= 2
+    assert bf16["text"].score == pytest.approx(fp32["text"].score, abs=0.05)

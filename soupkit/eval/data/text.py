@@ -91,6 +91,8 @@ def csv_file(path: Path, text_field: str | None = None, text_pair_field: str | N
     import io
 
     where = getattr(context, "where", "data")
+    if len(delimiter) != 1:
+        raise RecipeError(f"{where}.delimiter: expected one character, got {delimiter!r}")
     reader = csv.reader(io.StringIO(_read_text(path, where), newline=""), delimiter=delimiter)
     try:
         header = next(reader)
