@@ -184,6 +184,9 @@ def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.devic
     if spec.class_subset is not None:
         if mode != "classification":
             raise RecipeError(f"{spec.where}.class_subset: applies to classifiers, not to a causal LM")
+        if len(labels) and int(labels.max()) >= len(spec.class_subset):
+            raise RecipeError(f"{spec.where}.class_subset: lists {len(spec.class_subset)} classes but a label is "
+                              f"{int(labels.max())}")
         subset = torch.tensor(spec.class_subset, device=device)
     return TextData(spec.name, place(packed, device), lengths,
                     None if labels is None else labels.to(device), total, start, subset,
@@ -241,17 +244,23 @@ def _write_tokens(path: Path, tokens: tuple[Any, ...]) -> None:
         warnings.warn(f"token cache: cannot write {path}: {error}", stacklevel=3)
 
 
+#: per scoring mode: the fields it needs and those it may also take
+_FIELDS = {"classification": (("text_field", "label_field"), ("text_pair_field",)),
+           "choice": (("prompt_field", "choices_field", "answer_field"), ()),
+           "text": (("text_field",), ())}
+
+
 def _mode(spec: DatasetSpec, fields: dict[str, str | None], task: str) -> str:
     """classification | choice | text, from the model's task and the fields the dataset names."""
     given = sorted(k for k, v in fields.items() if v is not None)
     if task == "sequence-classification":
-        need, allowed, mode = ("text_field", "label_field"), {"text_field", "text_pair_field", "label_field"}, \
-            "classification"
-    elif fields.get("prompt_field") or fields.get("choices_field") or fields.get("answer_field"):
-        need, allowed, mode = ("prompt_field", "choices_field", "answer_field"), \
-            {"prompt_field", "choices_field", "answer_field"}, "choice"
+        mode = "classification"
+    elif any(fields.get(k) for k in _FIELDS["choice"][0]):
+        mode = "choice"
     else:
-        need, allowed, mode = ("text_field",), {"text_field"}, "text"
+        mode = "text"
+    need, optional = _FIELDS[mode]
+    allowed = {*need, *optional}
     missing = [k for k in need if fields.get(k) is None]
     if missing:
         usage = ("text_field and label_field (text_pair_field optional)" if task == "sequence-classification"
