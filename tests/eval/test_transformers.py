@@ -362,3 +362,30 @@ def test_bf16_autocast_path(gpt2):
     bf16 = Evaluator.from_recipe(lm_recipe(gpt2, precision="bf16"), use_cache=False)(gpt2.finetunes[2])
     assert abs(bf16["heldout"].correct - fp32["heldout"].correct) <= 2
     assert bf16["text"].score == pytest.approx(fp32["text"].score, abs=0.05)
+
+
+def test_decoder_classifier_pools_the_last_real_token(gpt2, tmp_path):
+    """A GPT-2 sequence classifier pools the last non-pad token (found by config.pad_token_id): padded,
+    length-bucketed batches give the unpadded batch-1 predictions."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from soupkit.eval import Evaluator
+    from tests.eval.text_models import NUMBERS, write_jsonl
+
+    rng = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(NUMBERS[int(s):int(s) + int(n)]), "label": int(s) % 2}
+            for s, n in zip(torch.randint(0, 6, (24,), generator=rng), torch.randint(1, 7, (24,), generator=rng))]
+    recipe = classifier_recipe(gpt2)
+    recipe["model"]["path"] = str(gpt2.folder)
+    recipe["data"] = {"heldout": {"kind": "jsonl", "path": str(write_jsonl(tmp_path / "d.jsonl", rows)),
+                                  "text_field": "text", "label_field": "label"}}
+    ev = Evaluator.from_recipe(recipe, use_cache=False)
+    torch.manual_seed(3)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ev.model.state_dict().items()}
+    got = ev(state)["heldout"].correct_mask.tolist()
+    model = AutoModelForSequenceClassification.from_pretrained(gpt2.folder, local_files_only=True).eval()
+    model.load_state_dict(state, strict=False)
+    tok = AutoTokenizer.from_pretrained(gpt2.folder, local_files_only=True)
+    with torch.no_grad():
+        expected = [int(model(**tok(r["text"], return_tensors="pt")).logits.argmax(-1)) == r["label"] for r in rows]
+    assert got == expected and 0 < sum(got) < len(rows)

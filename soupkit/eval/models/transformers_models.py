@@ -34,7 +34,6 @@ from soupkit.errors import RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter
 
-TASKS = ("sequence-classification", "causal-lm")
 #: files of a model folder whose bytes define the architecture and the tokenisation (part of the score-cache key)
 _DEFINING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
@@ -74,18 +73,21 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
                           "and tokenizer files, e.g. written by save_pretrained)")
     import transformers
 
-    transformers.logging.set_verbosity_error()  # building from a config is expected to leave weights random
     config = _load_local(transformers.AutoConfig, path, f"{where}.path", "config")
     tokenizer = _load_local(transformers.AutoTokenizer, path, f"{where}.path", "tokenizer")
     auto = (transformers.AutoModelForSequenceClassification if task == "sequence-classification"
             else transformers.AutoModelForCausalLM)
     pad_id = _pad_id(tokenizer, config, task, where)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # random weights from a config are expected, not news
     try:
         model = auto.from_config(config)
     except ValueError as error:
         first = str(error).strip().splitlines()[0]
         raise RecipeError(f"{where}.task: {config.model_type} has no {task} head in transformers ({first})"
                           ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     info = TextInfo(task, tokenizer, config, _max_length(tokenizer, config), pad_id)
     if task == "sequence-classification":
         info.num_labels = int(config.num_labels)
@@ -106,12 +108,11 @@ def _load_local(auto: Any, path: Path, where: str, what: str) -> Any:
 
 def _pad_id(tokenizer: Any, config: Any, task: str, where: str) -> int:
     """The id padding positions hold. Sequence classifiers that pool the last non-pad token (GPT-2, Llama) find
-    it by ``config.pad_token_id``, so it must be the padding id."""
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = tokenizer.eos_token_id
+    it by ``config.pad_token_id``, so for them that id comes first (and is set when missing)."""
+    candidates = [tokenizer.pad_token_id, getattr(config, "pad_token_id", None), tokenizer.eos_token_id]
+    if task == "sequence-classification":
+        candidates.insert(0, getattr(config, "pad_token_id", None))
+    pad = next((c for c in candidates if c is not None), None)
     if pad is None:
         if task == "sequence-classification":
             raise RecipeError(f"{where}.path: the tokenizer has no pad token and config.json no pad_token_id; "
