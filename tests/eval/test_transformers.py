@@ -389,3 +389,24 @@ def test_decoder_classifier_pools_the_last_real_token(gpt2, tmp_path):
     with torch.no_grad():
         expected = [int(model(**tok(r["text"], return_tensors="pt")).logits.argmax(-1)) == r["label"] for r in rows]
     assert got == expected and 0 < sum(got) < len(rows)
+
+
+def test_cli_errors_are_one_line_with_no_output(cli, bert, gpt2, tmp_path):
+    from tests.conftest import snapshot
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good film", "label": "pos"}\n{"text": "bad", "label": 7}\n')
+    recipe = classifier_recipe(bert)
+    recipe["data"]["heldout"]["path"] = str(bad)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(classifier_recipe(bert)))
+    before = snapshot(gpt2.finetunes[0].parent)
+    cases = [(("eval", bert.finetunes[0], "--eval", tmp_path / "r.yaml"),
+              f"{bad}:2: label 7 in 'label' is outside the model's 2 classes"),
+             (("merge", "--method", "greedy", *gpt2.finetunes[:2], "--eval", tmp_path / "good.yaml",
+               "-o", tmp_path / "soup.safetensors"), "does not fit the recipe's model (transformers "
+                                                     f"{bert.folder}): missing")]
+    for args, message in cases:
+        out = cli(*args)
+        assert out.code == 2 and out.err.count("\n") == 1 and message in out.err, out.err
+    assert not (tmp_path / "soup.safetensors").exists() and snapshot(gpt2.finetunes[0].parent) == before
