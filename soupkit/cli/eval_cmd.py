@@ -17,6 +17,7 @@ from soupkit.options import OutputOptions
              "  soupkit eval finetuned_*.safetensors --eval digits\n\n"
              "  soupkit eval zs.safetensors soup.safetensors --eval recipes/clip-vit-b32-imagenet.yaml "
              "--json scores.json --csv scores.csv\n\n"
+             "  soupkit eval ft/* soup.safetensors --eval llm-multiple-choice.yaml   (transformers checkpoints)\n\n"
              "  torchrun --nproc-per-node 4 -m soupkit eval soup.safetensors --eval my_recipe.yaml")
 def eval_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to score (.safetensors, .pt, sharded "
@@ -36,8 +37,8 @@ def eval_command(
     cache_dir: CacheDir = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; no table.")] = False,
 ) -> None:
-    """Score checkpoints on a recipe's held-out and test sets: a table of accuracy per dataset, plus the mean
-    over distribution shifts."""
+    """Score checkpoints on a recipe's held-out and test sets: a table of accuracy per dataset (mean per-token
+    log-likelihood and perplexity for plain text under a causal LM), plus the mean over distribution shifts."""
     require_files(*checkpoints)
     from soupkit.eval.report import evaluate_checkpoints
 

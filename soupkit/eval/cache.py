@@ -2,8 +2,9 @@
 
 Location: ``cache_dir`` argument, else ``$SOUPKIT_CACHE_DIR``, else ``~/.cache/soupkit/scores``. Each entry is
 written to a temporary file and renamed into place, so an interrupted run leaves either the old state or a
-complete entry. Entries hold the counts, the mean loss and the per-example correctness mask (bit-packed); an
-unreadable entry is treated as a miss. Nothing is unpickled.
+complete entry. Entries hold the counts, the mean loss and the per-example correctness mask (bit-packed), or
+for log-likelihood datasets the token count and per-example values (float32); an unreadable entry is a miss.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -67,9 +68,15 @@ class ScoreCache:
             if entry.get("checkpoint") != checkpoint or entry.get("dataset_key") != dataset_key:
                 return None
             n = int(entry["n"])
-            bits = base64.b64decode(entry["mask"])
             import numpy as np
 
+            if entry.get("metric") == "log_likelihood":
+                values = np.frombuffer(base64.b64decode(entry["values"]), dtype="<f4")
+                if len(values) != n:
+                    return None
+                entry["values"] = torch.from_numpy(values.copy())
+                return entry
+            bits = base64.b64decode(entry["mask"])
             mask = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool)
             entry["correct_mask"] = torch.from_numpy(mask)
             if int(entry["correct_mask"].sum()) != int(entry["correct"]):
@@ -78,13 +85,21 @@ class ScoreCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def put(self, checkpoint: str, dataset_key: str, *, correct: int, n: int, loss: float | None,
-            mask: torch.Tensor, seconds: float, dataset: str) -> None:
+    def put(self, checkpoint: str, dataset_key: str, *, correct: int | None, n: int, loss: float | None,
+            mask: torch.Tensor | None, seconds: float, dataset: str, values: torch.Tensor | None = None,
+            tokens: int | None = None) -> None:
+        """Store a score: ``correct`` + ``mask`` (accuracy), or ``values`` + ``tokens`` (log-likelihood)."""
         import numpy as np
 
-        packed = np.packbits(mask.to(torch.bool).cpu().numpy())
-        entry = {"checkpoint": checkpoint, "dataset_key": dataset_key, "dataset": dataset, "correct": int(correct),
-                 "n": int(n), "loss": loss, "seconds": seconds, "mask": base64.b64encode(packed.tobytes()).decode()}
+        entry: dict[str, Any] = {"checkpoint": checkpoint, "dataset_key": dataset_key, "dataset": dataset,
+                                 "n": int(n), "loss": loss, "seconds": seconds}
+        if values is not None:
+            raw = values.to("cpu", torch.float32).numpy().astype("<f4").tobytes()
+            entry.update(metric="log_likelihood", tokens=tokens, values=base64.b64encode(raw).decode())
+        else:
+            assert mask is not None and correct is not None
+            packed = np.packbits(mask.to(torch.bool).cpu().numpy())
+            entry.update(correct=int(correct), mask=base64.b64encode(packed.tobytes()).decode())
         path = self._path(checkpoint, dataset_key)
         try:
             atomic_write_text(path, json.dumps(entry))

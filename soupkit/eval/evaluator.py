@@ -7,6 +7,11 @@ transform allows, normalised on the device per batch) that every later evaluatio
 by content skips checkpoints already scored; ``need_correct`` stops a hopeless greedy-soup candidate early,
 exactly.
 
+Text models (``kind: transformers``) go through the same machinery: a dataset is tokenised once into packed
+integer tensors and batched by length (``soupkit.eval.text``); multiple-choice and classification sets are
+scored by accuracy like images, plain text by mean per-token log-likelihood (per-example values instead of a
+correctness mask; no early stop; see ``soupkit.eval.result``).
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every process scores its contiguous shard of each dataset and the counts,
 losses and per-example masks are combined, so results equal a single process's. The process group is created
 on first use (gloo on the CPU, nccl on CUDA).
@@ -104,7 +109,8 @@ class Evaluator:
         self._built = built
         self.model: torch.nn.Module = model
         self._keys = {name: recipe.dataset_key(name, precision=precision, device_type=self.device.type,
-                                               memory_format=self.memory_format)
+                                               memory_format=self.memory_format,
+                                               model_fingerprint=built.fingerprint)
                       for name in recipe.datasets}
 
     @classmethod
@@ -144,21 +150,40 @@ class Evaluator:
             spec = self.recipe.datasets[name]
             adapter = registry.data.get(spec.kind)
             source = adapter.fn(**spec.params, context=DataContext(self.recipe.folder, self._built, spec.where))
+            tokens = self.cache.folder / "tokens" / f"{self._keys[name]}-{self.rank}of{self.world}.safetensors"
             self._data[name] = prepare(spec, source, self._built, self.device, self.rank, self.world,
-                                       self.recipe.num_workers, self.batch_size)
+                                       self.recipe.num_workers, self.batch_size,
+                                       tokens if self.use_cache and self._built.text is not None else None)
         return self._data[name]
+
+    def require_class_scores(self, dataset: str, purpose: str) -> None:
+        """Refuse ``purpose`` (e.g. Fisher information, which samples labels from class scores) on a dataset
+        scored by log-likelihood."""
+        if self._prepared(dataset).metric != "accuracy":
+            raise ParameterError(f"{purpose} needs class or choice scores; dataset {dataset!r} of "
+                                 f"{self.recipe.source} is plain text scored by log-likelihood (give it "
+                                 "prompt_field, choices_field and answer_field instead)")
 
     def num_examples(self, dataset: str) -> int:
         """Examples in ``dataset`` (over all processes)."""
         return self._prepared(dataset).total
 
     def batches(self, dataset: str, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) on the device, preprocessed and ready for ``ev.model``, in dataset order (this
-        process's shard under torchrun). For learned soups, Fisher information and BatchNorm recalibration."""
-        yield from self._batches(self._prepared(dataset), batch_size or self.batch_size)
+        """(inputs, labels) on the device, preprocessed and ready for ``ev.model``, in dataset order (this
+        process's shard under torchrun). For learned soups, Fisher information and BatchNorm recalibration.
+        Text: packed token batches in length order, labels (or, for plain text, the target tokens, -100 where
+        not scored) such that ``cross_entropy(ev.model(x), y)`` is the training loss."""
+        data = self._prepared(dataset)
+        size = batch_size or self.batch_size
+        yield from self._batches(data, size, data.order_for(size, None))
 
     def _batches(self, data: Any, batch_size: int, order: torch.Tensor | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from soupkit.eval.text import TextData
+
+        if isinstance(data, TextData):
+            yield from data.batches(batch_size, order, self.device)
+            return
         for start in range(0, data.n, batch_size):
             rows: slice | torch.Tensor = slice(start, start + batch_size)
             if order is not None:
@@ -210,8 +235,9 @@ class Evaluator:
 
     def _targets(self, shapes: Mapping[str, tuple[int, ...]], name: str) -> dict[str, torch.Tensor]:
         targets = self.model.state_dict()
+        aliases = getattr(self.model, "aliases", {})  # tied copies (lm_head.weight): optional, never loaded twice
         missing = [k for k in targets if k not in shapes]
-        unexpected = [k for k in shapes if k not in targets]
+        unexpected = [k for k in shapes if k not in targets and k not in aliases]
         wrong = [k for k in targets if k in shapes and tuple(targets[k].shape) != shapes[k]]
         if missing or unexpected or wrong:
             parts = []
@@ -228,6 +254,9 @@ class Evaluator:
         return targets
 
     def _load_source(self, source: Any, label: str) -> None:
+        """The one place a checkpoint to score becomes the model's weights: a state dict, a reader, or a path
+        (a file, a sharded index, an HF folder) opened by ``soupkit.io.open_checkpoint``. Other checkpoint
+        forms (e.g. LoRA adapters resolved against the base) belong here."""
         from soupkit.io import CheckpointReader, open_checkpoint
 
         if isinstance(source, Mapping):
@@ -265,6 +294,9 @@ class Evaluator:
             self._check_name(name)
         if need_correct is not None and len(names) != 1:
             raise ParameterError(f"need_correct applies to exactly one dataset, got {len(names)}")
+        if need_correct is not None and self._prepared(names[0]).metric != "accuracy":
+            raise ParameterError(f"need_correct applies to accuracy datasets; {names[0]!r} is scored by "
+                                 "log-likelihood")
         if order is not None:
             if need_correct is None:
                 raise ParameterError("order applies only to early-stopping evaluations (with need_correct)")
@@ -293,9 +325,7 @@ class Evaluator:
                 hits = {n: hits[n] if ok else None for n, ok in zip(names, agreed)}
             for name, entry in hits.items():
                 if entry is not None:
-                    results[name] = DatasetResult(name, int(entry["correct"]), int(entry["n"]),
-                                                  entry["correct_mask"], entry.get("loss"), 0.0, False,
-                                                  int(entry["n"]), cached=True)
+                    results[name] = _cached(name, entry)
         todo = [n for n in names if n not in results]
         if todo:
             bar = _Progress(progress, label)
@@ -312,7 +342,7 @@ class Evaluator:
                     if fingerprint is not None and not result.stopped_early and self.rank == 0:
                         self.cache.put(fingerprint, self._keys[name], correct=result.correct, n=result.n,
                                        loss=result.loss, mask=result.correct_mask, seconds=result.seconds,
-                                       dataset=name)
+                                       dataset=name, values=result.values, tokens=result.tokens)
             finally:
                 bar.close()
         return EvalResult({n: results[n] for n in names}, time.perf_counter() - started, label, fingerprint)
@@ -327,12 +357,15 @@ class Evaluator:
         started = time.perf_counter()
         data = self._prepared(name)
         total = data.total
+        if data.metric == "log_likelihood":
+            return self._score_likelihood(name, data, bar, started)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         masks: list[torch.Tensor] = []
         seen, stopped = 0, False
         with torch.inference_mode(), self._autocast():
             batch_size = self.batch_size if need_correct is None else min(self.batch_size, self.early_stop_batch)
+            order = data.order_for(batch_size, order)  # text: bucketed by length
             for images, labels in self._batches(data, batch_size, order):
                 if need_correct is not None and int(correct) + (total - seen) < need_correct:
                     stopped = True
@@ -347,19 +380,41 @@ class Evaluator:
                 seen += len(labels)
                 bar.advance()
         mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=self.device)
-        if order is not None and not stopped:  # back to dataset order
-            ordered = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
-            ordered[order[: len(mask)].to(mask.device)] = mask
-            mask = ordered
+        if order is not None and not stopped:
+            mask = _dataset_order(mask, order)
         if need_correct is not None and not stopped and seen < total and int(correct) + (total - seen) < need_correct:
             stopped = True
         if self.world > 1:
-            correct, loss, mask = self._combine(data, correct, loss, mask)
+            (correct, loss), (mask,) = self._combine(data, [correct, loss], [mask])
+            correct = correct.round().long()
             seen = total
         count = int(correct)
         mean_loss = float(loss) / seen if seen else None
         return DatasetResult(name, count, total, mask.to("cpu", torch.bool), mean_loss,
                              time.perf_counter() - started, stopped, seen)
+
+    def _score_likelihood(self, name: str, data: Any, bar: Any, started: float) -> DatasetResult:
+        """Plain text under a causal LM: summed token log-likelihoods, and each example's mean (dataset order)."""
+        from soupkit.eval.text import token_nll
+
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        values: list[torch.Tensor] = []
+        order = data.order_for(self.batch_size, None)
+        with torch.inference_mode(), self._autocast():
+            for x, targets in self._batches(data, self.batch_size, order):
+                summed, count = token_nll(self._logits(x), targets)
+                nll += summed.sum().double()
+                tokens += count.sum()
+                values.append(-summed / count.clamp(min=1))
+                bar.advance()
+        per_example = _dataset_order(torch.cat(values), order)
+        if self.world > 1:
+            (nll, tokens), (per_example,) = self._combine(data, [nll, tokens], [per_example])
+        count = round(float(tokens))
+        return DatasetResult(name, None, data.total, None, float(nll) / max(count, 1),
+                             time.perf_counter() - started, False, data.total, metric="log_likelihood",
+                             values=per_example.to("cpu", torch.float32), tokens=count)
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         """The model's logits, in chunks that fit: on CUDA out-of-memory the chunk size halves and is kept."""
@@ -402,25 +457,46 @@ class Evaluator:
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _combine(self, data: Any, correct: torch.Tensor, loss: torch.Tensor, mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sum counts and losses over processes; gather the per-example masks back into dataset order."""
+    def _combine(self, data: Any, sums: list[torch.Tensor], per_example: list[torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Sum ``sums`` over processes (as float64); gather each per-example tensor (this shard's, in dataset
+        order) back into the whole dataset's order."""
         import torch.distributed as dist
 
         device = self._collective_device()
-        sums = torch.stack([correct.double(), loss]).to(device)
-        dist.all_reduce(sums)
+        totals = torch.stack([t.double() for t in sums]).to(device)
+        dist.all_reduce(totals)
         sizes = [data.total * (r + 1) // self.world - data.total * r // self.world for r in range(self.world)]
-        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
-        padded[: len(mask)] = mask.to(device, torch.uint8)
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded)
-        full = torch.cat([g[:size] for g, size in zip(gathered, sizes)]).bool()
-        return sums[0].round().long(), sums[1], full
+        gathered_all = []
+        for values in per_example:
+            wire = torch.float32 if values.is_floating_point() else torch.uint8
+            padded = torch.zeros(max(sizes), dtype=wire, device=device)
+            padded[: len(values)] = values.to(device, wire)
+            gathered = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(gathered, padded)
+            full = torch.cat([g[:size] for g, size in zip(gathered, sizes)])
+            gathered_all.append(full if values.is_floating_point() else full.bool())
+        return list(totals), gathered_all
 
     def __repr__(self) -> str:
         return (f"Evaluator({self.recipe.source!r}, model={self.recipe.model.kind}:{_model_label(self.recipe)}, "
                 f"datasets={self.dataset_names}, device={self.device}, precision={self.precision})")
+
+
+def _dataset_order(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per-example values computed in ``order`` put back in dataset order."""
+    out = torch.empty_like(values)
+    out[order[: len(values)].to(values.device)] = values
+    return out
+
+
+def _cached(name: str, entry: Mapping[str, Any]) -> DatasetResult:
+    n = int(entry["n"])
+    if entry.get("metric") == "log_likelihood":
+        return DatasetResult(name, None, n, None, entry.get("loss"), 0.0, False, n, cached=True,
+                             metric="log_likelihood", values=entry["values"], tokens=entry.get("tokens"))
+    return DatasetResult(name, int(entry["correct"]), n, entry["correct_mask"], entry.get("loss"), 0.0, False, n,
+                         cached=True)
 
 
 def _destroy_process_group() -> None:
@@ -471,7 +547,7 @@ def _few(keys: list[str]) -> str:
 
 def _model_label(recipe: Recipe) -> str:
     params = recipe.model.params
-    return str(params.get("name") or params.get("factory") or "")
+    return str(params.get("name") or params.get("factory") or params.get("path") or "")
 
 
 class _Progress:

@@ -3,12 +3,14 @@
 The model's evaluation transform is split at its ``ToTensor``: the PIL part (resize, crop, mode conversion) runs
 once per image while decoding and yields uint8 pixels (4x smaller than float); the ``Normalize`` after it runs on
 the device, per batch. Transforms that do more after ``ToTensor`` are applied whole, and stored as float.
+Text records (for ``kind: transformers`` models) are tokenised once instead, by ``soupkit.eval.text``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +33,15 @@ class Prepared:
     mean: torch.Tensor | None  # (1, C, 1, 1) on the device, for uint8 images
     std: torch.Tensor | None
     class_subset: torch.Tensor | None  # logit columns, on the device
+    metric: str = "accuracy"
 
     @property
     def n(self) -> int:
         return len(self.labels)
+
+    def order_for(self, batch_size: int, order: torch.Tensor | None) -> torch.Tensor | None:
+        """The example order batches take: dataset order (None) unless one is given."""
+        return order
 
 
 def split_transform(transform: Any) -> tuple[list[Any], tuple[float, ...] | None, tuple[float, ...] | None] | None:
@@ -94,8 +101,18 @@ def select(n: int, spec: DatasetSpec) -> torch.Tensor | None:
 
 
 def prepare(spec: DatasetSpec, source: Source, model: BuiltModel, device: torch.device, rank: int, world: int,
-            num_workers: int | None, batch_size: int) -> Prepared:
-    """Turn ``source`` into this process's shard of ready tensors, stored on ``device`` if they fit."""
+            num_workers: int | None, batch_size: int, token_cache: Path | None = None) -> Any:
+    """Turn ``source`` into this process's shard of ready tensors, stored on ``device`` if they fit: a
+    ``Prepared`` for images, a ``soupkit.eval.text.TextData`` for text (``token_cache``: see ``prepare_text``)."""
+    if (source.text is None) != (model.text is None):
+        given, wanted = ("text", "images") if source.text is not None else ("images", "text")
+        kinds = "imagefolder, tensors, digits or python" if wanted == "images" else "jsonl, csv or hf_disk"
+        raise RecipeError(f"{spec.where}.kind: {spec.kind} gives {given} but the recipe's model takes {wanted} "
+                          f"(use kind {kinds})")
+    if source.text is not None:
+        from soupkit.eval.text import prepare_text
+
+        return prepare_text(spec, source.text, model.text, device, rank, world, token_cache)
     index = select(len(source), spec)
     total = len(source) if index is None else len(index)
     if total == 0:
@@ -114,7 +131,7 @@ def prepare(spec: DatasetSpec, source: Source, model: BuiltModel, device: torch.
     if spec.class_subset is not None and len(labels) and int(labels.max()) >= len(spec.class_subset):
         raise RecipeError(f"{spec.where}.class_subset: lists {len(spec.class_subset)} classes but a label is "
                           f"{int(labels.max())}")
-    stored = _place(images, device)
+    stored = place(images, device)
     as_tensor = (lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1))  # noqa: E731
     subset = None if spec.class_subset is None else torch.tensor(spec.class_subset, device=device)
     return Prepared(spec.name, stored, labels.to(device), total, start,
@@ -161,7 +178,7 @@ def _default_transform(spec: DatasetSpec, model: BuiltModel) -> Any:
     return transforms.Compose(steps)
 
 
-def _place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """On a GPU: on the device when the set takes under a third of its free memory, else pinned host memory
     (the batches then copy asynchronously). On the CPU: contiguous host memory."""
     if device.type == "cuda":

@@ -1,7 +1,7 @@
 """Evaluation recipes: one YAML file says which model to build and which data to score it on.
 
 ```yaml
-model: {kind: timm, name: resnet18, num_classes: 10}      # or open_clip / python (see soupkit.eval.models)
+model: {kind: timm, name: resnet18, num_classes: 10}      # or open_clip / python / transformers
 data:
   heldout: {kind: digits, split: heldout}                  # always named "heldout": what soups select on
   test:                                                    # in recipe order; the FIRST is in-distribution,
@@ -12,6 +12,9 @@ device: auto          # auto | cpu | cuda | cuda:1
 precision: auto       # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
 memory_format: auto   # auto (channels_last on CUDA, and for convnets on CPU) | channels_last | contiguous
 ```
+
+Text models (``kind: transformers``, with ``task: sequence-classification`` or ``causal-lm``) take text data
+(``kind: jsonl``, ``csv``, ``hf_disk``; see ``soupkit.eval.data.text``).
 
 Every dataset also takes these keys, handled by the evaluator whatever the kind: ``class_subset`` (class ids,
 or a file of them, one per line, for sets labelled with a subset of the model's classes, ImageNet-R/A style:
@@ -98,10 +101,12 @@ class Recipe:
     def shift_names(self) -> list[str]:
         return [n for n, s in self.datasets.items() if s.role == "shift"]
 
-    def dataset_key(self, name: str, *, precision: str, device_type: str, memory_format: str = "contiguous") -> str:
+    def dataset_key(self, name: str, *, precision: str, device_type: str, memory_format: str = "contiguous",
+                    model_fingerprint: str | None = None) -> str:
         """What a cached score of ``name`` depends on besides the checkpoint: the model's architecture, the
-        dataset definition (and the size/mtime of its files), the numeric precision, the device type and the
-        memory format (channels_last convolutions may round differently)."""
+        dataset definition (and the size/mtime of its files), the numeric precision, the device type, the
+        memory format (channels_last convolutions may round differently) and ``model_fingerprint``, the content
+        of files the model adapter read (a transformers folder's config and tokenizer)."""
         spec = self.datasets[name]
         payload = {
             "schema": CACHE_SCHEMA,
@@ -112,6 +117,8 @@ class Recipe:
             "device": device_type,
             "memory_format": memory_format,
         }
+        if model_fingerprint is not None:  # absent for image models: their existing cache entries stay valid
+            payload["model_files"] = model_fingerprint
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 

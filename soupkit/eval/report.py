@@ -1,5 +1,7 @@
 """Scoring several checkpoints with one evaluator, and the report of it: a rich table (checkpoints x datasets,
-plus the mean over the shift sets), JSON and CSV. ``soupkit eval`` is ``evaluate_checkpoints`` + this report."""
+plus the mean over the shift sets), JSON and CSV. Cells hold each dataset's score: accuracy (in percent in the
+table), or for plain text under a causal LM the mean per-token log-likelihood (with the perplexity beside it).
+``soupkit eval`` is ``evaluate_checkpoints`` + this report."""
 
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ class EvalReport:
     name: str | None = None  # the recipe's own name (its ``name:``), for the title
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per checkpoint: accuracy per dataset and the mean over shift sets (None where missing)."""
+        """One dict per checkpoint: the score per dataset (accuracy, or mean per-token log-likelihood) and the mean
+        over shift sets (None where missing)."""
         out = []
         for result in self.results:
             row: dict[str, Any] = {"checkpoint": result.checkpoint}
             for name in self.dataset_names:
-                row[name] = result.datasets[name].accuracy if name in result.datasets else None
+                row[name] = result.datasets[name].score if name in result.datasets else None
             if self.shift_names:
                 row[MEAN_SHIFT] = result.mean_accuracy(self.shift_names)
             out.append(row)
@@ -58,10 +61,13 @@ class EvalReport:
         return buffer.getvalue()
 
     def table(self) -> Any:
-        """A rich table: accuracy in percent per dataset (shift sets in italics) and their mean."""
+        """A rich table: accuracy in percent per dataset (shift sets in italics) and their mean; log-likelihood
+        sets show the mean per-token log-likelihood and the perplexity."""
         from rich.table import Table
 
-        table = Table(title=f"{self.name or Path(self.recipe).stem}  ({self.device}, {self.precision}), accuracy %",
+        likelihood = {n for r in self.results for n, d in r.datasets.items() if d.metric == "log_likelihood"}
+        unit = "accuracy %" + (", log-likelihood per token (perplexity)" if likelihood else "")
+        table = Table(title=f"{self.name or Path(self.recipe).stem}  ({self.device}, {self.precision}), {unit}",
                       title_justify="left")
         labels, _, _ = common_parts([str(r.checkpoint) for r in self.results])
         table.add_column("checkpoint")
@@ -70,10 +76,11 @@ class EvalReport:
                              header_style="italic" if name in self.shift_names else None)
         if self.shift_names:
             table.add_column(MEAN_SHIFT, justify="right", style="bold", no_wrap=True)
-        for label, row in zip(labels, self.rows()):
-            cells = [name_cell(label), *(_pct(row[name]) for name in self.dataset_names)]
+        for label, row, result in zip(labels, self.rows(), self.results):
+            cells = [name_cell(label), *(_cell(result.datasets.get(name), row[name]) for name in self.dataset_names)]
             if self.shift_names:
-                cells.append(_pct(row[MEAN_SHIFT]))
+                shifts_likelihood = all(n in likelihood for n in self.shift_names)
+                cells.append(_likelihood(row[MEAN_SHIFT]) if shifts_likelihood else _pct(row[MEAN_SHIFT]))
             table.add_row(*cells)
         return table
 
@@ -98,6 +105,18 @@ class EvalReport:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _likelihood(value: float | None) -> str:
+    import math
+
+    return "-" if value is None else f"{value:.4f} ({math.exp(-value) if value > -700 else math.inf:.2f})"
+
+
+def _cell(result: Any, value: float | None) -> str:
+    if result is not None and result.metric == "log_likelihood":
+        return _likelihood(value)
+    return _pct(value)
 
 
 def _check_output(path: Path, option: str) -> None:

@@ -1,4 +1,14 @@
-"""What an evaluation returns: per-dataset counts, per-example correctness and loss."""
+"""What an evaluation returns: per-dataset counts, per-example correctness and loss.
+
+Two kinds of dataset score, both "higher is better" in ``DatasetResult.score``:
+
+- ``metric == "accuracy"`` (classifiers, multiple choice): ``correct`` / ``n``, a per-example ``correct_mask``,
+  and the mean cross-entropy as ``loss``. Exact early stop (``need_correct``) applies to these only.
+- ``metric == "log_likelihood"`` (a causal LM on plain text): the mean per-token log-likelihood over all scored
+  tokens (``score``; ``perplexity`` = exp(-score)), per-example values (each example's mean per-token
+  log-likelihood) instead of a correctness mask, ``correct`` / ``correct_mask`` None and ``accuracy`` None.
+  ``loss`` is the mean per-token negative log-likelihood (= -score).
+"""
 
 from __future__ import annotations
 
@@ -16,18 +26,21 @@ class DatasetResult:
     covers just those."""
 
     name: str
-    correct: int
+    correct: int | None  # None for log-likelihood datasets
     n: int
-    correct_mask: torch.Tensor  # bool, CPU, one per example in dataset order
-    loss: float | None = None  # mean cross-entropy over the examples seen
+    correct_mask: torch.Tensor | None  # bool, CPU, one per example in dataset order (None: log-likelihood)
+    loss: float | None = None  # mean cross-entropy over the examples seen (per token for log-likelihood)
     seconds: float = 0.0
     stopped_early: bool = False
     examples_seen: int = 0
     cached: bool = False
+    metric: str = "accuracy"  # or "log_likelihood"
+    values: torch.Tensor | None = None  # log-likelihood: float, CPU, each example's mean per-token value
+    tokens: int | None = None  # log-likelihood: tokens scored
 
     @property
     def accuracy(self) -> float | None:
-        if self.stopped_early or self.n == 0:
+        if self.metric != "accuracy" or self.stopped_early or self.n == 0 or self.correct is None:
             return None
         return self.correct / self.n
 
@@ -39,11 +52,28 @@ class DatasetResult:
             score = f"{_pct(self.accuracy)} of {self.n}"
         return f"DatasetResult({self.name!r}, {score}{', cached' if self.cached else ''})"
 
+    @property
+    def score(self) -> float | None:
+        """The dataset's number, higher is better: accuracy, or the mean per-token log-likelihood."""
+        if self.metric == "accuracy":
+            return self.accuracy
+        return None if self.loss is None else -self.loss
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp(mean per-token negative log-likelihood) for log-likelihood datasets, else None."""
+        if self.metric != "log_likelihood" or self.loss is None:
+            return None
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
     def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "correct": self.correct, "n": self.n,
-                "loss": None if self.loss is None or math.isnan(self.loss) else self.loss,
-                "seconds": round(self.seconds, 4), "stopped_early": self.stopped_early,
-                "examples_seen": self.examples_seen, "cached": self.cached}
+        out = {"metric": self.metric, "score": self.score, "accuracy": self.accuracy, "correct": self.correct,
+               "n": self.n, "loss": None if self.loss is None or math.isnan(self.loss) else self.loss,
+               "seconds": round(self.seconds, 4), "stopped_early": self.stopped_early,
+               "examples_seen": self.examples_seen, "cached": self.cached}
+        if self.metric == "log_likelihood":
+            out.update(perplexity=self.perplexity, tokens=self.tokens)
+        return out
 
 
 @dataclass
@@ -70,8 +100,12 @@ class EvalResult:
         return self[name].accuracy
 
     def mean_accuracy(self, names: list[str]) -> float | None:
-        """Mean accuracy over ``names`` (e.g. the shift sets), None if any is missing or incomplete."""
-        values = [self.datasets[n].accuracy if n in self.datasets else None for n in names]
+        """Mean score over ``names`` (e.g. the shift sets): accuracy, or log-likelihood when every one of them is
+        a log-likelihood set; None if any is missing or incomplete, or the metrics differ."""
+        found = [self.datasets[n] for n in names if n in self.datasets]
+        if len(found) != len(names) or len({r.metric for r in found}) > 1:
+            return None
+        values = [r.score for r in found]
         if not values or any(v is None for v in values):
             return None
         return sum(values) / len(values)  # type: ignore[arg-type]
@@ -92,8 +126,9 @@ def _pct(value: float | None) -> str:
 
 
 def as_score(result: Any, heldout: str = "heldout") -> float:
-    """A single number for soup algorithms: an ``EvalResult``'s held-out accuracy (its only dataset's, if it has
-    one), a ``DatasetResult``'s accuracy, or a plain number as a float. NaN when there is no complete score."""
+    """A single number for soup algorithms: an ``EvalResult``'s held-out score (its only dataset's, if it has
+    one), a ``DatasetResult``'s score (accuracy, or mean per-token log-likelihood), or a plain number as a float.
+    NaN when there is no complete score."""
     from soupkit.errors import ParameterError
 
     if isinstance(result, EvalResult) or hasattr(result, "datasets"):
@@ -105,8 +140,8 @@ def as_score(result: Any, heldout: str = "heldout") -> float:
         else:
             raise ParameterError(f"as_score: the result has no {heldout!r} dataset (it has {sorted(datasets)})")
     if hasattr(result, "correct") and hasattr(result, "n"):
-        accuracy = result.accuracy
-        return math.nan if accuracy is None else float(accuracy)
+        value = getattr(result, "score", result.accuracy)
+        return math.nan if value is None else float(value)
     if isinstance(result, torch.Tensor) and result.numel() == 1:
         return float(result.item())
     if isinstance(result, (int, float)) and not isinstance(result, bool):

@@ -71,6 +71,9 @@ def compute_fisher(
         check_output_path(output, inputs=protect, force=force)  # fail before the (long) computation
     state = load_checkpoint(checkpoint)
     ev = resolve_evaluator(evaluator_or_recipe)
+    check = getattr(ev, "require_class_scores", None)
+    if check is not None:
+        check(ev.heldout_name, "Fisher information")
     ev.load_state(state)
     model: nn.Module = ev.model
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -9,8 +9,12 @@ from soupkit.report.layout import common_parts, name_cell, names_caption
 
 
 def _pct(value: Any) -> str:
+    """An accuracy in percent. A negative score is a mean per-token log-likelihood (a causal LM on plain text;
+    an accuracy never is negative): shown as it is, with its perplexity."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
+    if value < 0:
+        return f"{value:.4f} (ppl {math.exp(-value):.2f})" if value > -700 else f"{value:.4f}"
     return f"{100 * value:.2f}%"
 
 

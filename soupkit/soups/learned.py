@@ -26,7 +26,7 @@ from soupkit.io import CheckpointSource
 from soupkit.merging.registry import get_method
 from soupkit.soups.common import Candidates, SoupRun, read_tensors
 from soupkit.soups.result import LearnedWeights, SoupResult
-from soupkit.soups.scoring import Steps
+from soupkit.soups.scoring import Steps, dataset_score
 
 
 class InsufficientMemoryError(SoupkitError):
@@ -116,13 +116,13 @@ def learned_soup(
             scores=[s.accuracy if s.valid else None for s in map(judge.score, run.scoring_sources)],
             history=([LearnedWeights(k, per_key[k]) for k in float_keys] if by_layer
                      else [LearnedWeights("*", per_ingredient)]),
-            score=float(learned.accuracy),
+            score=dataset_score(learned),
             rule={"by_layer": by_layer, "steps": steps, "lr": lr, "weight_decay": weight_decay,
                   "heldout": judge.heldout},
             stats={"memory_estimate_bytes": need, "memory_free_bytes": free},
             extra={"weights": per_ingredient, "temperature": float(beta.detach()),
                    "heldout_loss": _loss(learned), "uniform_loss": _loss(uniform),
-                   "uniform_accuracy": float(uniform.accuracy), "train_losses": losses},
+                   "uniform_accuracy": dataset_score(uniform), "train_losses": losses},
         )
         return _publish(run, checkpoints, result, per_key if by_layer else None)
 

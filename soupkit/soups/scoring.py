@@ -122,18 +122,24 @@ class Judge:
         if self.is_evaluator:
             result = self.evaluator.evaluate(source, None if datasets is None else list(datasets),
                                              use_cache=use_cache)
-            return {name: float(r.accuracy) for name, r in result.datasets.items()}
+            return {name: dataset_score(r) for name, r in result.datasets.items()}
         state = source if isinstance(source, Mapping) else load_checkpoint(source)
         value = self.evaluator(state)
         if hasattr(value, "datasets"):
-            return {name: float(r.accuracy) for name, r in value.datasets.items()}
+            return {name: dataset_score(r) for name, r in value.datasets.items()}
         score = from_value(value, self.heldout)
         return {self.heldout: score.accuracy if score.accuracy is not None else math.nan}
 
 
+def dataset_score(result: Any) -> float:
+    """A dataset result's score (accuracy, or mean log-likelihood for a causal LM on plain text); NaN if none."""
+    value = getattr(result, "score", result.accuracy)
+    return math.nan if value is None else float(value)
+
+
 def _from_dataset(result: Any) -> Score:
     loss = getattr(result, "loss", None)
-    accuracy = getattr(result, "accuracy", None)
+    accuracy = getattr(result, "score", getattr(result, "accuracy", None))  # higher is better
     return Score(
         accuracy=None if accuracy is None else float(accuracy),
         correct=None if result.correct is None else int(result.correct),

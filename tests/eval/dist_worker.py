@@ -17,7 +17,9 @@ def main(recipe: str, output: str, cache: str, *checkpoints: str) -> None:
     for path in checkpoints:
         result = ev(path)
         rows.append({name: {"correct": r.correct, "n": r.n, "loss": r.loss, "cached": r.cached,
-                            "mask": r.correct_mask.int().tolist()} for name, r in result.datasets.items()})
+                            "mask": None if r.correct_mask is None else r.correct_mask.int().tolist(),
+                            "values": None if r.values is None else r.values.tolist()}
+                     for name, r in result.datasets.items()})
     local = sum(len(y) for name in ev.dataset_names for _, y in ev.batches(name))
     again = ev(checkpoints[0])  # every rank must agree the cache holds it
     if int(os.environ["RANK"]) == 0:

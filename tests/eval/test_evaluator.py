@@ -215,8 +215,9 @@ def test_results_and_as_score():
     assert math.isnan(as_score(result["shift"])) and result.accuracy("shift") is None
     assert result.mean_accuracy(["shift"]) is None and result.mean_accuracy(["heldout"]) == 0.75
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["datasets"]["heldout"] == {"accuracy": 0.75, "correct": 3, "n": 4, "loss": 0.5, "seconds": 0.0,
-                                           "stopped_early": False, "examples_seen": 4, "cached": False}
+    assert data["datasets"]["heldout"] == {"metric": "accuracy", "score": 0.75, "accuracy": 0.75, "correct": 3,
+                                           "n": 4, "loss": 0.5, "seconds": 0.0, "stopped_early": False,
+                                           "examples_seen": 4, "cached": False}
     with pytest.raises(ParameterError, match="unknown dataset 'held'.*Did you mean 'heldout'"):
         result["held"]
     with pytest.raises(ParameterError, match="expected an EvalResult or a number"):

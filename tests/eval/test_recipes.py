@@ -39,7 +39,7 @@ def error_of(source) -> str:
     (lambda r: r["data"]["heldout"].update(spilt="test"),
      r"data.heldout.spilt: unknown key 'spilt'. Did you mean 'split'\?.*class_subset"),
     (lambda r: r["data"]["test"]["clean"].update(kind="imagefolders"),
-     r"data.test.clean.kind: unknown data kind 'imagefolders'. Did you mean 'imagefolder'\? Available: digits, "),
+     r"data.test.clean.kind: unknown data kind 'imagefolders'. Did you mean 'imagefolder'\? Available: csv, digits, "),
     (lambda r: r["model"].update(kind="tim"), r"model.kind: unknown model kind 'tim'. Did you mean 'timm'\?"),
     (lambda r: r["model"].pop("kind"), r"model.kind: missing; one of open_clip, python, timm"),
     (lambda r: r["data"]["test"]["noise"].update(shift="fog"), r"data.test.noise.shift: Input should be 'noise'"),

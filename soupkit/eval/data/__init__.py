@@ -1,10 +1,11 @@
-"""Data adapters: each turns a recipe's dataset entry into images and labels.
+"""Data adapters: each turns a recipe's dataset entry into images and labels, or text records.
 
 An adapter is a function registered with ``@data_adapter("kind")`` whose signature is the recipe schema. It
 returns a ``Source``: either ready tensors (``images`` uint8 raw pixels or float model-ready, ``labels``) or a
 map-style dataset of ``(PIL image or tensor, label)`` that the evaluator decodes once, with the model's own
 evaluation transform, into tensors it keeps for every later evaluation. Built-in kinds: ``digits`` (bundled,
-no download), ``imagefolder``, ``tensors``, ``python``.
+no download), ``imagefolder``, ``tensors``, ``python``; for text models ``jsonl``, ``csv`` and ``hf_disk``
+(``soupkit.eval.data.text``: records that the evaluator tokenises once with the model's tokenizer).
 
 Convention for tensors: **uint8 images are raw pixels** (the evaluator scales them to [0, 1] and applies the
 model's normalisation on the device, batch by batch); **float images are model-ready** and used as they are.
@@ -21,13 +22,16 @@ from soupkit.eval.registry import data, data_adapter
 
 @dataclass
 class Source:
-    """What a data adapter returns (exactly one of ``images`` / ``dataset`` is set)."""
+    """What a data adapter returns (exactly one of ``images`` / ``dataset`` / ``text`` is set)."""
 
     images: Any = None  # Tensor (N, C, H, W)
     labels: Any = None  # Tensor (N,) int64
     dataset: Any = None  # map-style: item -> (PIL image | Tensor, int)
+    text: Any = None  # soupkit.eval.data.text.TextRecords
 
     def __len__(self) -> int:
+        if self.text is not None:
+            return len(self.text)
         return len(self.labels) if self.images is not None else len(self.dataset)
 
 
@@ -41,6 +45,6 @@ class DataContext:
     where: str = "data"
 
 
-from soupkit.eval.data import digits, folders, python_dataset  # noqa: E402, F401  (register the built-ins)
+from soupkit.eval.data import digits, folders, python_dataset, text  # noqa: E402, F401  (register the built-ins)
 
 __all__ = ["DataContext", "Source", "data", "data_adapter"]

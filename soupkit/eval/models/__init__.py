@@ -3,7 +3,7 @@
 An adapter is a function registered with ``@model_adapter("kind")`` whose signature is the recipe schema; it
 returns a ``BuiltModel`` (the module, randomly initialised unless a local ``weights`` file is given, plus the
 model's own evaluation preprocessing so data adapters can match it). Built-in kinds: ``open_clip``, ``timm``,
-``python``. Nothing is ever downloaded.
+``python``, ``transformers``. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from soupkit.eval.registry import model_adapter, models
 class BuiltModel:
     """A model plus what data preparation needs to know about its input.
 
+    ``text``: set by text models (``kind: transformers``): the task and tokenizer data preparation uses.
     ``transform``: the model's own evaluation transform (PIL image -> normalised tensor), when it has one.
     ``input_size``: (channels, height, width) when known. ``mean``/``std``: normalisation applied to raw [0, 1]
     pixels when there is no transform (``None`` = feed [0, 1] pixels as they are).
@@ -29,6 +30,8 @@ class BuiltModel:
     input_size: tuple[int, int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    text: Any = None  # text models: what tokenisation needs (``transformers_models.TextInfo``); None = images
+    fingerprint: str | None = None  # content of files the adapter read besides the checkpoint (score-cache key)
 
 
 @dataclass
@@ -57,6 +60,6 @@ def load_weights(module: Any, path: Path, where: str) -> None:
 
 
 # registers the built-in kinds
-from soupkit.eval.models import clip, python_factory, timm_models  # noqa: E402, F401
+from soupkit.eval.models import clip, python_factory, timm_models, transformers_models  # noqa: E402, F401
 
 __all__ = ["BuildContext", "BuiltModel", "load_weights", "model_adapter", "models"]
