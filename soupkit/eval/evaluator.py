@@ -287,23 +287,7 @@ class Evaluator:
         does not depend on the order, and the returned mask is in dataset order.
         """
         started = time.perf_counter()
-        names = list(self.dataset_names if datasets is None else datasets)
-        if isinstance(datasets, str):
-            raise ParameterError(f"datasets: expected a list of dataset names, got the string {datasets!r}")
-        for name in names:
-            self._check_name(name)
-        if need_correct is not None and len(names) != 1:
-            raise ParameterError(f"need_correct applies to exactly one dataset, got {len(names)}")
-        if need_correct is not None and self._prepared(names[0]).metric != "accuracy":
-            raise ParameterError(f"need_correct applies to accuracy datasets; {names[0]!r} is scored by "
-                                 "log-likelihood")
-        if order is not None:
-            if need_correct is None:
-                raise ParameterError("order applies only to early-stopping evaluations (with need_correct)")
-            order = torch.as_tensor(order, dtype=torch.int64).reshape(-1)
-            n = self._prepared(names[0]).n
-            if len(order) != n or not torch.equal(torch.sort(order).values, torch.arange(n)):
-                raise ParameterError(f"order must be a permutation of the {n} examples of {names[0]!r}")
+        names, order = self._check_request(datasets, need_correct, order)
         label = str(state_or_path) if isinstance(state_or_path, (str, Path)) else getattr(
             state_or_path, "name", "<state dict>")
         if isinstance(state_or_path, Mapping) and not all(torch.is_tensor(v) for v in state_or_path.values()):
@@ -346,6 +330,29 @@ class Evaluator:
             finally:
                 bar.close()
         return EvalResult({n: results[n] for n in names}, time.perf_counter() - started, label, fingerprint)
+
+    def _check_request(self, datasets: list[str] | None, need_correct: int | None, order: Any
+                       ) -> tuple[list[str], torch.Tensor | None]:
+        """``evaluate``'s arguments checked: the dataset names, and ``order`` as an int64 permutation."""
+        names = list(self.dataset_names if datasets is None else datasets)
+        if isinstance(datasets, str):
+            raise ParameterError(f"datasets: expected a list of dataset names, got the string {datasets!r}")
+        for name in names:
+            self._check_name(name)
+        if need_correct is not None and len(names) != 1:
+            raise ParameterError(f"need_correct applies to exactly one dataset, got {len(names)}")
+        if need_correct is not None and self._prepared(names[0]).metric != "accuracy":
+            raise ParameterError(f"need_correct applies to accuracy datasets; {names[0]!r} is scored by "
+                                 "log-likelihood")
+        if order is None:
+            return names, None
+        if need_correct is None:
+            raise ParameterError("order applies only to early-stopping evaluations (with need_correct)")
+        order = torch.as_tensor(order, dtype=torch.int64).reshape(-1)
+        n = self._prepared(names[0]).n
+        if len(order) != n or not torch.equal(torch.sort(order).values, torch.arange(n)):
+            raise ParameterError(f"order must be a permutation of the {n} examples of {names[0]!r}")
+        return names, order
 
     def _autocast(self) -> Any:
         if self._amp_dtype is None:
