@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from soupkit.errors import RecipeError, suggest, unknown_choice
+from soupkit.errors import RecipeError, suggest
+from soupkit.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -46,42 +47,22 @@ def _is_path(hint: Any) -> bool:
     return any(arg is Path for arg in typing.get_args(hint))
 
 
-class Registry:
-    """Kind name -> adapter, for one family ("model kind", "data kind")."""
+class AdapterRegistry(Registry[Adapter]):
+    """Kind name -> adapter for one family ("model kind", "data kind"): soupkit's one registry implementation
+    (``soupkit.registry``), plus the decorator that builds an adapter from its function and recipe validation.
+    Adapters from other packages register through the family's entry-point group."""
 
-    def __init__(self, what: str, builtins: str):
-        self.what = what
-        self._builtins = builtins  # module whose import registers the built-in adapters
-        self._adapters: dict[str, Adapter] = {}
-        self._loaded = False
+    def __init__(self, what: str, builtins: str, group: str):
+        super().__init__(what, builtins, group=group, error=RecipeError)
 
     def register(self, kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register ``fn`` under ``kind``; a name registered twice is an error."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            if kind in self._adapters:
-                owner = self._adapters[kind].fn.__module__
-                raise ValueError(f"{self.what} {kind!r} is already registered (by {owner})")
-            self._adapters[kind] = _adapter(kind, fn)
+            self.add(kind, _adapter(kind, fn), owner=fn.__module__)
             return fn
 
         return decorate
-
-    def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            __import__(self._builtins)
-
-    def names(self) -> list[str]:
-        self._load()
-        return sorted(self._adapters)
-
-    def get(self, kind: str, where: str = "") -> Adapter:
-        self._load()
-        try:
-            return self._adapters[kind]
-        except KeyError:
-            raise RecipeError(f"{where}{unknown_choice(self.what, kind, self._adapters)}") from None
 
     def validate(self, kind: str, params: Mapping[str, Any], *, where: str, folder: Path,
                  also_allowed: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -144,7 +125,7 @@ def pydantic_message(error: Any, where: str, allowed: list[str]) -> str:
     return f"{field}: {first['msg']} (got {first.get('input')!r})"
 
 
-models = Registry("model kind", "soupkit.eval.models")
-data = Registry("data kind", "soupkit.eval.data")
+models = AdapterRegistry("model kind", "soupkit.eval.models", "soupkit.models")
+data = AdapterRegistry("data kind", "soupkit.eval.data", "soupkit.data")
 model_adapter = models.register
 data_adapter = data.register

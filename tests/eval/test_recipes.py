@@ -11,7 +11,7 @@ import yaml
 from soupkit.errors import RecipeError
 from soupkit.eval import load_recipe
 from soupkit.eval.recipe import available_recipes, builtin_folder, find_recipe
-from soupkit.eval.registry import Registry
+from soupkit.eval.registry import AdapterRegistry
 from tests.eval.helpers import digits_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +137,7 @@ def test_shipped_recipes_validate(tmp_path, monkeypatch):
 
 
 def test_registry_refuses_duplicates_and_lists_choices():
-    registry = Registry("widget kind", "soupkit.eval.models")
+    registry = AdapterRegistry("widget kind", "soupkit.eval.models", "soupkit.test-widgets")
 
     @registry.register("a")
     def a(x: int = 1, *, context=None):
