@@ -106,7 +106,8 @@ def test_lightning_ckpt_output_loads_like_load_from_checkpoint(tmp_path: Path) -
     template = lightning_template(inputs[0])
     assert template == {"pytorch-lightning_version": "2.4.0", "epoch": 4, "global_step": 200,
                         "hparams_name": "kwargs", "hyper_parameters": {"hidden": 4, "lr": 1e-3}}
-    save_lightning_checkpoint(soup, tmp_path / "carried.ckpt", template)
+    with open(tmp_path / "carried.ckpt", "wb") as handle:
+        save_lightning_checkpoint(soup, handle, template, name="carried.ckpt")
     checkpoint = torch.load(tmp_path / "carried.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"] == {"hidden": 4, "lr": 1e-3} and "optimizer_states" not in checkpoint
     assert torch.allclose(load_from_checkpoint(tmp_path / "carried.ckpt").model[0].weight, want)

@@ -203,7 +203,8 @@ def test_open_reads_no_tensor_data_and_get_is_one_pread(tmp_path: Path, layout: 
 def test_save_torch_round_trip(tmp_path: Path) -> None:
     state = varied_state()
     path = tmp_path / "out.pt"
-    save_torch(state, path)
+    with open(path, "wb") as handle:
+        save_torch(state, handle, name=str(path))
     loaded = torch.load(path, weights_only=True)
     assert list(loaded) == list(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
     with TorchReader(path) as reader:
@@ -213,7 +214,8 @@ def test_save_torch_round_trip(tmp_path: Path) -> None:
 def test_save_torch_does_not_carry_whole_storages(tmp_path: Path) -> None:
     big = torch.randn(1000, 1000)
     path = tmp_path / "slice.pt"
-    save_torch({"row": big[3]}, path)
+    with open(path, "wb") as handle:
+        save_torch({"row": big[3]}, handle, name=str(path))
     assert path.stat().st_size < 100_000
     assert torch.equal(torch.load(path, weights_only=True)["row"], big[3])
 
@@ -222,4 +224,5 @@ def test_save_torch_rejects_non_tensors(tmp_path: Path) -> None:
     from soupkit.errors import OutputError
 
     with pytest.raises(OutputError, match="must be tensors"):
-        save_torch({"w": [1, 2]}, tmp_path / "bad.pt")  # type: ignore[dict-item]
+        with open(tmp_path / "bad.pt", "wb") as handle:
+            save_torch({"w": [1, 2]}, handle, name="bad.pt")  # type: ignore[dict-item]

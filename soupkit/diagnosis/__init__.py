@@ -16,7 +16,7 @@ bind the name ``soupkit.doctor`` to the module and shadow the function users cal
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,26 +85,13 @@ def doctor(checkpoints: Sequence[CheckpointSource], base: CheckpointSource | Non
 
 
 def _open(sources: Sequence[CheckpointSource]) -> list[CheckpointReader]:
-    if isinstance(sources, (str, Path, Mapping)):
-        raise ParameterError("checkpoints must be a list of paths or state dicts, not a single one")
-    if len(sources) < 2:
+    from soupkit.merging.api import open_inputs
+    from soupkit.options import OutputOptions
+
+    if isinstance(sources, Sequence) and not isinstance(sources, str) and len(sources) < 2:
         raise ParameterError(f"the doctor compares checkpoints: give at least two, got {len(sources)}")
-    readers: list[CheckpointReader] = []
-    seen: dict[Path, int] = {}
-    try:
-        for number, source in enumerate(sources):
-            if isinstance(source, (str, Path)):
-                resolved = Path(source).resolve()
-                if resolved in seen:
-                    raise ParameterError(f"{source}: given twice (inputs #{seen[resolved] + 1} and #{number + 1})")
-                seen[resolved] = number
-            readers.append(open_checkpoint(source, name=_name(source, number)))
-    except BaseException:
-        for reader, source in zip(readers, sources):
-            if reader is not source:
-                reader.close()
-        raise
-    return readers
+    names = [_name(s, i) for i, s in enumerate(sources)] if isinstance(sources, Sequence) else None
+    return open_inputs(sources, OutputOptions(), names=names)
 
 
 def _name(source: Any, number: int) -> str:

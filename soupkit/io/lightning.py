@@ -17,8 +17,6 @@ from typing import Any, BinaryIO
 
 import torch
 
-from soupkit.errors import OutputError
-
 __all__ = ["DEFAULT_VERSION", "lightning_template", "save_lightning_checkpoint"]
 
 #: the version written when the inputs carry none (Lightning runs no migration on checkpoints this recent)
@@ -74,28 +72,16 @@ def lightning_template(source: str | Path) -> dict[str, Any]:
         lazy.close()
 
 
-def save_lightning_checkpoint(state_dict: Mapping[str, torch.Tensor], target: str | Path | BinaryIO,
-                              template: Mapping[str, Any] | None = None, *, name: str | None = None) -> None:
-    """Write ``state_dict`` as a Lightning checkpoint dict to ``target`` (a path or an open binary file: the
-    caller handles atomic replacement). ``template`` (``lightning_template`` of an input) supplies the version,
-    epoch, step and hyperparameters."""
-    name = name or str(target)
-    tensors = {}
-    for key, value in state_dict.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise OutputError(f"{name}: state dict values must be tensors and keys strings")
-        tensor = value.detach().cpu()
-        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)  # never carry a larger storage
-        tensors[key] = tensor
-    checkpoint: dict[str, Any] = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": DEFAULT_VERSION}
-    checkpoint.update({k: v for k, v in (template or {}).items() if k in _CARRIED})
-    checkpoint["state_dict"] = tensors  # no optimizer/loop state: resuming training from a soup says so
-    try:
-        if isinstance(target, (str, Path)):
-            with open(target, "wb") as handle:
-                torch.save(checkpoint, handle)
-        else:
-            torch.save(checkpoint, target)
-    except OSError as err:
-        raise OutputError(f"{name}: cannot write output: {err.strerror}") from None
+def save_lightning_checkpoint(state_dict: Mapping[str, torch.Tensor], handle: BinaryIO,
+                              template: Mapping[str, Any] | None = None, *, name: str) -> None:
+    """Write ``state_dict`` as a Lightning checkpoint dict into ``handle`` (an ``OutputSet`` temporary).
+    ``template`` (``lightning_template`` of an input) supplies the version, epoch, step and hyperparameters."""
+    from soupkit.io.torch_io import save_torch
+
+    def container(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        checkpoint: dict[str, Any] = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": DEFAULT_VERSION}
+        checkpoint.update({k: v for k, v in (template or {}).items() if k in _CARRIED})
+        checkpoint["state_dict"] = tensors  # no optimizer/loop state: resuming training from a soup says so
+        return checkpoint
+
+    save_torch(state_dict, handle, name=name, container=container)

@@ -9,9 +9,9 @@ or a plain pickle) is detected from the content, never from the extension.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -109,15 +109,12 @@ class TorchReader(CheckpointReader):
         self._file.close()
 
 
-def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path | BinaryIO, *,
-               name: str | None = None) -> None:
-    """Write ``state_dict`` to ``path`` as a plain ``torch.save`` of a dict (zip format).
-
-    Each tensor is saved on its own: a view of a larger storage is cloned so the file does not carry the rest
-    of that storage. The caller chooses the path (and handles atomic replacement); ``path`` may also be an open
-    binary file, with ``name`` the path error messages give.
-    """
-    name = name or str(path)
+def save_torch(state_dict: Mapping[str, torch.Tensor], handle: BinaryIO, *, name: str,
+               container: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> None:
+    """``torch.save`` of ``state_dict`` (a plain dict, zip format; ``container`` wraps it, e.g. in a Lightning
+    checkpoint dict) into ``handle``, an open binary file (the atomic temporary of an ``OutputSet``); ``name`` is
+    the path messages give. Each tensor is saved on its own: a view of a larger storage is cloned so the file does
+    not carry the rest of that storage."""
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -128,11 +125,7 @@ def save_torch(state_dict: Mapping[str, torch.Tensor], path: str | Path | Binary
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         tensors[key] = tensor
     try:
-        if isinstance(path, (str, Path)):
-            with open(path, "wb") as handle:
-                torch.save(tensors, handle)
-        else:  # an open binary file (an atomic temporary from OutputSet)
-            torch.save(tensors, path)
+        torch.save(container(tensors) if container is not None else tensors, handle)
     except OSError as err:
         raise OutputError(f"{name}: cannot write output: {err.strerror}") from None
     except RuntimeError as err:

@@ -41,11 +41,16 @@ Params = Mapping[str, Any] | Callable[[str], Mapping[str, Any]]
 
 
 def open_inputs(checkpoints: Sequence[CheckpointSource], options: OutputOptions,
-                adapter_base: CheckpointSource | None = None) -> list[CheckpointReader]:
-    """Open every input lazily (closing those opened if one fails); an input given twice is an error. LoRA
-    adapters read as W + dW over ``adapter_base`` when one is given (``soupkit.merging.adapters``)."""
+                adapter_base: CheckpointSource | None = None, *, names: Sequence[str] | None = None,
+                what: str = "checkpoints") -> list[CheckpointReader]:
+    """Open every input lazily, headers only (closing those opened if one fails); an empty list and an input given
+    twice are errors. LoRA adapters read as W + dW over ``adapter_base`` when one is given
+    (``soupkit.merging.adapters``). ``names``: what messages call in-memory inputs (default ``<state dict #i>``).
+    The one home of this for merges, soups and the doctor."""
     if isinstance(checkpoints, (str, Path, Mapping)) or not isinstance(checkpoints, Sequence):
-        raise ParameterError("checkpoints must be a list of paths or state dicts, not a single one")
+        raise ParameterError(f"{what} must be a list of paths or state dicts, not a single one")
+    if not checkpoints:
+        raise ParameterError(f"{what}: give at least one checkpoint")
     adapters = set(adapter_positions(checkpoints))
     seen: dict[Path, int] = {}
     readers: list[CheckpointReader] = []
@@ -58,7 +63,8 @@ def open_inputs(checkpoints: Sequence[CheckpointSource], options: OutputOptions,
                                          f"weight it instead with --weights")
                 seen[resolved] = number
             readers.append(open_checkpoint(source, ema=options.ema and number not in adapters,
-                                           name=f"<state dict #{number}>", strip_prefix=options.strip_prefix,
+                                           name=names[number] if names else f"<state dict #{number}>",
+                                           strip_prefix=options.strip_prefix,
                                            add_prefix=options.add_prefix,
                                            base=adapter_base if number in adapters else None))
         check_adapter_mix(readers)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from soupkit.errors import CheckpointError, ParameterError, unknown_choice
-from soupkit.io import CheckpointReader, check_output_path, input_files, open_checkpoint
+from soupkit.io import CheckpointReader, check_output_path, input_files
 from soupkit.merging.engine import check_compatible, parse_dtype, resolve_device, select_keys
 from soupkit.options import OutputOptions, split_options
 from soupkit.soups.result import SoupResult
@@ -72,26 +72,12 @@ def ingredient_names(sources: Sequence[Any]) -> list[str]:
 
 
 def open_inputs(sources: Sequence[Any], what: str = "checkpoints", *, ema: bool = False) -> list[CheckpointReader]:
-    """Open every input lazily (headers only), refusing an empty list and a file given twice."""
-    if isinstance(sources, (str, Path, Mapping)):
-        raise ParameterError(f"{what} must be a list of paths or state dicts, not a single one")
-    if not sources:
-        raise ParameterError(f"{what}: give at least one checkpoint")
-    seen: dict[Path, int] = {}
-    readers: list[CheckpointReader] = []
-    names = ingredient_names(sources)
-    try:
-        for position, source in enumerate(sources):
-            if isinstance(source, (str, Path)):
-                resolved = Path(source).resolve()
-                if resolved in seen:
-                    raise ParameterError(f"{source}: given twice (inputs #{seen[resolved] + 1} and #{position + 1})")
-                seen[resolved] = position
-            readers.append(open_checkpoint(source, ema=ema, name=names[position]))
-    except BaseException:
-        close_all(readers, sources)
-        raise
-    return readers
+    """Open every input lazily (headers only), refusing an empty list and a file given twice (the merge's own
+    ``open_inputs``, with ingredient names)."""
+    from soupkit.merging.api import open_inputs as open_all
+
+    names = ingredient_names(sources) if isinstance(sources, Sequence) and not isinstance(sources, str) else None
+    return open_all(sources, OutputOptions(ema=ema), names=names, what=what)
 
 
 def close_all(readers: Sequence[CheckpointReader], sources: Sequence[Any]) -> None:
