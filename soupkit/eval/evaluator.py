@@ -329,6 +329,8 @@ class Evaluator:
                                        dataset=name, values=result.values, tokens=result.tokens)
             finally:
                 bar.close()
+            if fingerprint is not None and self.world > 1:
+                self._all_min([0])  # every process waits for rank 0's cache writes: the next call finds them
         return EvalResult({n: results[n] for n in names}, time.perf_counter() - started, label, fingerprint)
 
     def _check_request(self, datasets: list[str] | None, need_correct: int | None, order: Any
