@@ -73,6 +73,10 @@ def reference_greedy(paths: list[Path], model: torch.nn.Module, loader, device: 
     return [paths.index(p) for p in ingredients], best, forward, time.perf_counter() - loop_started
 
 
+#: the bundled digits recipe's held-out fraction (the one source of truth the demo uses too)
+HOLDOUT = float(__import__("soupkit.demo", fromlist=["HOLDOUT"]).HOLDOUT)
+
+
 class PerSampleDigits(torch.utils.data.Dataset):
     """The held-out digits decoded per item in ``__getitem__`` (scale to [0, 1], bilinear resize to 16 x 16), the
     way main.py's datasets apply ``preprocess`` to every image on every pass."""
@@ -83,7 +87,7 @@ class PerSampleDigits(torch.utils.data.Dataset):
         from soupkit.eval.data.digits import _partition
 
         bunch = load_digits()
-        index = _partition(len(bunch.target), 0, 0.2)["heldout"]
+        index = _partition(len(bunch.target), 0, HOLDOUT)["heldout"]
         self.images = torch.from_numpy(bunch.images).float()[index]
         self.labels = torch.from_numpy(bunch.target).long()[index]
         self.size = size

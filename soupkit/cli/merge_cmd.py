@@ -207,13 +207,12 @@ def methods(
     name: Annotated[str | None, typer.Argument(help="One method to describe in full.", show_default=False)] = None,
 ) -> None:
     """List the merge methods (plugins included), their parameters and papers."""
-    from rich.console import Console
-
+    from soupkit.report.layout import console, print_table
     from soupkit.report.methods import method_table, method_text
 
-    console = Console()
+    out = console()
     if name is not None:
-        console.print(method_text(name), soft_wrap=True, highlight=False)
+        out.print(method_text(name), soft_wrap=True, highlight=False)
         return
-    console.print(method_table(SOUP_ALGORITHMS))
-    console.print("soupkit methods NAME describes one; its parameters are flags of soupkit merge.", style="dim")
+    print_table(method_table(SOUP_ALGORITHMS), out)
+    out.print("soupkit methods NAME describes one; its parameters are flags of soupkit merge.", style="dim")
