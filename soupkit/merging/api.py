@@ -178,6 +178,8 @@ def _outputs(outputs: Sequence[str | Path | None], templates: Sequence[Any], pro
     folder)."""
     checked: list[tuple[Path | None, FolderOutput | None]] = []
     for out in outputs:
+        if out is not None and not isinstance(out, (str, Path)):
+            raise ParameterError(f"output: expected a file or folder path, got {type(out).__name__}")
         folder = plan_folder_output(out, templates, shard_size=options.shard_size) if out is not None else None
         if folder is not None:
             folder.check(protected, force=options.force)

@@ -92,8 +92,13 @@ def load_merge_config(path_or_dict: str | Path | Mapping[str, Any]) -> MergeConf
         source, folder, data = "<merge config>", Path.cwd(), path_or_dict
     else:
         path = Path(path_or_dict)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such merge config file")
+        try:
+            exists, regular = path.exists(), path.is_file()
+        except OSError as error:  # a name too long for the file system, a symlink loop
+            raise RecipeError(f"{path}: cannot read the merge config: {error.strerror}") from None
+        if not regular:
+            raise RecipeError(f"{path}: " + ("the merge config is not a regular file" if exists
+                                             else "no such merge config file"))
         from soupkit.yaml_file import read_yaml
 
         source, folder, data = str(path), path.resolve().parent, read_yaml(path, "merge config")

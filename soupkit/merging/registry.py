@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
 from soupkit.errors import ParameterError, suggest
 from soupkit.options import user_name
@@ -171,6 +172,11 @@ class MergeMethod:
             bound = self.schema.model_validate(given)
         except ValidationError as error:
             raise ParameterError(_message(self, error)) from None
+        for name, spec in self.parameters.items():
+            values = getattr(bound, name)
+            if spec.per_model and spec.kind is float and values and not math.isfinite(sum(map(abs, values))):
+                raise ParameterError(f"{self.name}: {user_name(name)} are too large: their sum overflows, got "
+                                     f"{', '.join(map(str, values))}")
         bound._n_models = n_models
         if self.check is not None:
             try:
@@ -258,6 +264,12 @@ def _annotation(fn: Callable[..., Any], param: inspect.Parameter) -> Any:
     return hint
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
 def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
     """``Annotated[X, m...] | None`` -> (X without None, metadata)."""
     metadata: list[Any] = []
@@ -286,7 +298,10 @@ def _parameter(fn: Callable[..., Any], param: inspect.Parameter) -> tuple[Parame
                         f"use float, int, bool, str or a list of one of them")
     required = param.default is inspect.Parameter.empty
     bounds = {k: v for k, v in (("ge", info.ge), ("gt", info.gt), ("le", info.le), ("lt", info.lt)) if v is not None}
-    item = typing.Annotated[kind, Field(strict=kind is str, **bounds)] if bounds or kind is str else kind
+    checks: list[Any] = [Field(strict=kind is str, **bounds)] if bounds or kind is str else []
+    if kind in (float, int):
+        checks.append(BeforeValidator(_not_bool))  # `scaling: true` in a config is a mistake, not 1.0
+    item = typing.Annotated[(kind, *checks)] if checks else kind
     value_type = list[item] if per_model else item  # type: ignore[valid-type]
     if not required and param.default is None:
         value_type = value_type | None

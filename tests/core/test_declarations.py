@@ -84,12 +84,17 @@ def test_non_finite_and_absurd_options_are_one_line_errors(make_ckpt, tmp_path: 
     ({"device": "meta"}, "device: unknown device 'meta'"),
     ({"shard_size": float("inf")}, "shard_size: expected a size like"),
     ({"include": 3}, "include: expected a glob"),
+    ({"weights": [1e308, 1e308]}, "weights are too large: their sum overflows"),
+    ({"weights": [True, 1.0]}, "weights[0] must be a number, not true/false"),
+    ({"output": 5}, "output: expected a file or folder path, got int"),
+    ({"shard_size": True}, "shard_size"),
 ])
 def test_library_arguments_of_the_wrong_type(make_ckpt, kwargs, message) -> None:
     a, b = make_ckpt("a", 0), make_ckpt("b", 1)
     method = kwargs.pop("method", "linear")
+    output = kwargs.pop("output", None)
     with pytest.raises(soupkit.SoupkitError) as caught:
-        soupkit.merge([a, b], method, **kwargs)
+        soupkit.merge([a, b], method, output, **kwargs)
     assert message in str(caught.value)
 
 
@@ -97,6 +102,24 @@ def test_library_accepts_torch_dtypes_and_size_strings(make_ckpt) -> None:
     a, b = make_ckpt("a", 0), make_ckpt("b", 1)
     merged = soupkit.merge([a, b], dtype=torch.float16, shard_size="5GB")
     assert merged["head.weight"].dtype == torch.float16
+
+
+def test_config_values_are_checked_like_flags(tmp_path: Path, make_ckpt) -> None:
+    from soupkit.merging.config import load_merge_config
+
+    make_ckpt("a", 0), make_ckpt("b", 1), make_ckpt("base", 2)
+    (tmp_path / "m.yaml").write_text("method: ties\nbase: base.safetensors\nmodels: [a.safetensors, b.safetensors]\n"
+                                     "parameters: {scaling: true}\n")
+    with pytest.raises(soupkit.SoupkitError, match="scaling must be a number, not true/false"):
+        load_merge_config(tmp_path / "m.yaml")
+    (tmp_path / "w.yaml").write_text("method: linear\nmodels: [{path: a.safetensors, weight: .nan}, b.safetensors]\n")
+    with pytest.raises(soupkit.SoupkitError, match=r"weights\[0\] must be a finite number"):
+        load_merge_config(tmp_path / "w.yaml")
+    import os
+
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(soupkit.SoupkitError, match="not a regular file"):
+        load_merge_config(tmp_path / "fifo.yaml")
 
 
 def test_a_method_output_that_overflows_is_refused(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ _MIX2 = _int64(0x94D049BB133111EB)
 
 def stream_key(seed: int, key: str, index: int) -> int:
     """The 64-bit stream of model ``index``'s mask for tensor ``key`` (stable across runs and platforms)."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return _int64(int.from_bytes(digest, "little"))
 
 
