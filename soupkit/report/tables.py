@@ -18,6 +18,11 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _unit(values: Any) -> str:
+    """What the scores are: accuracies, or (negative) mean per-token log-likelihoods of a causal LM."""
+    return "log-lik." if any(isinstance(v, (int, float)) and v < 0 for v in values) else "acc"
+
+
 def greedy_table(result: Any) -> Any:
     """step | ingredient | individual acc | candidate acc | accepted? | note."""
     from rich.table import Table
@@ -28,7 +33,8 @@ def greedy_table(result: Any) -> Any:
     labels, folder, extension = common_parts(result.names)
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("ingredient")
-    for column in ("individual acc", "candidate acc"):
+    unit = _unit([result.score, *(s.score for s in result.history)])
+    for column in (f"individual {unit}", f"candidate {unit}"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("kept", justify="center", no_wrap=True)
     table.add_column("note", ratio=1)
@@ -57,7 +63,8 @@ def sweep_table(result: Any) -> Any:
     points = result.history
     datasets = list(dict.fromkeys(name for p in points for name in p.accuracies))
     select = result.rule.get("select") or "held-out"
-    table = Table(title=f"WiSE-FT sweep: α={result.alpha:g} chosen by {select} accuracy")
+    unit = "log-likelihood" if _unit([v for p in points for v in p.accuracies.values()]) != "acc" else "accuracy"
+    table = Table(title=f"WiSE-FT sweep: α={result.alpha:g} chosen by {select} {unit}")
     table.add_column("α", justify="right", no_wrap=True)
     for name in datasets:
         table.add_column(name, justify="right", no_wrap=True)
@@ -84,7 +91,7 @@ def learned_table(result: Any) -> Any:
                         f"{result.extra.get('temperature', math.nan):.3f}")
     labels, folder, extension = common_parts(result.names)
     table.add_column("ingredient")
-    table.add_column("individual acc", justify="right", no_wrap=True)
+    table.add_column(f"individual {_unit(result.scores)}", justify="right", no_wrap=True)
     table.add_column("weight", justify="right", no_wrap=True)
     for label, score, weight in zip(labels, result.scores, weights):
         table.add_row(name_cell(label), _pct(score), f"{weight:.4f}")
