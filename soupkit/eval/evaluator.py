@@ -275,7 +275,7 @@ class Evaluator:
 
     def evaluate(self, state_or_path: Any, datasets: list[str] | None = None, *, need_correct: int | None = None,
                  order: torch.Tensor | None = None, use_cache: bool | None = None,
-                 progress: bool = False) -> EvalResult:
+                 progress: Any = False) -> EvalResult:
         """Score a checkpoint path or state dict on ``datasets`` (all when None).
 
         ``need_correct`` (one dataset only): stop as soon as ``correct_so_far + remaining < need_correct``; the
@@ -564,8 +564,16 @@ class _Progress:
     pipes, log files and notebooks). The bar appears before the data is prepared, so a slow first decode of
     an image folder shows as activity rather than a frozen screen."""
 
-    def __init__(self, enabled: bool, label: str):
+    def __init__(self, enabled: Any, label: str):
+        """``enabled``: True for a display of its own, or a running rich ``Progress`` (a soup algorithm's step
+        bar) to add this evaluation's line to, removed when it ends."""
         self._bar: Any = None
+        self._label = f"eval {Path(label).name if not label.startswith('<') else 'candidate'}"
+        self._shared = enabled is not True and hasattr(enabled, "add_task")
+        if self._shared:
+            self._bar = enabled
+            self._task = self._bar.add_task(self._label, total=None)
+            return
         if not enabled:
             return
         from rich.console import Console
@@ -575,7 +583,6 @@ class _Progress:
             return
         from rich import progress as p
 
-        self._label = f"eval {Path(label).name}"
         self._bar = p.Progress(p.SpinnerColumn(), p.TextColumn("{task.description}"), p.BarColumn(),
                                p.MofNCompleteColumn(), p.TextColumn("batches, eta"), p.TimeRemainingColumn(),
                                p.TimeElapsedColumn(), console=console, transient=True)
@@ -593,5 +600,7 @@ class _Progress:
             self._bar.advance(self._task)
 
     def close(self) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._shared:
+            self._bar.remove_task(self._task)
+        elif self._bar is not None:
             self._bar.stop()

@@ -181,7 +181,7 @@ def _search(run: SoupRun, scores: list[Score], order: list[int], accept: str, pr
     hardest = hardest_first([scores[i] for i in order])
     seen = full = candidates = 0
     passes_before = judge.forward_passes
-    bar = Steps(len(order) - 1, progress)
+    bar = Steps(len(order) - 1, progress, judge=judge)
     try:
         for position in order[1:]:
             own = scores[position]

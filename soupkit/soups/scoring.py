@@ -78,11 +78,15 @@ class Judge:
     def __init__(self, evaluator: Any):
         self.evaluator = resolve_evaluator(evaluator)
         self.is_evaluator = is_evaluator(self.evaluator)
+        #: a running rich Progress (the algorithm's step bar) evaluations add their per-batch line to
+        self.live: Any = None
         if self.is_evaluator:
             self.heldout: str = self.evaluator.heldout_name
             self.device = torch.device(self.evaluator.device)
-            # duck-typed evaluators predating example orders are still welcome: they just see dataset order
-            self.takes_order = "order" in inspect.signature(self.evaluator.evaluate).parameters
+            # duck-typed evaluators predating example orders (or progress) are still welcome
+            parameters = inspect.signature(self.evaluator.evaluate).parameters
+            self.takes_order = "order" in parameters
+            self.takes_progress = "progress" in parameters
         else:
             self.takes_order = False
             self.heldout = "heldout"
@@ -111,17 +115,20 @@ class Judge:
         if self.is_evaluator:
             options = {"order": order} if self.takes_order and order is not None and need_correct is not None else {}
             result = self.evaluator.evaluate(source, [self.heldout], need_correct=need_correct, use_cache=use_cache,
-                                             **options)
+                                             **options, **self._progress())
             return _from_dataset(result.datasets[self.heldout])
         state = source if isinstance(source, Mapping) else load_checkpoint(source)
         return from_value(self.evaluator(state), self.heldout)
+
+    def _progress(self) -> dict[str, Any]:
+        return {"progress": self.live} if self.live is not None and self.takes_progress else {}
 
     def accuracies(self, source: Any, datasets: Sequence[str] | None = None, *,
                    use_cache: bool | None = None) -> dict[str, float]:
         """Accuracy on ``datasets`` (all of the evaluator's when None); callables give what they return."""
         if self.is_evaluator:
             result = self.evaluator.evaluate(source, None if datasets is None else list(datasets),
-                                             use_cache=use_cache)
+                                             use_cache=use_cache, **self._progress())
             return {name: dataset_score(r) for name, r in result.datasets.items()}
         state = source if isinstance(source, Mapping) else load_checkpoint(source)
         value = self.evaluator(state)
@@ -174,17 +181,24 @@ def from_value(value: Any, heldout: str = "heldout") -> Score:
 
 
 class Steps:
-    """A rich progress bar over an algorithm's steps on stderr (silent unless enabled)."""
+    """A rich progress bar over an algorithm's steps on stderr (silent unless enabled). Given the ``judge``, the
+    evaluations it runs meanwhile show their per-batch progress as a second line of the same display (two live
+    displays cannot share a terminal)."""
 
-    def __init__(self, total: int, enabled: bool, description: str = "greedy soup"):
+    def __init__(self, total: int, enabled: bool, description: str = "greedy soup", judge: Judge | None = None):
         self._bar: Any = None
+        self._judge = judge
         if enabled and total > 0:
+            from rich import progress as p
             from rich.console import Console
-            from rich.progress import Progress
 
-            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._bar = p.Progress(p.SpinnerColumn(), p.TextColumn("{task.description}"), p.BarColumn(),
+                                   p.MofNCompleteColumn(), p.TimeRemainingColumn(), p.TimeElapsedColumn(),
+                                   console=Console(stderr=True), transient=True)
             self._task = self._bar.add_task(description, total=total)
             self._bar.start()
+            if judge is not None:
+                judge.live = self._bar
 
     def advance(self) -> None:
         if self._bar is not None:
@@ -193,3 +207,5 @@ class Steps:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+            if self._judge is not None:
+                self._judge.live = None

@@ -184,7 +184,7 @@ def _sweep(run: SoupRun, model_at: Interpolation, alphas: Sequence[float], progr
     judge = run.judge
     tests, shifts = judge.test_names, judge.shift_names
     points: list[SweepPoint] = []
-    bar = Steps(len(alphas), progress, "WiSE-FT sweep")
+    bar = Steps(len(alphas), progress, "WiSE-FT sweep", judge=judge)
     try:
         for alpha in alphas:
             accuracies = judge.accuracies(model_at(alpha), use_cache=False)

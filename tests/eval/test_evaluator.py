@@ -270,3 +270,26 @@ def test_memory_format_channels_last_for_convnets_scores_like_contiguous(trained
     assert _memory_format("auto", torch.device("cpu"), vit_like) == "contiguous"  # one patch-embedding conv
     assert _memory_format("auto", torch.device("cuda"), torch.nn.Linear(4, 2)) == "channels_last"
     assert _memory_format("contiguous", torch.device("cpu"), make_model()) == "contiguous"
+
+
+def test_an_evaluation_adds_its_line_to_a_running_progress_display(trained, tmp_path):
+    """Inside a soup algorithm the step bar is live: an evaluation adds its per-batch line to that display (two
+    live displays cannot share a terminal) and removes it when done."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    ev = Evaluator.from_recipe(digits_recipe(), use_cache=False)
+    live = Progress(console=Console(file=open(tmp_path / "screen.txt", "w"), force_terminal=True))  # noqa: SIM115
+    steps = live.add_task("greedy soup", total=3)
+    seen: list[list[str]] = []
+    advance = live.advance
+
+    def spy(task, advance_by=1):  # record the lines on screen while the evaluation runs
+        seen.append([t.description for t in live.tasks])
+        return advance(task, advance_by)
+
+    live.advance = spy
+    with live:
+        ev.evaluate(trained.states[2], [ev.heldout_name], progress=live)
+    assert any(any(d.startswith("eval candidate") for d in lines) for lines in seen)
+    assert [t.id for t in live.tasks] == [steps]  # its line is gone again
