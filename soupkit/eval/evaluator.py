@@ -255,17 +255,29 @@ class Evaluator:
 
     def _load_source(self, source: Any, label: str) -> None:
         """The one place a checkpoint to score becomes the model's weights: a state dict, a reader, or a path
-        (a file, a sharded index, an HF folder) opened by ``soupkit.io.open_checkpoint``. Other checkpoint
-        forms (e.g. LoRA adapters resolved against the base) belong here."""
+        (a file, a sharded index, an HF folder) opened by ``soupkit.io.open_checkpoint``; a PEFT LoRA adapter is
+        applied to the model's base weights (``adapter_base``: a transformers recipe's model folder) as W + dW."""
         from soupkit.io import CheckpointReader, open_checkpoint
+        from soupkit.io.lora import is_adapter
 
         if isinstance(source, Mapping):
             self.load_state(source, label)
         elif isinstance(source, CheckpointReader):
             self._load_reader(source)
         else:
-            with open_checkpoint(source, name=label) as reader:
+            base = None
+            if is_adapter(source):
+                base = self.adapter_base
+                if base is None:
+                    raise CheckpointError(f"{label}: a LoRA adapter, and this recipe's model has no base weights to "
+                                          f"apply it to (a transformers model folder with its weights)")
+            with open_checkpoint(source, name=label, base=base) as reader:
                 self._load_reader(reader)
+
+    @property
+    def adapter_base(self) -> Any:
+        """The weights LoRA adapters are applied to when scored (None: the recipe's model has none)."""
+        return self._built.base_weights
 
     # --------------------------------------------------------------------------------------------- scoring
 

@@ -71,13 +71,16 @@ def ingredient_names(sources: Sequence[Any]) -> list[str]:
     return names
 
 
-def open_inputs(sources: Sequence[Any], what: str = "checkpoints", *, ema: bool = False) -> list[CheckpointReader]:
+def open_inputs(sources: Sequence[Any], what: str = "checkpoints", *, ema: bool = False,
+                evaluator: Any = None) -> list[CheckpointReader]:
     """Open every input lazily (headers only), refusing an empty list and a file given twice (the merge's own
-    ``open_inputs``, with ingredient names)."""
+    ``open_inputs``, with ingredient names). LoRA adapters read as full weights over the evaluator's
+    ``adapter_base`` (a transformers recipe's model folder)."""
     from soupkit.merging.api import open_inputs as open_all
 
     names = ingredient_names(sources) if isinstance(sources, Sequence) and not isinstance(sources, str) else None
-    return open_all(sources, OutputOptions(ema=ema), names=names, what=what)
+    return open_all(sources, OutputOptions(ema=ema), names=names, what=what,
+                    adapter_base=getattr(evaluator, "adapter_base", None))
 
 
 def close_all(readers: Sequence[CheckpointReader], sources: Sequence[Any]) -> None:
@@ -150,7 +153,10 @@ class SoupRun:
 
     def __enter__(self) -> SoupRun:
         self.started = time.perf_counter()
-        self.readers = open_inputs(self.sources, self.what, ema=self.ema)
+        self.judge = Judge(self._evaluator)
+        # LoRA adapters soup as the adapted models' full weights, over the recipe model's own weights
+        self.adapter_base = getattr(self.judge.evaluator, "adapter_base", None)
+        self.readers = open_inputs(self.sources, self.what, ema=self.ema, evaluator=self.judge.evaluator)
         try:
             self.keys = check_compatible(self.readers, allow_missing=False)
             self.merged = select_keys(self.keys, self.options.include, self.options.exclude)
@@ -158,7 +164,6 @@ class SoupRun:
             force = self.options.force
             self.out = (check_output_path(self._output, inputs=self.protect, force=force)
                         if self._output is not None else None)
-            self.judge = Judge(self._evaluator)
             check_fits = getattr(self.judge.evaluator, "check_fits", None)
             for reader in self.readers if check_fits is not None else ():
                 check_fits(reader)  # a model/recipe mismatch names the file, not the in-memory soup made from it
@@ -170,6 +175,13 @@ class SoupRun:
 
     def __exit__(self, *exc: object) -> None:
         close_all(self.readers, self.sources)
+
+    def base_for(self, sources: Sequence[Any]) -> Any:
+        """What the soup's final merge takes as ``base``: the weights LoRA adapters among ``sources`` are applied
+        to (None when there are none)."""
+        from soupkit.merging.adapters import adapter_positions
+
+        return self.adapter_base if adapter_positions(sources) else None
 
     @property
     def scoring_sources(self) -> list[Any]:

@@ -164,7 +164,8 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
 
     def write(out: Path | None, **options: Any) -> Any:
         # merge_variants, not merge: a soup of one ingredient is a legitimate outcome, not a user mistake
-        return merge_variants(selected, "linear", [({}, out)], metadata={"soupkit.greedy": record}, **options)[0]
+        return merge_variants(selected, "linear", [({}, out)], metadata={"soupkit.greedy": record},
+                              base=run.base_for(selected), **options)[0]
 
     return run.finish(result, write, "greedy.json", lambda folder: _plots(run, result, folder))
 
@@ -243,7 +244,8 @@ def _plots(run: SoupRun, result: SoupResult, folder: Path) -> list[Path]:
         sources = run.scoring_sources
         points = [{**_point(result.names[i], "ingredient", judge.accuracies(sources[i], tests + shifts), tests,
                             shifts), "heldout": result.scores[i]} for i in valid]
-        uniform = uniform_soup([run.sources[i] for i in valid], ema=run.ema)
+        members = [run.sources[i] for i in valid]
+        uniform = uniform_soup(members, ema=run.ema, base=run.base_for(members))
         points.append(_point(f"uniform soup ({len(valid)})", "uniform",
                              judge.accuracies(uniform, tests + shifts, use_cache=False), tests, shifts))
         soup = result.path if result.path is not None else result.state_dict

@@ -139,7 +139,8 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
             return _write_by_layer(run, checkpoints, per_key, out, {"soupkit.learned": record})
         from soupkit.merging import merge
 
-        return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record}, **options)
+        return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record},
+                     base=run.base_for(checkpoints), **options)
 
     def plots(folder: Path) -> list[Path]:
         from soupkit.report.plots import plot_learned_weights

@@ -32,6 +32,7 @@ class BuiltModel:
     std: tuple[float, ...] | None = None
     text: Any = None  # text models: what tokenisation needs (``transformers_models.TextInfo``); None = images
     fingerprint: str | None = None  # content of files the adapter read besides the checkpoint (score-cache key)
+    base_weights: Any = None  # a checkpoint LoRA adapters are applied to (a transformers folder's own weights)
 
 
 @dataclass

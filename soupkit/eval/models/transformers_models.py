@@ -62,6 +62,11 @@ def folder_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: weight files that make a model folder the base LoRA adapters are applied to
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
 @model_adapter("transformers")
 def transformers_model(path: Path, task: Literal["sequence-classification", "causal-lm"], *,
                        context: BuildContext) -> BuiltModel:
@@ -95,7 +100,8 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
     from soupkit.eval.text import TextTaskModel
 
     module = TextTaskModel(model, task)
-    return BuiltModel(module, text=info, fingerprint=folder_fingerprint(path))
+    weights = next((path for name in _WEIGHT_FILES if (path / name).is_file()), None)
+    return BuiltModel(module, text=info, fingerprint=folder_fingerprint(path), base_weights=weights)
 
 
 def _load_local(auto: Any, path: Path, where: str, what: str) -> Any:
