@@ -63,3 +63,18 @@ def test_greedy_soup_of_adapters_writes_full_weights(kit, tmp_path: Path, cli) -
     want = {k: sum(s[k].double() for s in states) / len(states) for k in soup}
     for key in soup:
         assert torch.allclose(soup[key].double(), want[key], atol=1e-5), key
+
+
+def test_wise_sweep_of_an_adapter_is_base_plus_alpha_update(kit, tmp_path: Path, cli) -> None:
+    text, adapters = kit
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(lm_recipe(text)))
+    out = tmp_path / "wise.safetensors"
+    result = cli("wise", text.folder, adapters[0], "--alpha", "0:1:0.5", "-e", recipe, "-o", out, "-q")
+    assert result.code == 0, result.err
+    alpha = __import__("json").loads(__import__("soupkit").open_checkpoint(out).metadata["soupkit.params"])["alpha"]
+    base, full = load_checkpoint(text.folder), merged(text, adapters[0])
+    soup = load_checkpoint(out)
+    for key in soup:
+        want = base[key].double() + alpha * (full[key].double() - base[key].double())
+        assert torch.allclose(soup[key].double(), want, atol=1e-5), key
