@@ -209,7 +209,7 @@ def test_evaluation_progress_only_on_a_terminal(capsys, monkeypatch) -> None:
     monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
     evaluator.evaluate(state, ["heldout"], progress=True)
     err = capsys.readouterr().err
-    assert "eval <state dict>: heldout" in err and "batches, eta" in err
+    assert "eval candidate: heldout" in err and "batches, eta" in err
 
 
 def test_provenance_records_names_not_machine_paths(tmp_path: Path) -> None:
