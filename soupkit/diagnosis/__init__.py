@@ -43,7 +43,7 @@ def doctor(checkpoints: Sequence[CheckpointSource], base: CheckpointSource | Non
     uniform soup's score. ``json`` / ``plot``: also write the JSON report / the angle heatmap (PNG) there.
     Inputs that do not fit the majority's keys and shapes get the verdict ``incompatible`` instead of an error.
     """
-    readers = _open(checkpoints)
+    readers = _open(checkpoints, base)
     base_reader = None
     try:
         if base is not None:
@@ -84,14 +84,15 @@ def doctor(checkpoints: Sequence[CheckpointSource], base: CheckpointSource | Non
             base_reader.close()
 
 
-def _open(sources: Sequence[CheckpointSource]) -> list[CheckpointReader]:
+def _open(sources: Sequence[CheckpointSource], base: CheckpointSource | None) -> list[CheckpointReader]:
+    """The inputs, headers only; LoRA adapters read as W + dW over ``base`` (so their task vectors are dW)."""
     from soupkit.merging.api import open_inputs
     from soupkit.options import OutputOptions
 
     if isinstance(sources, Sequence) and not isinstance(sources, str) and len(sources) < 2:
         raise ParameterError(f"the doctor compares checkpoints: give at least two, got {len(sources)}")
     names = [_name(s, i) for i, s in enumerate(sources)] if isinstance(sources, Sequence) else None
-    return open_inputs(sources, OutputOptions(), names=names)
+    return open_inputs(sources, OutputOptions(), names=names, adapter_base=base)
 
 
 def _name(source: Any, number: int) -> str:
