@@ -64,3 +64,12 @@ def test_version(capsys) -> None:
     import soupkit
 
     assert render(["--version"], capsys).strip() == f"soupkit {soupkit.__version__}"
+
+
+def test_methods_listing_fits_80_columns(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    text = render(["methods"], capsys)
+    assert "ties" in text and "greedy" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    one = render(["methods", "ties"], capsys)
+    assert "--density" in one and "https://arxiv.org/abs/2306.01708" in one
