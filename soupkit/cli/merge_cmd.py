@@ -24,13 +24,7 @@ from soupkit.cli.options import (
     show_progress,
 )
 from soupkit.options import OutputOptions
-
-#: soup algorithms that choose among the inputs with an evaluation recipe (everything else is a merge method)
-SOUP_ALGORITHMS = {
-    "greedy": ("Greedy soup: add ingredients best-first while held-out accuracy improves (needs --eval).",
-               "accept, prescreen"),
-    "learned": ("Learned soup: mixing weights optimised on held-out data (needs --eval).", "by-layer"),
-}
+from soupkit.report.methods import SOUP_ALGORITHMS
 
 
 def _summary(paths: list[Path], started: float, quiet: bool) -> None:
@@ -214,5 +208,5 @@ def methods(
     if name is not None:
         out.print(method_text(name), soft_wrap=True, highlight=False)
         return
-    print_table(method_table(SOUP_ALGORITHMS), out)
+    print_table(method_table(), out)
     out.print("soupkit methods NAME describes one; its parameters are flags of soupkit merge.", style="dim")

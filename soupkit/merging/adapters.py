@@ -40,15 +40,15 @@ def merge_adapters_without_base(checkpoints: Sequence[CheckpointSource], method:
     spec = get_method(method)
     bound = spec.bind(dict(params), len(checkpoints))
     meta = {k: v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
-    if _linear(method, bound, len(checkpoints)):  # exact (or the exact sum re-factorised, with --rank)
+    try:  # linear in the updates: exact (or the exact sum re-factorised, with --rank)
         weights = lora.adapter_weights(method, bound, len(checkpoints))
+    except ParameterError:
+        if options.rank is None:
+            raise  # names both ways out: --base, --rank
+        result = _refactored(checkpoints, spec, bound, output, options, progress, meta)
+    else:
         result = lora.merge_adapters(checkpoints, weights, output, rank=options.rank, force=options.force,
                                      metadata=meta)
-    elif options.rank is None:
-        raise ParameterError(f"method {method!r} cannot be written exactly as a LoRA adapter; give --base BASE to "
-                             f"write full weights, or --rank R to re-factorise its output by truncated SVD")
-    else:
-        result = _refactored(checkpoints, spec, bound, output, options, progress, meta)
     if options.rank is not None:
         import warnings
 
@@ -57,14 +57,6 @@ def merge_adapters_without_base(checkpoints: Sequence[CheckpointSource], method:
         warnings.warn(f"rank-{options.rank} adapter written to {result.folder}: relative reconstruction error "
                       f"{result.relative_error:.2e}", SoupkitWarning, stacklevel=3)
     return result.folder
-
-
-def _linear(method: str, params: Mapping[str, Any], count: int) -> bool:
-    try:
-        lora.adapter_weights(method, params, count)
-    except ParameterError:
-        return False
-    return True
 
 
 def _refactored(checkpoints: Sequence[CheckpointSource], spec: Any, params: Mapping[str, Any], output: str | Path,

@@ -31,7 +31,16 @@ from soupkit.io.hf_folder import FolderOutput, plan_folder_output
 from soupkit.io.lora import check_adapter_mix
 from soupkit.io.provenance import ingredient_record
 from soupkit.merging.adapters import adapter_positions, merge_adapters_without_base
-from soupkit.merging.engine import EngineRun, SoupkitWarning, Variant, check_compatible, output_plan, select_keys
+from soupkit.merging.engine import (
+    EngineRun,
+    SoupkitWarning,
+    Variant,
+    check_compatible,
+    output_plan,
+    parse_dtype,
+    run_merge,
+    select_keys,
+)
 from soupkit.merging.registry import METHODS, MergeMethod, get_method
 from soupkit.options import OutputOptions, split_options
 
@@ -162,9 +171,7 @@ def merge_variants(
                 sinks.append(CheckpointSink(out, plan, meta, files if out is not None else None, shard_size,
                                             protect=protected, force=options.force))
                 if folder is not None:
-                    folder.add_files(files, dtype=_TORCH_DTYPE_NAMES.get(options.dtype or ""))
-            from soupkit.merging.engine import run_merge
-
+                    folder.add_files(files, dtype=_torch_name(run.dtype))
             run_merge(spec, readers, [Variant(p, s) for p, s in zip(bound, sinks)], run, base_reader, keys)
             return [sink.finish() if folder is None else folder.folder for sink, (_, folder) in zip(sinks, outputs)]
     finally:
@@ -199,7 +206,9 @@ def _without_tied_copies(keys: list[str], outputs: Sequence[tuple[Path | None, F
     return [k for k in keys if k not in omitted] if omitted else keys
 
 
-_TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
+def _torch_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (how config.json and provenance name dtypes)."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _extra(metadata: Mapping[str, Any] | None, base: CheckpointReader | None, options: OutputOptions) -> dict:
@@ -207,7 +216,7 @@ def _extra(metadata: Mapping[str, Any] | None, base: CheckpointReader | None, op
     if base is not None:
         extra["soupkit.base"] = ingredient_record(base.name, base.path, base.nbytes)
     if options.dtype is not None:
-        extra["soupkit.dtype"] = _TORCH_DTYPE_NAMES[options.dtype]
+        extra["soupkit.dtype"] = _torch_name(parse_dtype(options.dtype))
     if options.include or options.exclude:
         extra["soupkit.filter"] = {"include": list(options.include), "exclude": list(options.exclude)}
     return extra

@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -574,20 +573,3 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-def open_all(sources: Sequence[Any], opener: Callable[[Any, int], CheckpointReader]) -> list[CheckpointReader]:
-    readers: list[CheckpointReader] = []
-    try:
-        for number, source in enumerate(sources):
-            readers.append(opener(source, number))
-    except BaseException:
-        for reader in readers:
-            reader.close()
-        raise
-    return readers
-
-
-def describe_sources(sources: Sequence[Any]) -> list[str]:
-    return [str(s) if isinstance(s, (str, Path)) else f"<state dict #{i}>" for i, s in enumerate(sources)]
-

@@ -5,7 +5,6 @@ they are stale: ``python -m soupkit.report.methods --write`` regenerates them). 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ def _default(value: Any) -> str:
         if isinstance(value, float) else str(value)
 
 
-def method_table(algorithms: Mapping[str, tuple[str, str]] = ()) -> Any:  # type: ignore[assignment]
-    """A rich table of every method (and the soup ``algorithms``: name -> (what it does, its flags))."""
+def method_table() -> Any:
+    """A rich table of every method and soup algorithm."""
     from rich.table import Table
 
     from soupkit.merging.registry import METHODS
@@ -41,7 +40,7 @@ def method_table(algorithms: Mapping[str, tuple[str, str]] = ()) -> Any:  # type
     table.add_column("flags", ratio=2)
     for method in METHODS:
         table.add_row(method.name, method.pretty_name, "\n".join(_parameters(method.name)) or "-")
-    for name, (what, flags) in dict(algorithms).items():
+    for name, (what, flags, _) in SOUP_ALGORITHMS.items():
         table.add_row(name, what, "\n".join(f"--{f.strip()}" for f in flags.split(",")))
     return table
 
@@ -68,10 +67,13 @@ def method_text(name: str) -> str:
 
 #: files holding a generated methods table, and its style
 GENERATED = {"docs/methods.md": "full", "README.md": "compact"}
-_ALGORITHMS = [("greedy", "soup algorithm, needs --eval: add ingredients best-first while held-out accuracy "
-                          "improves", "https://arxiv.org/abs/2203.05482"),
-               ("learned", "soup algorithm, needs --eval: mixing weights optimised on held-out data",
-                "https://arxiv.org/abs/2203.05482")]
+#: soup algorithms (``soupkit merge --method NAME --eval RECIPE``): name -> (what it does, its flags, paper)
+SOUP_ALGORITHMS = {
+    "greedy": ("Greedy soup: add ingredients best-first while held-out accuracy improves (needs --eval).",
+               "accept, prescreen", "https://arxiv.org/abs/2203.05482"),
+    "learned": ("Learned soup: mixing weights optimised on held-out data (needs --eval).", "by-layer",
+                "https://arxiv.org/abs/2203.05482"),
+}
 
 
 def _cell(text: str) -> str:
@@ -102,7 +104,7 @@ def docs_table(style: str = "full") -> str:
                 "|---|---|---|---|---|---|"]
     rows += [_row(m, style) for m in METHODS if METHODS.owner(m.name).startswith("soupkit.")]
     if style == "compact":
-        rows += [f"| `{name}` | {what} | [paper]({url}) |" for name, what, url in _ALGORITHMS]
+        rows += [f"| `{name}` | {what} | [paper]({url}) |" for name, (what, _, url) in SOUP_ALGORITHMS.items()]
     return "\n".join([DOCS_BEGIN, *rows, DOCS_END])
 
 

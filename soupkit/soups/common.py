@@ -76,10 +76,10 @@ def open_inputs(sources: Sequence[Any], what: str = "checkpoints", *, ema: bool 
     """Open every input lazily (headers only), refusing an empty list and a file given twice (the merge's own
     ``open_inputs``, with ingredient names). LoRA adapters read as full weights over the evaluator's
     ``adapter_base`` (a transformers recipe's model folder)."""
-    from soupkit.merging.api import open_inputs as open_all
+    from soupkit.merging import api
 
     names = ingredient_names(sources) if isinstance(sources, Sequence) and not isinstance(sources, str) else None
-    return open_all(sources, OutputOptions(ema=ema), names=names, what=what,
+    return api.open_inputs(sources, OutputOptions(ema=ema), names=names, what=what,
                     adapter_base=getattr(evaluator, "adapter_base", None))
 
 
