@@ -19,6 +19,7 @@ from typing import Any
 from soupkit.errors import ParameterError, RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter, resolve_path
+from soupkit.io.foreign_code import forbid_remote_code_prompts, refuse_foreign_code, refuse_source_prefix
 
 TEMPLATE_SETS = ("openai", "simple")
 
@@ -93,6 +94,7 @@ def create_clip(name: str, weights: Path | None, config: Path | None, where: str
     model-config JSON (named by its file stem) first, for architectures open_clip does not ship."""
     import open_clip
 
+    refuse_source_prefix(name, f"{where}.name", "open_clip")
     if config is not None:
         if not config.is_file():
             raise RecipeError(f"{where}.config: {config} does not exist")
@@ -101,6 +103,7 @@ def create_clip(name: str, weights: Path | None, config: Path | None, where: str
         from soupkit.errors import unknown_choice
 
         raise RecipeError(f"{where}.name: {unknown_choice('open_clip model', name, open_clip.list_models())}")
+    _refuse_hf_text_tower(open_clip.get_model_config(name) or {}, name, where)
     if weights is not None and not weights.exists():
         raise RecipeError(f"{where}.weights: {weights} does not exist")
     import logging
@@ -121,6 +124,22 @@ def create_clip(name: str, weights: Path | None, config: Path | None, where: str
             raise RecipeError(f"{where}.weights: {weights} is not a {name} CLIP checkpoint (missing "
                               f"{result.missing_keys[:3]})")
     return model.eval(), preprocess
+
+
+def _refuse_hf_text_tower(model_config: dict[str, Any], name: str, where: str) -> None:
+    """A text tower from Hugging Face (``text_cfg.hf_model_name`` / ``hf_tokenizer_name``) must be a local folder
+    that ships no code: open_clip loads it with ``AutoConfig.from_pretrained`` and no ``trust_remote_code``."""
+    text = model_config.get("text_cfg") or {}
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        value = text.get(key)
+        if not value:
+            continue
+        folder = Path(str(value))
+        if not folder.is_dir():
+            raise RecipeError(f"{where}.name: open_clip model {name!r} needs the Hugging Face model {value!r} "
+                              f"(text_cfg.{key}); soupkit loads nothing from the hub: point it at a local folder")
+        refuse_foreign_code(folder, f"{where}.name ({name} text_cfg.{key})")
+        forbid_remote_code_prompts()
 
 
 def zeroshot_weights(model: Any, name: str, classes: list[str], templates: list[Any], device: Any) -> Any:

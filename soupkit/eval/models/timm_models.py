@@ -9,6 +9,10 @@ from typing import Any
 from soupkit.errors import RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel, load_weights
 from soupkit.eval.registry import model_adapter
+from soupkit.io.foreign_code import refuse_source_prefix
+
+#: create_model keyword arguments that make timm load configs or weights itself (from the hub or any file)
+_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 
 
 @model_adapter("timm")
@@ -18,6 +22,11 @@ def timm_model(name: str, num_classes: int = 1000, weights: Path | None = None, 
     import timm
     from timm.data import create_transform, resolve_data_config
 
+    refuse_source_prefix(name, f"{context.where}.name", "timm")
+    loading = sorted(set(kwargs or {}) & set(_LOADING_KWARGS))
+    if loading:
+        raise RecipeError(f"{context.where}.kwargs: {loading[0]!r} makes timm load weights or configs itself; "
+                          "soupkit builds timm models with pretrained=False: give a local `weights` file instead")
     if not timm.is_model(name):
         from soupkit.errors import unknown_choice
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from soupkit.errors import RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter
+from soupkit.io.foreign_code import NO_REMOTE_CODE, forbid_remote_code_prompts, refuse_foreign_code
 
 #: files of a model folder whose bytes define the architecture and the tokenisation (part of the score-cache key)
 _DEFINING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -76,8 +77,10 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
     if not (path / "config.json").is_file():
         raise RecipeError(f"{where}.path: {path} has no config.json (a transformers model folder: config.json "
                           "and tokenizer files, e.g. written by save_pretrained)")
+    refuse_foreign_code(path, f"{where}.path")
     import transformers
 
+    forbid_remote_code_prompts()
     config = _load_local(transformers.AutoConfig, path, f"{where}.path", "config")
     tokenizer = _load_local(transformers.AutoTokenizer, path, f"{where}.path", "tokenizer")
     auto = (transformers.AutoModelForSequenceClassification if task == "sequence-classification"
@@ -86,7 +89,7 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # random weights from a config are expected, not news
     try:
-        model = auto.from_config(config)
+        model = auto.from_config(config, trust_remote_code=False)
     except ValueError as error:
         first = str(error).strip().splitlines()[0]
         raise RecipeError(f"{where}.task: {config.model_type} has no {task} head in transformers ({first})"
@@ -106,7 +109,7 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
 
 def _load_local(auto: Any, path: Path, where: str, what: str) -> Any:
     try:
-        return auto.from_pretrained(str(path), local_files_only=True)
+        return auto.from_pretrained(str(path), **NO_REMOTE_CODE)
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RecipeError(f"{where}: cannot load the {what} from {path} ({first})") from None
