@@ -5,8 +5,8 @@ Hugging Face folders can name Python classes of their own (``auto_map`` in ``con
 transformers then *asks on stdin* whether to import the folder's ``.py`` files, and a ``y`` runs them. soupkit
 closes that in three layers, all here:
 
-1. :func:`refuse_foreign_code` reads a folder's config files (regular files inside the folder, size-bounded, never
-   following links) before any library sees them, and refuses ``auto_map``, ``custom_pipelines`` and unknown
+1. :func:`refuse_foreign_code` reads a folder's config files (bounded regular files inside the folder, through
+   ``soupkit.io.small_files``) before any library sees them, and refuses ``auto_map``, ``custom_pipelines`` and unknown
    classes in one line naming the file and key.
 2. :data:`NO_REMOTE_CODE` is passed to every ``from_pretrained`` soupkit makes: ``trust_remote_code=False`` and
    ``local_files_only=True`` (never the hub).
@@ -20,14 +20,11 @@ make timm and open_clip fetch configs and weights of their own.
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from soupkit.errors import RecipeError
+from soupkit.errors import RecipeError, SoupkitError
+from soupkit.io.small_files import read_json_file
 
 #: keyword arguments of every ``from_pretrained`` soupkit calls
 NO_REMOTE_CODE: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
@@ -85,32 +82,12 @@ def forbid_remote_code_prompts() -> None:
 
 
 def _read_config(folder: Path, name: str, where: str) -> Any:
-    """The parsed JSON of ``folder/name`` if it is a regular file inside the folder; None when absent."""
-    path = folder / name
+    """The parsed JSON of ``folder/name`` (a bounded regular file inside the folder: ``soupkit.io.small_files``);
+    None when absent."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise RecipeError(f"{where}: {path} is a symbolic link; soupkit reads config files only as regular "
-                              "files inside the model folder") from None
-        raise RecipeError(f"{where}: cannot read {path} ({error.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise RecipeError(f"{where}: {path} is not a regular file")
-        if info.st_size > CONFIG_LIMIT:
-            raise RecipeError(f"{where}: {path} is {info.st_size:,} bytes; config files over "
-                              f"{CONFIG_LIMIT // 2**20} MiB are refused")
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            raw = file.read(CONFIG_LIMIT + 1)
-    finally:
-        os.close(fd)
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise RecipeError(f"{where}: {path} is not valid JSON") from None
+        return read_json_file(folder, name, limit=CONFIG_LIMIT)
+    except SoupkitError as error:
+        raise RecipeError(f"{where}: {error}") from None
 
 
 def _known_class(value: Any) -> bool:

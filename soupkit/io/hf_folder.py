@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +26,15 @@ from typing import Any
 
 from soupkit.errors import OutputError
 from soupkit.io.base import CheckpointReader
+from soupkit.io.small_files import MAX_COPY_BYTES, check_small_file, copy_small_file, entry_kind, read_json_file
 
 __all__ = ["DEFAULT_SHARD_SIZE", "FolderOutput", "hf_folder_of", "is_folder_output", "plan_folder_output",
            "tie_aliases", "with_ties"]
 
 #: transformers' default ``max_shard_size`` ("5GB", decimal)
 DEFAULT_SHARD_SIZE = 5 * 10**9
-#: the largest non-weight file copied into an output folder (a tokenizer.json of a 250k vocabulary is ~35 MB)
-MAX_COPIED_BYTES = 64 * 2**20
+#: the largest non-weight file copied into an output folder (``soupkit.io.small_files``); a larger one is refused
+MAX_COPIED_BYTES = MAX_COPY_BYTES
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl",
                     ".npz", ".ot")
 #: never copied: a Trainer checkpoint's run state, the model card (it describes the input, not the soup), and
@@ -41,6 +42,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 #: or loaders would take the folder for an adapter)
 _SKIPPED_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "README.md",
                   "adapter_config.json")
+#: names a model folder's loaders read as files: a folder under one of these names is refused, not skipped
+_KNOWN_SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                      "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 _HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                     "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -71,17 +76,16 @@ _LM_HEAD_ARCHITECTURES = re.compile(r"(ForCausalLM|LMHeadModel|ForConditionalGen
 
 def hf_folder_of(path: Path) -> Path | None:
     """The Hugging Face folder a checkpoint path belongs to (the folder itself, or the parent of its weights
-    file / index), when it holds a ``config.json``; else None."""
+    file / index), when it holds a ``config.json`` entry (of any kind: reading it refuses one that is not a
+    regular file inside the folder); else None."""
     folder = path if path.is_dir() else path.parent
-    return folder if (folder / "config.json").is_file() else None
+    return folder if entry_kind(folder, "config.json") is not None else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
+    """A folder's ``config.json`` (``soupkit.io.small_files`` rules: a regular file inside the folder, bounded),
+    ``{}`` when absent; a config that is not a JSON object is refused in one line naming it, never guessed at."""
+    return read_json_file(folder, name) or {}
 
 
 def _ties_word_embeddings(config: dict[str, Any]) -> bool:
@@ -121,7 +125,7 @@ def with_ties(reader: CheckpointReader, source: Path) -> CheckpointReader:
     folder = hf_folder_of(source)
     if folder is None:
         return reader
-    aliases = tie_aliases(_read_json(folder / "config.json"), reader)
+    aliases = tie_aliases(read_config(folder), reader)
     if not aliases:
         return reader
     mapping = {key: key for key in reader.keys()}
@@ -142,7 +146,7 @@ def _input_folder(source: Any, marker: str | None = None) -> Path | None:
     if folder is None:
         return None
     markers = (marker,) if marker else ("config.json", "adapter_config.json")
-    return folder if any((folder / name).is_file() for name in markers) else None
+    return folder if any(entry_kind(folder, name) is not None for name in markers) else None
 
 
 def is_folder_output(output: str | Path, inputs: Sequence[Any] = ()) -> bool:
@@ -202,12 +206,24 @@ class FolderOutput:
         loaders rebuild them from their partner; a GPT-2 soup saves one vocabulary-sized matrix, not two)."""
         if self.template is None or self.adapter:
             return set()
-        return set(tie_aliases(_read_json(self.template / "config.json"), set(keys), present=True))
+        return set(tie_aliases(read_config(self.template), set(keys), present=True))
 
     def _planned_copies(self) -> list[Path]:
+        """The template's small files to copy, each checked (``soupkit.io.small_files``): one that is a link out of
+        the folder, a FIFO, a device, or over ``MAX_COPY_BYTES`` refuses the output in one line naming it."""
         if self.template is None:
             return []
-        return [self.folder / p.name for p in sorted(self.template.iterdir()) if _copyable(p, self.adapter)]
+        planned = []
+        for name in sorted(os.listdir(self.template)):
+            if not _copyable_name(name, self.adapter):
+                continue
+            kind = entry_kind(self.template, name)
+            subfolder = kind == "dir" or (kind == "link" and (self.template / name).is_dir())
+            if name not in _KNOWN_SMALL_FILES and subfolder:
+                continue  # a subfolder (a Trainer's checkpoint-500/, runs/), or a link to one, is never entered
+            check_small_file(self.template, name)
+            planned.append(self.folder / name)
+        return planned
 
     def add_files(self, outputs: Any, *, dtype: str | None = None) -> list[Path]:
         """Copy the template folder's small non-weight files into ``outputs`` (an ``OutputSet``): published
@@ -215,32 +231,43 @@ class FolderOutput:
         written = []
         for target in self._planned_copies():
             assert self.template is not None
-            source = self.template / target.name
             handle = outputs.open(target)
             if target.name == "config.json" and dtype is not None:
-                config = _read_json(source)
+                config = read_config(self.template)
                 config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
                 handle.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
             else:
-                with open(source, "rb") as src:
-                    shutil.copyfileobj(src, handle)
+                try:
+                    source_mode = copy_small_file(self.template, target.name, handle)
+                except FileNotFoundError:
+                    raise OutputError(f"{self.template / target.name}: vanished while the output was written") from None
+                _no_wider_than(handle, source_mode)
             written.append(target)
         self.copied = written
         return written
 
 
+def _is_weight_name(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
 def _is_weight_file(path: Path) -> bool:
-    name = path.name
-    return path.is_file() and (name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"))
+    return _is_weight_name(path.name) and entry_kind(path.parent, path.name) is not None
 
 
-def _copyable(path: Path, adapter: bool) -> bool:
+def _copyable_name(name: str, adapter: bool) -> bool:
     """Small files a loader reads beside the weights: configs, tokenizer, chat template, vocabularies."""
-    if not path.is_file() or path.name.startswith(".") or _is_weight_file(path) or path.name in _SKIPPED_FILES:
+    if name.startswith(".") or _is_weight_name(name) or name in _SKIPPED_FILES:
         return False
-    if adapter and path.name in ("config.json", "generation_config.json"):
-        return False  # a base model's configs describe the base, not the adapter
-    return path.stat().st_size <= MAX_COPIED_BYTES
+    return not (adapter and name in ("config.json", "generation_config.json"))  # they describe the base
+
+
+def _no_wider_than(handle: Any, source_mode: int) -> None:
+    """A copy's permissions never exceed its source's: a mode-0600 config.json is not published as 0644."""
+    fd = handle.fileno()
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & ~source_mode:
+        os.fchmod(fd, mode & source_mode)
 
 
 def plan_folder_output(output: str | Path | None, inputs: Sequence[Any], *, adapter: bool = False,

@@ -58,12 +58,13 @@ def find_adapter(path: str | Path) -> tuple[Path, Path] | None:
         folder = p
     elif p.is_file() and (p.name in ADAPTER_WEIGHTS or p.name == ADAPTER_CONFIG):
         folder = p.parent
-    elif p.is_file() and p.suffix in (".safetensors", ".bin", ".pt") and (p.parent / ADAPTER_CONFIG).is_file():
+    elif p.is_file() and p.suffix in (".safetensors", ".bin", ".pt") and (
+            (p.parent / ADAPTER_CONFIG).exists() or (p.parent / ADAPTER_CONFIG).is_symlink()):
         return p.parent / ADAPTER_CONFIG, p  # a renamed weights file beside its config
     else:
         return None
     config = folder / ADAPTER_CONFIG
-    if not config.is_file():
+    if not config.exists() and not config.is_symlink():  # any entry of that name: reading it refuses a bad one
         return None
     if p.is_file() and p.name != ADAPTER_CONFIG:
         return config, p
@@ -125,14 +126,11 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 
 def _read_config(config_path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(config_path.read_text())
-    except OSError as err:
-        raise CheckpointError(f"{config_path}: cannot read: {err.strerror}") from None
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{config_path}: not valid JSON") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: not a JSON object")
+    from soupkit.io.small_files import read_json_file
+
+    config = read_json_file(config_path.parent, config_path.name)  # a regular file inside the folder, bounded
+    if config is None:
+        raise CheckpointError(f"{config_path}: cannot read: No such file or directory")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CheckpointError(f"{config_path}: a {peft_type} adapter; soupkit merges LoRA adapters only")

@@ -32,8 +32,18 @@ def _stat_key(path: Path) -> tuple[str, int, int, int]:
 
 def _files_of(path: Path) -> list[Path]:
     """The files that make up a checkpoint: itself, or the shards an index names (plus the index)."""
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file())
+    if path.is_dir():  # a link out of the folder, a FIFO or /proc file is never read (soupkit.io.small_files)
+        from soupkit.io.small_files import check_small_file
+
+        files = []
+        for p in sorted(path.iterdir()):
+            weights = p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json"))
+            if weights and p.is_file():
+                files.append(p)  # weights are read under the inputs' policy (links followed, SECURITY.md)
+            elif not weights and not p.name.startswith(".") and (p.is_symlink() or p.is_file()):
+                check_small_file(path, p.name, limit=2**63)
+                files.append(p)
+        return files
     if path.name.endswith(".index.json"):
         try:
             weight_map = json.loads(path.read_text()).get("weight_map", {})

@@ -138,7 +138,7 @@ def test_symlinked_config_is_refused(clean_kit, tmp_path):
     recipe = _recipe(tmp_path, {"kind": "transformers", "path": str(folder), "task": "sequence-classification"},
                      clean_kit["data"])
     result = _run_real("eval", clean_kit["checkpoint"], "--eval", recipe, cwd=tmp_path)
-    _assert_refused(result, tmp_path / "CANARY", "config.json", "symbolic link")
+    _assert_refused(result, tmp_path / "CANARY", "config.json", "symlink to a file outside the folder")
 
 
 def test_a_clean_folder_still_loads(clean_kit, tmp_path):

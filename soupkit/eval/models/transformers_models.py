@@ -26,6 +26,7 @@ Its parameters and state-dict keys are exactly the wrapped transformers model's,
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,18 +55,27 @@ class TextInfo:
 
 
 def folder_fingerprint(path: Path) -> str:
-    """blake2b over the folder's config and tokenizer files: a changed vocabulary or config rescores."""
+    """blake2b over the folder's config and tokenizer files: a changed vocabulary or config rescores. Every
+    small file transformers may read is checked first (``soupkit.io.small_files``: a regular file inside the
+    folder), so a ``tokenizer.json`` linked out of the folder is refused before transformers could follow it."""
+    from soupkit.io.small_files import MAX_COPY_BYTES, check_small_file, read_small_file
+
+    for name in sorted(os.listdir(path)):
+        if not name.startswith(".") and not name.endswith(_WEIGHT_SUFFIXES) and not (path / name).is_dir():
+            check_small_file(path, name, limit=MAX_COPY_BYTES if name in _DEFINING_FILES else 2**63)
     digest = hashlib.blake2b(digest_size=16)
     for name in _DEFINING_FILES:
-        file = path / name
-        if file.is_file():
-            digest.update(name.encode() + b"\0" + file.read_bytes())
+        data = read_small_file(path, name, limit=MAX_COPY_BYTES)
+        if data is not None:
+            digest.update(name.encode() + b"\0" + data)
     return digest.hexdigest()
 
 
 #: weight files that make a model folder the base LoRA adapters are applied to
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+#: weights are read by soupkit's own checkpoint readers, under their own policy (SECURITY.md)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".h5", ".msgpack", ".gguf")
 
 
 @model_adapter("transformers")
@@ -74,10 +84,11 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
     """A transformers model from a local folder's ``config.json`` and tokenizer files (never the hub); weights
     come from the checkpoints scored."""
     where = context.where
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
         raise RecipeError(f"{where}.path: {path} has no config.json (a transformers model folder: config.json "
                           "and tokenizer files, e.g. written by save_pretrained)")
     refuse_foreign_code(path, f"{where}.path")
+    fingerprint = folder_fingerprint(path)  # before transformers opens any of the folder's files
     import transformers
 
     forbid_remote_code_prompts()
@@ -104,7 +115,7 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
 
     module = TextTaskModel(model, task)
     weights = next((path for name in _WEIGHT_FILES if (path / name).is_file()), None)
-    return BuiltModel(module, text=info, fingerprint=folder_fingerprint(path), base_weights=weights)
+    return BuiltModel(module, text=info, fingerprint=fingerprint, base_weights=weights)
 
 
 def _load_local(auto: Any, path: Path, where: str, what: str) -> Any:
