@@ -174,7 +174,7 @@ class MergeMethod:
             raise ParameterError(_message(self, error)) from None
         for name, spec in self.parameters.items():
             values = getattr(bound, name)
-            if spec.per_model and spec.kind is float and values and not math.isfinite(sum(map(abs, values))):
+            if spec.per_model and spec.kind is float and isinstance(values, list) and values and not math.isfinite(sum(map(abs, values))):
                 raise ParameterError(f"{self.name}: {user_name(name)} are too large: their sum overflows, got "
                                      f"{', '.join(map(str, values))}")
         bound._n_models = n_models
@@ -284,9 +284,22 @@ def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
     return hint, metadata
 
 
+def _one_or_per_model(hint: Any) -> Any:
+    """``float | list[float]`` (one value for every model, or one per model; its default is the one value)
+    reads as ``list[float]``: the engine hands the method either form."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
+    args = typing.get_args(hint)
+    listed = [a for a in args if typing.get_origin(a) is list]
+    if len(args) == 2 and len(listed) == 1 and typing.get_args(listed[0]) == tuple(a for a in args if a is not listed[0]):
+        return listed[0]
+    return hint
+
+
 def _parameter(fn: Callable[..., Any], param: inspect.Parameter) -> tuple[Parameter, Any]:
     """One keyword-only parameter -> (its description, its pydantic field)."""
     hint, metadata = _unwrap(_annotation(fn, param))
+    hint = _one_or_per_model(hint)
     files = next((m for m in metadata if isinstance(m, TensorFiles)), None)
     info = next((m for m in metadata if isinstance(m, Param)), Param())
     per_model = typing.get_origin(hint) in (list, tuple, Sequence)
