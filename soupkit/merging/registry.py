@@ -174,7 +174,8 @@ class MergeMethod:
             raise ParameterError(_message(self, error)) from None
         for name, spec in self.parameters.items():
             values = getattr(bound, name)
-            if spec.per_model and spec.kind is float and isinstance(values, list) and values and not math.isfinite(sum(map(abs, values))):
+            if (spec.per_model and spec.kind is float and isinstance(values, list) and values
+                    and not math.isfinite(sum(map(abs, values)))):
                 raise ParameterError(f"{self.name}: {user_name(name)} are too large: their sum overflows, got "
                                      f"{', '.join(map(str, values))}")
         bound._n_models = n_models
@@ -291,7 +292,8 @@ def _one_or_per_model(hint: Any) -> Any:
         return hint
     args = typing.get_args(hint)
     listed = [a for a in args if typing.get_origin(a) is list]
-    if len(args) == 2 and len(listed) == 1 and typing.get_args(listed[0]) == tuple(a for a in args if a is not listed[0]):
+    scalars = tuple(a for a in args if a not in listed)
+    if len(args) == 2 and len(listed) == 1 and typing.get_args(listed[0]) == scalars:
         return listed[0]
     return hint
 

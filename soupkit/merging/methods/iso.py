@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
 from soupkit._lazy import torch
-from soupkit.merging.methods.task_arithmetic import SCALING
 from soupkit.merging.registry import Param, merge_method
 from soupkit.merging.spectral import is_matrix, mean_task_vector, polar
 
