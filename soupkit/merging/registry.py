@@ -44,7 +44,7 @@ from soupkit.registry import Registry
 
 #: engine context a method may declare, and what it receives
 CONTEXT = {
-    "base": "the base model's tensor (the method needs --base)",
+    "base": "the base model's tensor (the method needs --base; with a default of None, --base is optional)",
     "key": "the tensor's name (e.g. to seed randomness per tensor)",
     "offset": "where this flat chunk starts in the tensor (elementwise methods)",
 }
@@ -146,9 +146,16 @@ class MergeMethod:
     context: frozenset[str] = frozenset()
     propagates_nonfinite: bool = False
     schema: type[MethodParams] = MethodParams
+    optional_base: bool = False  # ``base: Tensor | None = None``: merges with or without --base
 
     @property
     def needs_base(self) -> bool:
+        """--base is required."""
+        return "base" in self.context and not self.optional_base
+
+    @property
+    def takes_base(self) -> bool:
+        """--base is accepted (required or optional)."""
         return "base" in self.context
 
     @property
@@ -345,6 +352,12 @@ def _signature(name: str, fn: Callable[..., Any]) -> tuple[dict[str, Parameter],
     return specs, schema, frozenset(context)
 
 
+def _optional_base(fn: Callable[..., Any]) -> bool:
+    """``base: Tensor | None = None``: the method merges with or without a base model."""
+    base = inspect.signature(fn).parameters.get("base")
+    return base is not None and base.default is None
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 METHODS: Registry[MergeMethod] = Registry("merge method", "soupkit.merging.methods", group="soupkit.methods",
@@ -378,6 +391,7 @@ def merge_method(
             description=doc.split("\n\n")[0].replace("\n", " ") if doc else pretty_name,
             min_models=min_models, max_models=max_models, elementwise=elementwise, check=check,
             parameters=parameters, context=context, propagates_nonfinite=propagates_nonfinite, schema=schema,
+            optional_base=_optional_base(fn),
         ), owner=fn.__module__)
         return fn
 

@@ -359,6 +359,19 @@ def test_nuslerp(tmp_path: Path, weights: list[float], flatten: bool, row_wise: 
             assert_close(out[key], ref_nuslerp(f64(a, key), f64(b, key), weights, flatten, row_wise))
 
 
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_spherical_methods_with_a_base_interpolate_the_task_vectors(tmp_path: Path, method: str) -> None:
+    base, models = task_states(2, spread=1.0)
+    weights = [0.4, 0.6]
+    for out in merge_both(tmp_path, method, models, base, weights=weights):
+        for key in FLOAT_KEYS:
+            a, b = f64(models[0], key) - f64(base, key), f64(models[1], key) - f64(base, key)
+            merged = ref_nuslerp(a, b, weights, True, False) if method == "nuslerp" else ref_multislerp([a, b],
+                                                                                                        weights)
+            assert_close(out[key], f64(base, key) + merged)
+    assert soupkit.get_method(method).takes_base and not soupkit.get_method(method).needs_base
+
+
 def test_nuslerp_equals_slerp_at_the_same_t() -> None:
     _, (a, b) = task_states(2, spread=1.0)
     nu = soupkit.merge([a, b], "nuslerp", weights=[0.75, 0.25])
@@ -584,6 +597,7 @@ CLI_RUNS = [
     (["--method", "breadcrumbs", "--base", "base.safetensors", "--density", "0.8", "--gamma", "0.05",
       "--rescale", "true"], {"density": 0.8, "gamma": 0.05, "rescale": True}),
     (["--method", "multislerp", "--weights", "1,2,3"], {"weights": [1, 2, 3]}),
+    (["--method", "multislerp", "--base", "base.safetensors"], {}),
 ]
 
 

@@ -32,12 +32,14 @@ def multislerp(
     tensors: Sequence[Tensor],
     *,
     key: str,
+    base: Tensor | None = None,
     weights: Annotated[float | list[float], WEIGHTS] = 1.0,
     normalize_weights: Annotated[bool, Param("Divide the weights by their sum.")] = True,
     eps: Annotated[float, Param("Added to norms before dividing by them (mergekit's eps).", gt=0)] = 1e-8,
 ) -> Tensor:
     """exp_m(sum_i w_i P_m(u_i)) * sum_i w_i |theta_i|: u_i the unit directions, m their normalised weighted
-    mean, P_m the projection onto the tangent space at m, exp_m the exponential map back to the sphere.
+    mean, P_m the projection onto the tangent space at m, exp_m the exponential map back to the sphere; with
+    --base, of the task vectors theta_i - base (the result added to the base).
 
     SLERP for more than two models: interpolates directions on the sphere and norms linearly. Two antipodal
     inputs with balancing weights interpolate linearly; more such inputs are refused (their mean direction is
@@ -46,6 +48,9 @@ def multislerp(
     n = len(tensors)
     if n == 1 or all(torch.equal(tensors[0], other) for other in tensors[1:]):
         return tensors[0].clone()
+    if base is not None:
+        return base + multislerp([t - base for t in tensors], key=key, weights=weights,
+                                 normalize_weights=normalize_weights, eps=eps)
     w = one_per_model(weights, n)
     if normalize_weights:
         total = sum(w)

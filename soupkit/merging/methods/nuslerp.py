@@ -45,6 +45,7 @@ def slerp_along_last(t: float, v0: Tensor, v1: Tensor) -> Tensor:
 def nuslerp(
     tensors: Sequence[Tensor],
     *,
+    base: Tensor | None = None,
     weights: Annotated[float | list[float], WEIGHTS] = 1.0,
     nuslerp_flatten: Annotated[bool, Param("Treat each tensor as one vector (false: interpolate each row, or "
                                            "with nuslerp_row_wise each column, separately).")] = True,
@@ -52,7 +53,8 @@ def nuslerp(
                                             "name) instead of the last dim.")] = False,
 ) -> Tensor:
     """SLERP between the two models at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to ~0): of whole
-    tensors, or of each row or column.
+    tensors, or of each row or column; with --base, of the task vectors (base + SLERP(theta_1 - base, theta_2 -
+    base)).
 
     mergekit's successor of slerp: relative weights instead of t, and row-wise interpolation for tensors whose
     rows are independent directions. Equal weights (the default) give the spherical midpoint.
@@ -63,8 +65,12 @@ def nuslerp(
     w = one_per_model(weights, 2)
     total = w[0] + w[1]
     t = 0.5 if abs(total) < WEIGHT_SUM_EPS else w[1] / total
+    if base is not None:
+        first, second = first - base, second - base
     if nuslerp_flatten:
-        return slerp_along_last(t, first.reshape(-1), second.reshape(-1)).view_as(first)
-    if nuslerp_row_wise and first.dim() > 1:
-        return slerp_along_last(t, first.transpose(0, -1), second.transpose(0, -1)).transpose(0, -1).contiguous()
-    return slerp_along_last(t, first, second)
+        merged = slerp_along_last(t, first.reshape(-1), second.reshape(-1)).view_as(first)
+    elif nuslerp_row_wise and first.dim() > 1:
+        merged = slerp_along_last(t, first.transpose(0, -1), second.transpose(0, -1)).transpose(0, -1).contiguous()
+    else:
+        merged = slerp_along_last(t, first, second)
+    return merged if base is None else merged.add_(base)
