@@ -642,3 +642,16 @@ def test_cli_subprocess_tsv_on_cpu(folder: Path) -> None:
     written = load_checkpoint(folder / "tsv.safetensors")
     expected = soupkit.merge([folder / f"m{i}.safetensors" for i in range(3)], "tsv", base=folder / "base.safetensors")
     assert all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.9, 0.01), (0.5, 0.2), (0.95, 0.1), (0.001, 0.0), (0.3, 0.9)])
+@pytest.mark.parametrize("kind", ["normal", "few distinct values"])
+def test_breadcrumbs_mask_equals_a_stable_sort(density: float, gamma: float, kind: str) -> None:
+    # the mask is found by two selections, not a sort; it must be exactly a stable sort's positions, ties included
+    from soupkit.merging.sparsify import magnitude_outliers
+
+    g = torch.Generator().manual_seed(4)
+    n = 200_003
+    delta = torch.randn(n, generator=g) if kind == "normal" else torch.randint(-3, 4, (n,), generator=g).float()
+    got = magnitude_outliers(delta, density, gamma).numpy()
+    np.testing.assert_array_equal(got, ref_breadcrumbs_mask(delta.double().numpy(), density, gamma, False))
