@@ -319,6 +319,42 @@ def test_della_keeps_large_entries_more_often_and_is_seeded() -> None:
     torch.testing.assert_close(rescaled.abs().sum(), model["w"].abs().sum())  # rescale keeps the L1 norm
 
 
+def _raw(state: dict) -> dict:
+    return {k: v.contiguous().view(-1).view(torch.uint8) if v.numel() else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_same_seed_is_bit_identical_across_chunking_and_key_order(tmp_path: Path, method: str) -> None:
+    base, models = task_states(3, spread=0.2)
+    paths = [write(tmp_path, f"m{i}", m) for i, m in enumerate(models)]
+    reversed_paths = [write(tmp_path, f"r{i}", dict(reversed(list(m.items())))) for i, m in enumerate(models)]
+    base_path = write(tmp_path, "base", base)
+    params = {"density": 0.5, "epsilon": 0.2, "seed": 9}
+    outputs = [_raw(soupkit.merge(inputs, method, base=base_path, chunk_elements=chunk, **params))
+               for inputs, chunk in [(paths, 7), (paths, 1 << 20), (reversed_paths, 3)]]
+    for other in outputs[1:]:
+        assert other.keys() == outputs[0].keys() and all(torch.equal(other[k], outputs[0][k]) for k in other)
+    different = soupkit.merge(paths, method, base=base_path, **{**params, "seed": 10})
+    assert not torch.equal(_raw(different)["head.weight"], outputs[0]["head.weight"])
+
+
+def test_degenerate_shapes_merge(tmp_path: Path) -> None:
+    """Scalars, empty tensors and one-row/one-column matrices go through every new method."""
+    new = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "nearswap", "arcee_fusion", "nuslerp",
+           "multislerp", "karcher", "tsv", "iso_c", "iso_cts"]
+    g = torch.Generator().manual_seed(0)
+    shapes = {"scalar": (), "empty": (0,), "empty_matrix": (3, 0), "one": (1,), "row": (1, 5), "column": (5, 1)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    models = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(3)]
+    for method in new:
+        spec = soupkit.get_method(method)
+        n = max(spec.min_models, min(3, spec.max_models or 3))
+        params = {"t": 0.1} if method == "nearswap" else {"density": 0.5, "epsilon": 0.1} if "della" in method else {}
+        out = soupkit.merge(models[:n], method, base=base if spec.needs_base else None, **params)
+        for key, shape in shapes.items():
+            assert out[key].shape == shape and bool(torch.isfinite(out[key]).all()), (method, key)
+
+
 @pytest.mark.parametrize("select_topk", [1.0, 0.4, 0.05])
 def test_sce(tmp_path: Path, select_topk: float) -> None:
     base, models = task_states(3, spread=0.3)

@@ -50,6 +50,8 @@ def arcee_fusion(tensors: Sequence[Tensor], *, base: Tensor) -> Tensor:
     of the base untouched; no parameters.
     """
     model = tensors[0]
+    if model.numel() == 0:
+        return base.clone()
     scores = importance(model, base)
     threshold = quantile_at(scores, 0.5) + FENCE * (quantile_at(scores, 0.75) - quantile_at(scores, 0.25))
     return base + (model - base) * (scores >= threshold)
