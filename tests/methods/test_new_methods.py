@@ -691,3 +691,16 @@ def test_breadcrumbs_mask_equals_a_stable_sort(density: float, gamma: float, kin
     delta = torch.randn(n, generator=g) if kind == "normal" else torch.randint(-3, 4, (n,), generator=g).float()
     got = magnitude_outliers(delta, density, gamma).numpy()
     np.testing.assert_array_equal(got, ref_breadcrumbs_mask(delta.double().numpy(), density, gamma, False))
+
+
+@pytest.mark.parametrize(("method", "flags", "params"), [("nearswap", ["--t", "0.01"], {"t": 0.01}),
+                                                         ("arcee_fusion", [], {})])
+def test_cli_one_model_and_a_base(folder: Path, cli, monkeypatch: pytest.MonkeyPatch, method: str, flags: list[str],
+                                  params: dict) -> None:
+    monkeypatch.chdir(folder)
+    result = cli("merge", "m0.safetensors", "--base", "base.safetensors", "-m", method, *flags, "-q", "-o",
+                 "out.safetensors")
+    assert result.code == 0, result.err
+    expected = soupkit.merge([folder / "m0.safetensors"], method, base=folder / "base.safetensors", **params)
+    written = load_checkpoint(folder / "out.safetensors")
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
