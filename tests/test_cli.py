@@ -140,7 +140,8 @@ def test_methods_lists_registry(cli) -> None:
     (["merge", "{a}", "{b}", "-o", "{out}", "--bogus"], ["No such option: --bogus"]),
     (["wise", "{a}", "{b}", "-o", "{out}", "--alpha", "x"], ["--alpha: expected numbers like"]),
     (["merge", "{a}", "{b}", "-o", "{out}", "--method", "wise", "--density", "0.5"],
-     ["has no parameter --density", "--density is a parameter of dare_ties, ties"]),
+     ["has no parameter --density",
+      "--density is a parameter of breadcrumbs, breadcrumbs_ties, dare_ties, della, della_linear, ties"]),
     (["merge", "{a}", "-o", "{out}", "--method", "wise"], ["needs exactly 2 input models, got 1"]),
     (["inspect", "{missing}"], ["missing.safetensors: no such file"]),
 ])

@@ -96,7 +96,7 @@ def _method(method: Any, base: Any, adapters: bool) -> MergeMethod:
     spec = get_method(method)
     if spec.needs_base and base is None and not adapters:
         raise ParameterError(f"method {method!r} needs a base model (--base)")
-    if base is not None and not spec.needs_base and not adapters:
+    if base is not None and not spec.takes_base and not adapters:
         raise ParameterError(f"method {method!r} does not use a base model; drop --base")
     return spec
 
@@ -148,7 +148,7 @@ def merge_variants(
     readers = open_inputs(checkpoints, options, adapter_base=base if adapters else None)
     base_reader = None
     try:
-        if base is not None and spec.needs_base:
+        if base is not None and spec.takes_base:
             base_reader = open_checkpoint(base, ema=options.ema, name="<base state dict>",
                                           strip_prefix=options.strip_prefix, add_prefix=options.add_prefix)
         keys = check_compatible(readers, allow_missing=options.allow_missing, base=base_reader)

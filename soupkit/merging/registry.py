@@ -44,7 +44,7 @@ from soupkit.registry import Registry
 
 #: engine context a method may declare, and what it receives
 CONTEXT = {
-    "base": "the base model's tensor (the method needs --base)",
+    "base": "the base model's tensor (the method needs --base; with a default of None, --base is optional)",
     "key": "the tensor's name (e.g. to seed randomness per tensor)",
     "offset": "where this flat chunk starts in the tensor (elementwise methods)",
 }
@@ -146,9 +146,16 @@ class MergeMethod:
     context: frozenset[str] = frozenset()
     propagates_nonfinite: bool = False
     schema: type[MethodParams] = MethodParams
+    optional_base: bool = False  # ``base: Tensor | None = None``: merges with or without --base
 
     @property
     def needs_base(self) -> bool:
+        """--base is required."""
+        return "base" in self.context and not self.optional_base
+
+    @property
+    def takes_base(self) -> bool:
+        """--base is accepted (required or optional)."""
         return "base" in self.context
 
     @property
@@ -174,7 +181,8 @@ class MergeMethod:
             raise ParameterError(_message(self, error)) from None
         for name, spec in self.parameters.items():
             values = getattr(bound, name)
-            if spec.per_model and spec.kind is float and values and not math.isfinite(sum(map(abs, values))):
+            if (spec.per_model and spec.kind is float and isinstance(values, list) and values
+                    and not math.isfinite(sum(map(abs, values)))):
                 raise ParameterError(f"{self.name}: {user_name(name)} are too large: their sum overflows, got "
                                      f"{', '.join(map(str, values))}")
         bound._n_models = n_models
@@ -284,9 +292,23 @@ def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
     return hint, metadata
 
 
+def _one_or_per_model(hint: Any) -> Any:
+    """``float | list[float]`` (one value for every model, or one per model; its default is the one value)
+    reads as ``list[float]``: the engine hands the method either form."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
+    args = typing.get_args(hint)
+    listed = [a for a in args if typing.get_origin(a) is list]
+    scalars = tuple(a for a in args if a not in listed)
+    if len(args) == 2 and len(listed) == 1 and typing.get_args(listed[0]) == scalars:
+        return listed[0]
+    return hint
+
+
 def _parameter(fn: Callable[..., Any], param: inspect.Parameter) -> tuple[Parameter, Any]:
     """One keyword-only parameter -> (its description, its pydantic field)."""
     hint, metadata = _unwrap(_annotation(fn, param))
+    hint = _one_or_per_model(hint)
     files = next((m for m in metadata if isinstance(m, TensorFiles)), None)
     info = next((m for m in metadata if isinstance(m, Param)), Param())
     per_model = typing.get_origin(hint) in (list, tuple, Sequence)
@@ -330,6 +352,12 @@ def _signature(name: str, fn: Callable[..., Any]) -> tuple[dict[str, Parameter],
     return specs, schema, frozenset(context)
 
 
+def _optional_base(fn: Callable[..., Any]) -> bool:
+    """``base: Tensor | None = None``: the method merges with or without a base model."""
+    base = inspect.signature(fn).parameters.get("base")
+    return base is not None and base.default is None
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 METHODS: Registry[MergeMethod] = Registry("merge method", "soupkit.merging.methods", group="soupkit.methods",
@@ -363,6 +391,7 @@ def merge_method(
             description=doc.split("\n\n")[0].replace("\n", " ") if doc else pretty_name,
             min_models=min_models, max_models=max_models, elementwise=elementwise, check=check,
             parameters=parameters, context=context, propagates_nonfinite=propagates_nonfinite, schema=schema,
+            optional_base=_optional_base(fn),
         ), owner=fn.__module__)
         return fn
 

@@ -20,7 +20,8 @@ def _parameters(name: str) -> list[str]:
     method = get_method(name)
     lines = [f"{flag(p.name)} {p.type_name()}" + ("" if p.required else f" = {_default(p.default)}")
              for p in method.parameters.values()]
-    return lines + (["needs --base"] if method.needs_base else [])
+    return lines + (["needs --base"] if method.needs_base else ["takes --base (optional)"] if method.takes_base
+                    else [])
 
 
 def _default(value: Any) -> str:
@@ -58,6 +59,8 @@ def method_text(name: str) -> str:
             lines.append(f"      {param.help}")
     if method.needs_base:
         lines.append("  --base PATH (required): the base model the task vectors are taken from")
+    elif method.takes_base:
+        lines.append("  --base PATH (optional): with it, the method works on the task vectors (model - base)")
     models = f"{method.min_models}" + ("+" if method.max_models is None else
                                        "" if method.max_models == method.min_models else f"-{method.max_models}")
     lines += ["", f"inputs: {models} models", f"paper: {method.reference or '-'}",
@@ -89,7 +92,8 @@ def _row(method: Any, style: str) -> str:
     when = _cell(doc[1]) if len(doc) > 1 else "-"
     params = "<br>".join(f"`{flag(p.name)}` {p.type_name()}" + ("" if p.required else f" = {_default(p.default)}")
                          + (f": {_cell(p.help)}" if p.help else "") for p in method.parameters.values()) or "-"
-    return f"| `{method.name}` | {what} | {when} | {params} | {'yes' if method.needs_base else 'no'} | {paper} |"
+    base = "yes" if method.needs_base else "optional" if method.takes_base else "no"
+    return f"| `{method.name}` | {what} | {when} | {params} | {base} | {paper} |"
 
 
 def docs_table(style: str = "full") -> str:
