@@ -32,36 +32,15 @@ import torch
 from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError, suggest
 from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo
 from soupkit.merging.registry import MergeMethod, TensorFiles
-from soupkit.options import OutputOptions
+from soupkit.options import OutputOptions, parse_dtype, resolve_device
 
 #: default flat chunk for elementwise methods: 1M elements = 4 MB per fp32 operand, so a running mean's
 #: accumulator stays in the CPU's cache while each input streams through it (measured fastest here vs 256K-16M)
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 class SoupkitWarning(UserWarning):
     """Something worth telling the user that does not stop the merge."""
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` -> ``torch.bfloat16`` (names as ``OutputOptions`` accepts them); None keeps each tensor's dtype."""
-    if name is None:
-        return None
-    return _DTYPES[OutputOptions.build({"dtype": name}).dtype]  # type: ignore[index]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``OutputOptions.device`` -> a torch device this machine has (``auto``: cuda when available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    parsed = torch.device(device)
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ParameterError(f"--device {device}: CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ParameterError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return parsed
 
 
 @dataclass
