@@ -247,7 +247,7 @@ def _message(method: MergeMethod, error: ValidationError) -> str:
     if first["type"] in _BOUNDS and spec is not None:
         text = f"must be {spec.interval()}"
     elif first["type"] == "literal_error" and spec is not None and spec.choices:
-        text = f"must be one of {', '.join(map(repr, spec.choices))}"
+        return f"{method.name}: {where} must be one of {', '.join(spec.choices)}, got {first.get('input')!r}"
     else:
         text = _PLAIN.get(first["type"]) or first["msg"].removeprefix("Value error, ")
     return f"{method.name}: {where} {text[0].lower()}{text[1:]}, got {_show(first.get('input'))}"

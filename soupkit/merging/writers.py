@@ -103,7 +103,7 @@ def check_options(options: OutputOptions, writer: Writer, command: Command = MER
             raise ParameterError(f"{user_name(name)} does not apply to {command.title}: {command.why}")
         if name not in writer.honours:
             takers = [w.title for w in WRITERS.values() if name in w.honours]
-            raise ParameterError(f"{user_name(name)} does not apply to {writer.title} output; it applies to "
+            raise ParameterError(f"{user_name(name)} does not apply to {writer.title}; it applies to "
                                  f"{_either(takers)}")
 
 
