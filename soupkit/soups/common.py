@@ -173,8 +173,6 @@ class SoupRun:
         self.readers = open_inputs(self.sources, self.what, ema=self.ema, evaluator=self.judge.evaluator,
                                    strip_prefix=self.options.strip_prefix)
         try:
-            self.keys = check_compatible(self.readers, allow_missing=False)
-            self.merged = select_keys(self.keys, self.options.include, self.options.exclude)
             self.protect = [f for r in self.readers for f in input_files(r)] + self._auxiliary
             templates = [self.base_for(self.sources), *self.sources] if self.base_for(self.sources) is not None \
                 else list(self.sources)
@@ -182,6 +180,8 @@ class SoupRun:
             plan_targets([self._output], templates, self.protect, self.options,
                          command=soup_command(self.algorithm))
             self.out = self._output
+            self.keys = check_compatible(self.readers, allow_missing=False)
+            self.merged = select_keys(self.keys, self.options.include, self.options.exclude)
             check_fits = getattr(self.judge.evaluator, "check_fits", None)
             for reader in self.readers if check_fits is not None else ():
                 check_fits(reader)  # a model/recipe mismatch names the file, not the in-memory soup made from it
