@@ -19,6 +19,7 @@ from soupkit.cli.options import (
     Output,
     Quiet,
     ReportDir,
+    base_help,
     evaluator,
     generated_options,
     show_progress,
@@ -60,8 +61,7 @@ def merge(
                                                "them) or a soup algorithm: greedy, learned (need --eval). "
                                                "\\[default: uniform, or linear with --weights]",
                                                show_default=False)] = None,
-    base: Annotated[Path | None, typer.Option(help="Base model for task-vector methods (task_arithmetic, ties, "
-                                                   "dare_*, model_stock).", show_default=False)] = None,
+    base: Annotated[Path | None, typer.Option(help=base_help(), show_default=False)] = None,
     config: Annotated[Path | None, typer.Option(help="A merge config YAML (method, base, models, parameters); "
                                                      "see recipes/merges/.", show_default=False)] = None,
     recipe: EvalRecipe = None,
@@ -115,7 +115,7 @@ def merge(
     _summary([written], started, quiet)
 
 
-def _soup(method: str, checkpoints: list[Path], output: Path, recipe: str | None, options: OutputOptions,
+def _soup(method: str, checkpoints: list[Path], output: str, recipe: str | None, options: OutputOptions,
           params: dict[str, Any], started: float, *, quiet: bool, report_dir: Path | None, no_cache: bool,
           cache_dir: Path | None, **algorithm: Any) -> None:
     """``merge --method greedy|learned``: one library call, with the evaluator the flags describe."""
@@ -130,7 +130,7 @@ def _soup(method: str, checkpoints: list[Path], output: Path, recipe: str | None
     import soupkit
 
     judge = evaluator(recipe, no_cache=no_cache, cache_dir=cache_dir)
-    common = dict(output=output, report_dir=report_dir or output.parent, progress=show_progress(quiet),
+    common = dict(output=output, report_dir=report_dir or Path(output).parent, progress=show_progress(quiet),
                   options=options)
     if method == "greedy":
         result = soupkit.greedy_soup(checkpoints, judge, accept=algorithm["accept"],
@@ -188,7 +188,8 @@ def wise(
         result = soupkit.wise_sweep(zeroshot, finetuned, alphas, evaluator(recipe, no_cache=no_cache,
                                                                            cache_dir=cache_dir),
                                     select=select, output=output, fisher=fishers, options=options,
-                                    report_dir=report_dir or output.parent, progress=show_progress(quiet), **extra)
+                                    report_dir=report_dir or Path(output).parent, progress=show_progress(quiet),
+                                    **extra)
         if not quiet:
             result.print_table()
         _summary([result.path], started, quiet)

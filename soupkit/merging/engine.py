@@ -393,7 +393,7 @@ class _Merger:
     def __init__(self, method: MergeMethod, variants: Sequence[Variant], run: EngineRun,
                  infos: dict[str, TensorInfo], readers: Sequence[CheckpointReader]):
         self.method, self.variants, self.run, self.infos = method, variants, run, infos
-        self.auxiliary = _open_auxiliary(method, variants, readers, infos)
+        self.auxiliary = _open_auxiliary(method, variants, readers, infos, add_prefix=run.options.add_prefix)
         self.position = {id(r): i for i, r in enumerate(readers)}  # input index, for per-input auxiliary files
         # NaN/Inf: when the method's output carries any input's, one check of the output stands for N inputs
         self.check_inputs = not (method.propagates_nonfinite or run.options.allow_nonfinite)
@@ -442,9 +442,11 @@ class _Merger:
 
 
 def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: Sequence[CheckpointReader],
-                    infos: dict[str, TensorInfo]) -> list[dict[str, list[CheckpointReader]]]:
+                    infos: dict[str, TensorInfo], *, add_prefix: str | None = None
+                    ) -> list[dict[str, list[CheckpointReader]]]:
     """Open and check each variant's ``TensorFiles`` parameters (one reader per input): every tensor in them
-    must be a floating tensor of the inputs, with the inputs' shape."""
+    must be a floating tensor of the inputs, with the inputs' shape. ``add_prefix`` renames them as the inputs
+    are renamed (a Fisher file is keyed like the model it was computed on)."""
     from soupkit.io import open_checkpoint
 
     opened: dict[str, CheckpointReader] = {}
@@ -459,7 +461,7 @@ def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: S
                 per_input: list[CheckpointReader] = []
                 for path in paths:
                     if path not in opened:
-                        opened[path] = reader = open_checkpoint(path)
+                        opened[path] = reader = open_checkpoint(path, add_prefix=add_prefix)
                         _check_auxiliary(reader, marker, infos)
                     per_input.append(opened[path])
                 files[name] = per_input

@@ -202,8 +202,8 @@ class SoupRun:
     @property
     def scoring_sources(self) -> list[Any]:
         """What individual scores are taken of: the sources (the evaluator's cache answers for paths), or with
-        ``ema`` the readers (a path would be scored, and cached, as its non-EMA weights)."""
-        return list(self.readers) if self.ema else list(self.sources)
+        ``ema`` or ``strip_prefix`` the readers (a path would be scored, and cached, as its raw weights)."""
+        return list(self.readers) if self.ema or self.options.strip_prefix else list(self.sources)
 
     def float_keys(self, reader: CheckpointReader) -> list[str]:
         """The floating tensors the soup merges (include/exclude applied), in key order."""
