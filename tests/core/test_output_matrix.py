@@ -47,6 +47,15 @@ WRITER_SETUP: dict[str, tuple[str | None, dict[str, Any]]] = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is fastest, and several oversubscribe a shared machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mlp_state(seed: int) -> dict[str, torch.Tensor]:
     """The digits MLP's tensors (tests/soups/conftest.py), random with ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -121,6 +130,7 @@ COMMANDS: dict[str, Case] = {
     "merge-ties": Case(MERGE, lambda i, out, ev, **o: soupkit.merge(i[:2], "ties", out, base=i[2], density=0.5, **o),
                        copies_first=True, product=False),
     "wise": Case(MERGE, lambda i, out, ev, **o: soupkit.wise_ft(i[0], i[1], 0.3, out, **o), copies_first=True,
+                 product=False,
                  two_models=True),
     "config": Case(MERGE, lambda i, out, ev, **o: merge_from_config(
         {"method": "linear", "models": [str(p) for p in i[:2]], "parameters": {"weights": [1, 3]}}, out, **o),
@@ -134,7 +144,7 @@ COMMANDS: dict[str, Case] = {
     "fisher-sweep": Case(soup_command("WiSE-FT sweep"), lambda i, out, ev, fisher, **o: _soup(
         soupkit.wise_sweep(i[0], i[1], "0.5", ev(), output=out, fisher=fisher, **o)), product=False,
         two_models=True),
-    "convert": Case(COPY, lambda i, out, ev, **o: convert(i[0], out, **o), in_memory=False),
+    "convert": Case(COPY, lambda i, out, ev, **o: convert(i[0], out, **o), in_memory=False, product=False),
     "zeroshot": Case(ZEROSHOT, lambda i, out, ev, clip, **o: zeroshot_checkpoint(
         "soupkit-tiny-clip", clip[1], "simple", output=out, config=clip[0], **o), in_memory=False, product=False),
     "merge-adapters": Case(MERGE, lambda i, out, ev, **o: soupkit.merge(i[:2], "linear", out, weights=[0.7, 0.3],
