@@ -117,9 +117,9 @@ def greedy_soup(
     (callables receive CPU tensors that are reused after the call returns). ``accept``: "gt" (strictly
     better, the paper's rule) or "ge". ``prescreen``: skip ingredients whose own held-out accuracy is below it.
     ``output``: write the soup there (atomically, with provenance metadata); otherwise it is returned in
-    ``.state_dict``. ``report_dir``: receives ``greedy.json`` and plots. ``output_options``: the merge engine's
-    (``dtype``, ``precise``, ``device``, ``shard_size``, ``include``, ``exclude``, ``allow_nonfinite``, ``ema``,
-    ``force``), honoured by candidates and the written soup alike (``soupkit.soups.common``).
+    ``.state_dict``. ``report_dir``: receives ``greedy.json`` and plots. ``output_options``: the output options
+    a soup honours (``soupkit.soups.common``; the table in docs/output.md), by candidates and the written soup
+    alike; ``output`` may be any form a merge writes (file, shards, folder, ``.pt``, ``.ckpt``).
     """
     if accept not in ACCEPT_RULES:
         raise ParameterError("--accept: " + unknown_choice("rule", accept, ACCEPT_RULES))

@@ -88,10 +88,18 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
 
 @pytest.fixture(scope="module")
 def evaluator():
+    from soupkit.merging.bn import checkpoint_keys
     from tests.soups.conftest import DigitsEvaluator, load_digits_data
 
+    class Evaluator(DigitsEvaluator):
+        """Loads a state dict whose names carry a prefix (as the real Evaluator does), for --recalibrate-bn."""
+
+        def load_state(self, state):
+            names = checkpoint_keys(self.model.state_dict(), state)
+            super().load_state({name: state[key] for name, key in names.items()})
+
     data = load_digits_data()
-    return lambda: DigitsEvaluator(data)
+    return lambda: Evaluator(data)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +143,8 @@ COMMANDS: dict[str, Case] = {
     "config": Case(MERGE, lambda i, out, ev, **o: merge_from_config(
         {"method": "linear", "models": [str(p) for p in i[:2]], "parameters": {"weights": [1, 3]}}, out, **o),
         copies_first=True, product=False),
+    "merge-bn": Case(MERGE, lambda i, out, ev, **o: soupkit.merge(i[:2], "uniform", out, recalibrate_bn=ev(), **o),
+                     copies_first=True, product=False),  # the written result goes through the plan's transform
     "greedy": Case(soup_command("greedy soup"), lambda i, out, ev, **o: _soup(
         soupkit.greedy_soup(i[:3], ev(), accept="ge", output=out, **o)), product=False),
     "learned": Case(soup_command("learned soup"), lambda i, out, ev, **o: _soup(
