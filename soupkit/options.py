@@ -32,7 +32,7 @@ DTYPE_NAMES = {**{name: name for name in DTYPES}, **{torch_name: name for name, 
                "half": "fp16", "double": "fp64"}
 #: where arithmetic can run; "auto" is this process's CUDA device when there is one, else the CPU
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
-_DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def dtype_name(value: Any) -> str | None:
@@ -57,10 +57,10 @@ def device_name(value: Any) -> str:
     its text. ``ValueError`` names the choices. Whether this machine has it is ``resolve_device``'s question."""
     text = str(value) if type(value).__name__ == "device" else value
     if not isinstance(text, str):
-        raise ValueError(f"unknown device {value!r}; use {_DEVICE_CHOICES}")
+        raise ValueError(f"unknown device {value!r}; use {DEVICE_CHOICES}")
     kind, colon, index = text.partition(":")
     if kind not in DEVICE_KINDS or (colon and (kind != "cuda" or not index.isdigit())):
-        raise ValueError(f"unknown device {text!r}; use {_DEVICE_CHOICES}")
+        raise ValueError(f"unknown device {text!r}; use {DEVICE_CHOICES}")
     return text
 
 
@@ -111,7 +111,7 @@ class OutputOptions(BaseModel):
     dtype: Annotated[str | None, Field(description=f"Output dtype of floating tensors: {', '.join(DTYPES)} "
                                                    "[default: each tensor's input dtype].")] = None
     precise: Annotated[bool, Field(description="Accumulate in float64 instead of float32.")] = False
-    device: Annotated[str, Field(description=f"Where the arithmetic runs: {_DEVICE_CHOICES}.")] = "cpu"
+    device: Annotated[str, Field(description=f"Where the arithmetic runs: {DEVICE_CHOICES}.")] = "cpu"
     shard_size: Annotated[int | None, Field(description="Write Hugging Face-style shards of at most this size "
                                                         "(e.g. 5GB) plus an index.")] = None
     include: Annotated[tuple[str, ...], Field(description="Merge only tensors matching this glob (repeatable); "
