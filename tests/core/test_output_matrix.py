@@ -310,3 +310,12 @@ def _clip(tmp_path: Path) -> tuple[Path, Path]:
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
     return config, classes
+
+
+def test_the_output_table_in_the_docs_is_current() -> None:
+    """docs/output.md's tables are generated from the declarations (every prose list of options points there)."""
+    from soupkit.report.methods import OUTPUT_BEGIN, OUTPUT_DOC, OUTPUT_END, generated_section, output_table
+
+    text = (Path(__file__).resolve().parents[2] / OUTPUT_DOC).read_text()
+    assert generated_section(text, OUTPUT_BEGIN, OUTPUT_END) == output_table(), (
+        f"{OUTPUT_DOC} is stale; run `python -m soupkit.report.methods --write`")
