@@ -30,7 +30,6 @@ from soupkit.io import (
     plan_of,
     provenance_metadata,
 )
-from soupkit.io.lightning import lightning_template
 from soupkit.io.lora import check_adapter_mix
 from soupkit.io.provenance import ingredient_record
 from soupkit.merging.adapters import adapter_positions, zero_updates
@@ -191,26 +190,12 @@ class MergePlan:
         return output_plan(self.readers, self.keys, self.run.dtype)
 
     def _sink(self, output: PlannedOutput, files: OutputSet, tensor_plan: list[Any]) -> CheckpointSink:
-        target, run = output.target, self.run
-        assert run is not None
-        protected = self.protected
-        if target.folder is not None:
-            sink = CheckpointSink(target.weights, tensor_plan, output.metadata, files, target.folder.shard_size,
-                                  protect=protected, force=self.options.force)
-            target.folder.add_files(files, dtype=torch_dtype_name(self.options.dtype))
-            return sink
-        lightning = None
-        if target.writer.name == "lightning":
-            first = next((s for s in self.sources if isinstance(s, (str, Path))), None)
-            lightning = lightning_template(first) if first is not None else None
-        return CheckpointSink(target.weights, tensor_plan, output.metadata,
-                              files if target.weights is not None else None, self.options.shard_size,
-                              protect=protected, force=self.options.force, lightning=lightning)
+        return output.target.open_sink(tensor_plan, output.metadata, files, protected=self.protected,
+                                       options=self.options, sources=self.sources)
 
     @staticmethod
     def _finish(output: PlannedOutput, sink: CheckpointSink) -> Result:
-        result = sink.finish()
-        return output.target.output if output.target.folder is not None else result  # type: ignore[return-value]
+        return output.target.finish(sink)
 
     def _transformed(self, transform: Transform) -> list[Result]:
         """Merge into memory, apply ``transform``, then write each result through its writer."""

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import OutputError, ParameterError
-from soupkit.io import check_output_path, lora
+from soupkit.io import CheckpointSink, OutputSet, check_output_path, lora
 from soupkit.io.atomic import OUTPUT_SUFFIXES, check_derived_output
 from soupkit.io.hf_folder import FolderOutput, is_folder_output, plan_folder_output
-from soupkit.options import Command, OutputOptions, user_name
+from soupkit.io.lightning import lightning_template
+from soupkit.options import Command, OutputOptions, torch_dtype_name, user_name
 
 #: what the merge engine honours while it computes full weights, whatever form they are written in
 ENGINE_OPTIONS = frozenset({"dtype", "precise", "device", "include", "exclude", "allow_missing", "allow_nonfinite",
@@ -114,12 +115,33 @@ def _either(titles: Sequence[str]) -> str:
 @dataclass
 class Target:
     """One checked output: its writer, what the caller gets back (``output``: the file, folder or index), what
-    the weights sink writes (``weights``) and, for a folder, its plan."""
+    the weights sink writes (``weights``) and, for a folder, its plan. ``open_sink`` / ``finish`` write the
+    full-weight forms (the adapter forms are written by ``soupkit.lora`` from the plan)."""
 
     writer: Writer
     output: Path | None
     weights: Path | None = None
     folder: FolderOutput | None = None
+
+    def open_sink(self, tensor_plan: list[Any], metadata: dict[str, str], files: OutputSet, *,
+                  protected: Sequence[Path], options: OutputOptions, sources: Sequence[Any]) -> CheckpointSink:
+        """The sink the engine streams this output into, inside the merge's atomic ``files``."""
+        if self.folder is not None:  # weights (sharded at the folder's size) and the template's small files
+            sink = CheckpointSink(self.weights, tensor_plan, metadata, files, self.folder.shard_size,
+                                  protect=protected, force=options.force)
+            self.folder.add_files(files, dtype=torch_dtype_name(options.dtype))
+            return sink
+        lightning = None
+        if self.writer.name == "lightning":  # the first input's version and hyperparameters, when it has them
+            first = next((s for s in sources if isinstance(s, (str, Path))), None)
+            lightning = lightning_template(first) if first is not None else None
+        return CheckpointSink(self.weights, tensor_plan, metadata, files if self.weights is not None else None,
+                              options.shard_size, protect=protected, force=options.force, lightning=lightning)
+
+    def finish(self, sink: CheckpointSink) -> dict[str, Any] | Path:
+        """Complete the output: the state dict (in memory), the file or index written, or the folder."""
+        result = sink.finish()
+        return self.output if self.folder is not None and self.output is not None else result
 
 
 def plan_targets(outputs: Sequence[str | Path | None], templates: Sequence[Any], protected: Iterable[Path],
