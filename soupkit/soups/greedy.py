@@ -245,7 +245,8 @@ def _plots(run: SoupRun, result: SoupResult, folder: Path) -> list[Path]:
         points = [{**_point(result.names[i], "ingredient", judge.accuracies(sources[i], tests + shifts), tests,
                             shifts), "heldout": result.scores[i]} for i in valid]
         members = [run.sources[i] for i in valid]
-        uniform = uniform_soup(members, ema=run.ema, base=run.base_for(members))
+        uniform = uniform_soup(members, ema=run.ema, strip_prefix=run.options.strip_prefix,
+                               base=run.base_for(members))
         points.append(_point(f"uniform soup ({len(valid)})", "uniform",
                              judge.accuracies(uniform, tests + shifts, use_cache=False), tests, shifts))
         soup = result.path if result.path is not None else result.state_dict
