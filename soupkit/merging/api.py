@@ -115,7 +115,8 @@ def wise_ft(
     """WiSE-FT: ``(1 - alpha) * zeroshot + alpha * finetuned`` (the ``wise`` method).
 
     A list of alphas gives one output per alpha from a single pass over the inputs (files named
-    ``<output stem>_alpha0.50.safetensors``); alpha outside [0, 1] extrapolates and is warned about.
+    ``<output stem>_alpha0.50.safetensors``, folders ``<folder>_alpha0.50/``); alpha outside [0, 1] extrapolates
+    and is warned about.
     ``kwargs``: output options, as for ``merge``.
     """
     options, rest = split_options(kwargs)
