@@ -332,7 +332,7 @@ def plan_steps(method: MergeMethod, readers: Sequence[CheckpointReader], keys: S
         info = infos[key] = next(i[key] for i in reader_infos if key in i)
         if not info.is_float:
             steps.append(Step(key, "integer", 0, info.numel, sources, sources))
-        elif key not in merged:
+        elif key not in merged or len(sources) < method.min_models:  # too few holders (allow_missing): copied
             steps.append(Step(key, "copy", 0, info.numel, sources[:1], sources))
         else:
             size = max(1, run.chunk_elements) if method.elementwise else max(info.numel, 1)

@@ -125,7 +125,7 @@ class Case:
     in_memory: bool = True  # it can return its result instead of writing it
     product: bool = True  # the full writers x options product (False: the two axes)
     copies_first: bool = False  # unmerged tensors (include/exclude) come from its first input
-    two_models: bool = False  # a two-model method: a key one input lacks cannot be merged over the other
+    two_models: bool = False  # two inputs, and no allow_missing to test (the sweeps refuse it)
 
 
 def _soup(result: Any) -> Any:
@@ -138,8 +138,7 @@ COMMANDS: dict[str, Case] = {
     "merge-ties": Case(MERGE, lambda i, out, ev, **o: soupkit.merge(i[:2], "ties", out, base=i[2], density=0.5, **o),
                        copies_first=True, product=False),
     "wise": Case(MERGE, lambda i, out, ev, **o: soupkit.wise_ft(i[0], i[1], 0.3, out, **o), copies_first=True,
-                 product=False,
-                 two_models=True),
+                 product=False),  # a key one model lacks is copied from the other (allow_missing)
     "config": Case(MERGE, lambda i, out, ev, **o: merge_from_config(
         {"method": "linear", "models": [str(p) for p in i[:2]], "parameters": {"weights": [1, 3]}}, out, **o),
         copies_first=True, product=False),
