@@ -116,7 +116,7 @@ def _either(titles: Sequence[str]) -> str:
 class Target:
     """One checked output: its writer, what the caller gets back (``output``: the file, folder or index), what
     the weights sink writes (``weights``) and, for a folder, its plan. ``open_sink`` / ``finish`` write the
-    full-weight forms (the adapter forms are written by ``soupkit.lora`` from the plan)."""
+    full-weight forms (the adapter forms are written by ``soupkit.io.lora``, from the plan)."""
 
     writer: Writer
     output: Path | None
