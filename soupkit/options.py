@@ -11,27 +11,107 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from soupkit.errors import ParameterError, suggest
 from soupkit.options_parse import parse_size
 
-#: dtype names users may give -> the canonical name written to provenance
-DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
-               "bf16": "bf16", "bfloat16": "bf16", "fp64": "fp64", "float64": "fp64", "double": "fp64"}
-#: where merge arithmetic can run; "auto" is cuda when available, else cpu
-DEVICE_KINDS = ("cpu", "cuda", "auto")
+if TYPE_CHECKING:
+    import torch
+
+# --------------------------------------------------------------------------------------------- vocabulary
+# The one home of the dtype and device names every command, recipe and library call accepts.
+
+#: the floating dtypes soupkit writes: the canonical name (``--dtype``, provenance) -> torch's name
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
+#: every name users may give -> the canonical one (torch's own names and the usual short forms)
+DTYPE_NAMES = {**{name: name for name in DTYPES}, **{torch_name: name for name, torch_name in DTYPES.items()},
+               "half": "fp16", "double": "fp64"}
+#: where arithmetic can run; "auto" is this process's CUDA device when there is one, else the CPU
+DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def dtype_name(value: Any) -> str | None:
+    """A dtype as users give it (``"bfloat16"``, ``"bf16"``, ``torch.bfloat16``) -> its canonical name
+    (``"bf16"``); None stays None. ``ValueError`` names the choices."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.") if type(value).__name__ == "dtype" else value
+    if not isinstance(name, str) or name.lower() not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {str(name)!r}; choose fp32, fp16, bf16 or fp64 (floating dtypes)")
+    return DTYPE_NAMES[name.lower()]
+
+
+def torch_dtype_name(value: Any) -> str | None:
+    """``"bf16"`` -> ``"bfloat16"``: how torch, config.json and provenance name a dtype."""
+    name = dtype_name(value)
+    return None if name is None else DTYPES[name]
+
+
+def device_name(value: Any) -> str:
+    """A device as users give it (``"cuda:1"``, ``torch.device("cpu")``) checked against the vocabulary; returns
+    its text. ``ValueError`` names the choices. Whether this machine has it is ``resolve_device``'s question."""
+    text = str(value) if type(value).__name__ == "device" else value
+    if not isinstance(text, str):
+        raise ValueError(f"unknown device {value!r}; use {DEVICE_CHOICES}")
+    kind, colon, index = text.partition(":")
+    if kind not in DEVICE_KINDS or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {text!r}; use {DEVICE_CHOICES}")
+    return text
+
+
+def parse_dtype(value: Any) -> torch.dtype | None:
+    """``"bf16"`` -> ``torch.bfloat16``; None keeps each tensor's dtype. One-line ``ParameterError``."""
+    try:
+        name = torch_dtype_name(value)
+    except ValueError as error:
+        raise ParameterError(f"{user_name('dtype')}: {error}") from None
+    if name is None:
+        return None
+    import torch  # lazy: this module stays torch-free for soupkit --help
+
+    return getattr(torch, name)
+
+
+def resolve_device(value: Any, local_rank: int = 0) -> torch.device:
+    """A device name -> a torch device this machine has: ``auto`` is CUDA device ``local_rank`` when CUDA is
+    available, else the CPU; ``cuda`` without an index is device ``local_rank`` (torchrun's process). One-line
+    ``ParameterError`` naming the device otherwise."""
+    import torch  # lazy: this module stays torch-free for soupkit --help
+
+    where = user_name("device")
+    try:
+        text = device_name("auto" if value is None else value)
+    except ValueError as error:
+        raise ParameterError(f"{where}: {error}") from None
+    if text == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError(f"{where} {text}: CUDA is not available on this machine; use cpu")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ParameterError(f"{where} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ParameterError(f"{where} {text}: MPS is not available on this machine; use cpu")
+    return device
+
+
 class OutputOptions(BaseModel):
     """How a checkpoint is computed and written. Each field's description is its CLI help."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    dtype: Annotated[str | None, Field(description="Output dtype of floating tensors: fp32, fp16, bf16 or fp64 "
+    dtype: Annotated[str | None, Field(description=f"Output dtype of floating tensors: {', '.join(DTYPES)} "
                                                    "[default: each tensor's input dtype].")] = None
     precise: Annotated[bool, Field(description="Accumulate in float64 instead of float32.")] = False
-    device: Annotated[str, Field(description="Where the arithmetic runs: cpu, cuda, cuda:N or auto.")] = "cpu"
+    device: Annotated[str, Field(description=f"Where the arithmetic runs: {DEVICE_CHOICES}.")] = "cpu"
     shard_size: Annotated[int | None, Field(description="Write Hugging Face-style shards of at most this size "
                                                         "(e.g. 5GB) plus an index.")] = None
     include: Annotated[tuple[str, ...], Field(description="Merge only tensors matching this glob (repeatable); "
@@ -56,23 +136,12 @@ class OutputOptions(BaseModel):
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype(cls, value: Any) -> str | None:
-        if value is None:
-            return None
-        name = str(value).removeprefix("torch.") if type(value).__name__ == "dtype" else value
-        if not isinstance(name, str) or name.lower() not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {str(name)!r}; choose fp32, fp16, bf16 or fp64 (floating dtypes)")
-        return DTYPE_NAMES[name.lower()]
+        return dtype_name(value)
 
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, value: Any) -> str:
-        text = str(value) if type(value).__name__ == "device" else value
-        if not isinstance(text, str):
-            raise ValueError(f"expected cpu, cuda, cuda:N or auto, got {value!r}")
-        kind, _, index = text.partition(":")
-        if kind not in DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
-            raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N or auto")
-        return text
+        return device_name(value)
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -115,11 +184,17 @@ class OutputOptions(BaseModel):
         """Names of the options set to something other than their default."""
         return [name for name, info in type(self).model_fields.items() if getattr(self, name) != info.default]
 
-    def refuse(self, names: Iterable[str], command: str, why: str) -> None:
-        """One-line error if any of ``names`` is set: ``command`` cannot honour it, ``why`` says why."""
-        given = [n for n in names if n in self.changed()]
-        if given:
-            raise ParameterError(f"{user_name(given[0])} does not apply to {command}: {why}")
+
+@dataclass(frozen=True)
+class Command:
+    """What a command's own computation honours among the ``OutputOptions`` fields (``None``: whatever the
+    output's writer does, as for a merge), and ``why`` it takes no other: the merge plan refuses the rest in
+    one line (``soupkit.merging.writers.check_options``). Declared positively, so a new field is refused until
+    a command says it honours it."""
+
+    title: str
+    honours: frozenset[str] | None = None
+    why: str = ""
 
 
 def flag(name: str) -> str:

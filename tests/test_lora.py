@@ -283,15 +283,28 @@ def test_any_method_on_updates_saved_as_an_adapter(llama: Path, adapters: dict[s
     assert lossless.relative_error < 1e-6
 
 
-def test_adapter_weights_of_linear_family_methods() -> None:
-    from soupkit.errors import ParameterError
-    from soupkit.io.lora import adapter_weights
+def test_methods_declare_their_linearity_for_adapters() -> None:
+    """The adapter writer asks the registry: a method's declared weights over a zero base (no formula in io)."""
+    from soupkit.merging.registry import get_method
 
-    assert adapter_weights("uniform", {}, 4) == [0.25] * 4
-    assert adapter_weights("linear", {"weights": [1, 3]}, 2) == [0.25, 0.75]
-    assert adapter_weights("linear", {"weights": [1, 3], "normalize": False}, 2) == [1.0, 3.0]
-    assert adapter_weights("wise", {"alpha": 0.3}, 2) == pytest.approx([0.7, 0.3])
-    assert adapter_weights("task_arithmetic", {"scaling": 0.5}, 3) == [0.5] * 3
+    def weights(name: str, params: dict, n: int):
+        spec = get_method(name)
+        return spec.linear_weights(spec.bind(params, n), n)
+
+    assert weights("uniform", {}, 4) == [0.25] * 4
+    assert weights("linear", {"weights": [1, 3]}, 2) == [0.25, 0.75]
+    assert weights("linear", {"weights": [1, 3], "normalize": False}, 2) == [1.0, 3.0]
+    assert weights("wise", {"alpha": 0.3}, 2) == pytest.approx([0.7, 0.3])
+    assert weights("task_arithmetic", {"scaling": 0.5}, 3) == [0.5] * 3
+    assert weights("dare_linear", {"drop_rate": 0.0, "scaling": 2.0}, 2) == [1.0, 1.0]  # no drops: linear
+    assert weights("dare_linear", {}, 2) is None  # random drops are not linear
+    assert weights("ties", {"density": 0.5}, 2) is None
+
+
+def test_a_nonlinear_method_names_both_ways_out(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    from soupkit.errors import ParameterError
+
     with pytest.raises(ParameterError, match=r"method 'ties' cannot be written exactly as a LoRA adapter .*"
                                              r"give --base BASE .*, or --rank R"):
-        adapter_weights("ties", {"density": 0.5}, 2)
+        soupkit.merge([adapters["r4"], adapters["r2-rslora"]], "ties", tmp_path / "x", density=0.5)
+    assert not (tmp_path / "x").exists()

@@ -10,7 +10,7 @@ import typer
 
 from soupkit.cli._app import app, require_files
 from soupkit.cli.options import CacheDir, NoCache, Output, Quiet, generated_options
-from soupkit.options import OutputOptions
+from soupkit.options import DEVICE_CHOICES, OutputOptions
 
 
 @app.command("eval", epilog="Examples:\n\n"
@@ -31,7 +31,7 @@ def eval_command(
                                                  show_default=False)] = None,
     datasets: Annotated[str | None, typer.Option(help="Only these datasets, comma-separated \\[default: all].",
                                                  show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N \\[default: the recipe's].",
+    device: Annotated[str | None, typer.Option(help=f"{DEVICE_CHOICES} \\[default: the recipe's].",
                                                show_default=False)] = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,

@@ -128,7 +128,8 @@ def _num(value: float | None) -> str:
 def convert(
     source: Annotated[Path, typer.Argument(help="Any checkpoint soupkit reads (.pt, pickled module, shards...).",
                                            show_default=False)],
-    output: Annotated[Path, typer.Argument(help="Output file (.safetensors or .pt).", show_default=False)],
+    output: Annotated[str, typer.Argument(help="Output file (.safetensors, .pt, .ckpt) or folder (ends with /).",
+                                          metavar="OUTPUT", show_default=False)],
     quiet: Quiet = False,
     options: OutputOptions | None = None,
 ) -> None:

@@ -19,6 +19,7 @@ from soupkit.cli.options import (
     Output,
     Quiet,
     ReportDir,
+    base_help,
     evaluator,
     generated_options,
     show_progress,
@@ -27,7 +28,9 @@ from soupkit.options import OutputOptions
 from soupkit.report.methods import SOUP_ALGORITHMS
 
 
-def _summary(paths: list[Path], started: float, quiet: bool) -> None:
+def _summary(written: list[Any], started: float, quiet: bool) -> None:
+    """One line per output the writers wrote: the path they returned (a file, a shard index, a folder) and the
+    size of every file it is made of."""
     if quiet:
         return
     from rich.console import Console
@@ -35,9 +38,12 @@ def _summary(paths: list[Path], started: float, quiet: bool) -> None:
     from soupkit.io.provenance import _files_of
 
     console = Console(stderr=True, highlight=False)
-    for path in paths:
-        size = sum(p.stat().st_size for p in _files_of(path))
-        console.print(f"wrote [bold]{path}[/bold] ({size / 1e6:,.1f} MB) in {time.perf_counter() - started:.1f} s")
+    for path in (Path(p) for p in written if p is not None):
+        files = _files_of(path)
+        size = sum(p.stat().st_size for p in files)
+        parts = f", {len(files)} files" if len(files) > 1 else ""
+        console.print(f"wrote [bold]{path}[/bold] ({size / 1e6:,.1f} MB{parts}) in "
+                      f"{time.perf_counter() - started:.1f} s")
 
 
 @app.command(epilog="Examples:\n\n"
@@ -55,8 +61,7 @@ def merge(
                                                "them) or a soup algorithm: greedy, learned (need --eval). "
                                                "\\[default: uniform, or linear with --weights]",
                                                show_default=False)] = None,
-    base: Annotated[Path | None, typer.Option(help="Base model for task-vector methods (task_arithmetic, ties, "
-                                                   "dare_*, model_stock).", show_default=False)] = None,
+    base: Annotated[Path | None, typer.Option(help=base_help(), show_default=False)] = None,
     config: Annotated[Path | None, typer.Option(help="A merge config YAML (method, base, models, parameters); "
                                                      "see recipes/merges/.", show_default=False)] = None,
     recipe: EvalRecipe = None,
@@ -87,7 +92,7 @@ def merge(
         from soupkit.merging.config import merge_from_config
 
         written = merge_from_config(config, output, options=options, progress=show_progress(quiet), **params)
-        _summary([Path(written)], started, quiet)
+        _summary([written], started, quiet)
         return
     if not checkpoints:
         raise ParameterError("give at least one input checkpoint (or --config)")
@@ -107,10 +112,10 @@ def merge(
     recalibrate = evaluator(recipe, no_cache=no_cache, cache_dir=cache_dir) if recalibrate_bn else None
     written = soupkit.merge(checkpoints, method, output, base=base, options=options, recalibrate_bn=recalibrate,
                             progress=show_progress(quiet), **params)
-    _summary([Path(written)], started, quiet)
+    _summary([written], started, quiet)
 
 
-def _soup(method: str, checkpoints: list[Path], output: Path, recipe: str | None, options: OutputOptions,
+def _soup(method: str, checkpoints: list[Path], output: str, recipe: str | None, options: OutputOptions,
           params: dict[str, Any], started: float, *, quiet: bool, report_dir: Path | None, no_cache: bool,
           cache_dir: Path | None, **algorithm: Any) -> None:
     """``merge --method greedy|learned``: one library call, with the evaluator the flags describe."""
@@ -125,7 +130,7 @@ def _soup(method: str, checkpoints: list[Path], output: Path, recipe: str | None
     import soupkit
 
     judge = evaluator(recipe, no_cache=no_cache, cache_dir=cache_dir)
-    common = dict(output=output, report_dir=report_dir or output.parent, progress=show_progress(quiet),
+    common = dict(output=output, report_dir=report_dir or Path(output).parent, progress=show_progress(quiet),
                   options=options)
     if method == "greedy":
         result = soupkit.greedy_soup(checkpoints, judge, accept=algorithm["accept"],
@@ -134,7 +139,7 @@ def _soup(method: str, checkpoints: list[Path], output: Path, recipe: str | None
         result = soupkit.learned_soup(checkpoints, judge, by_layer=algorithm["by_layer"], **common)
     if not quiet:
         result.print_table()
-    _summary([output], started, quiet)
+    _summary([result.path], started, quiet)
 
 
 @app.command(epilog="Examples:\n\n"
@@ -183,17 +188,18 @@ def wise(
         result = soupkit.wise_sweep(zeroshot, finetuned, alphas, evaluator(recipe, no_cache=no_cache,
                                                                            cache_dir=cache_dir),
                                     select=select, output=output, fisher=fishers, options=options,
-                                    report_dir=report_dir or output.parent, progress=show_progress(quiet), **extra)
+                                    report_dir=report_dir or Path(output).parent, progress=show_progress(quiet),
+                                    **extra)
         if not quiet:
             result.print_table()
-        _summary([output], started, quiet)
+        _summary([result.path], started, quiet)
         return
     if fishers is not None or fisher_floor is not None:
         raise ParameterError("--fisher needs --eval (the Fisher-weighted sweep scores each α)")
     single = len(alphas) == 1 and ("," not in alpha and ":" not in alpha)
     written = soupkit.wise_ft(zeroshot, finetuned, alphas[0] if single else alphas, output, options=options,
                               progress=show_progress(quiet))
-    _summary([Path(p) for p in (written if isinstance(written, list) else [written])], started, quiet)
+    _summary(written if isinstance(written, list) else [written], started, quiet)
 
 
 @app.command(epilog="Examples:\n\n  soupkit methods\n\n  soupkit methods ties")

@@ -26,8 +26,10 @@ OUTPUT_PANEL = "Output options"
 METHOD_PANEL = "Method parameters (see soupkit methods)"
 EVAL_PANEL = "Evaluation"
 
-Output = Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint: .safetensors, .pt, or a "
-                                      "folder (ends with /).", show_default=False)]
+#: text, not a Path: a trailing / is what names a folder output (Path drops it)
+Output = Annotated[str, typer.Option("--output", "-o", help="Output checkpoint: .safetensors (shards with "
+                                     "--shard-size), .pt, .ckpt, or a folder (ends with /); see docs/output.md.",
+                                     metavar="PATH", show_default=False)]
 EvalRecipe = Annotated[str | None, typer.Option("--eval", "-e", help="Evaluation recipe: a YAML path or a "
                                                 "built-in name (digits, ...).", show_default=False,
                                                 rich_help_panel=EVAL_PANEL)]
@@ -78,31 +80,56 @@ def _output_parameters(skip: Iterable[str]) -> list[inspect.Parameter]:
     return params
 
 
-def _metavar(kind: type, per_model: bool, files: bool) -> str:
-    one = "PATH" if files else {float: "X", int: "N", bool: "true|false", str: "TEXT"}[kind]
+def _metavar(kind: type, per_model: bool, files: bool, choices: tuple[str, ...] = ()) -> str:
+    one = "PATH" if files else "|".join(choices) if choices else {float: "X", int: "N", bool: "true|false",
+                                                                     str: "TEXT"}[kind]
     return f"{one}[,{one}...]" if per_model else one
 
 
 def method_flags() -> dict[str, dict[str, Any]]:
-    """Every method parameter name -> its help, metavar and the methods that take it (for the CLI and docs)."""
+    """Every method parameter name -> its help (per method where methods describe or default it differently),
+    metavar and the methods that take it (for the CLI and docs)."""
     from soupkit.merging.registry import METHODS
+    from soupkit.report.methods import _default
 
     flags: dict[str, dict[str, Any]] = {}
     for method in METHODS:
         for param in method.parameters.values():
-            entry = flags.setdefault(param.name, {"help": param.help, "methods": [],
-                                                  "metavar": _metavar(param.kind, param.per_model, bool(param.files)),
+            entry = flags.setdefault(param.name, {"groups": {}, "methods": [],
+                                                  "metavar": _metavar(param.kind, param.per_model, bool(param.files),
+                                                                      param.choices),
                                                   "aliases": [flag(param.name[:-1])] if param.files else []})
-            entry["help"] = entry["help"] or param.help
+            default = None if param.required else _default(param.default)
+            entry["groups"].setdefault(param.help, []).append((method.name, default))
             entry["methods"].append(method.name)
+    for entry in flags.values():  # one sentence per distinct help text, naming its methods and their defaults
+        entry["help"] = " ".join(f"{help_text} [{_defaults(users)}]".strip()
+                                 for help_text, users in entry.pop("groups").items())
     return flags
+
+
+def _defaults(users: list[tuple[str, str | None]]) -> str:
+    """``ties, dare_ties; default 1`` when they agree, ``ties: 0.2, dare_ties: 1`` when not."""
+    defaults = {d for _, d in users}
+    if len(defaults) == 1:
+        (default,) = defaults
+        return ", ".join(n for n, _ in users) + (f"; default {default}" if default is not None else "")
+    return ", ".join(f"{n}: {d if d is not None else 'required'}" for n, d in users)
+
+
+def base_help() -> str:
+    """The ``--base`` help, from the registry: the methods that take a base model."""
+    from soupkit.merging.registry import METHODS
+
+    takers = [m.name for m in METHODS if m.needs_base]
+    return (f"Base model of the task-vector methods ({', '.join(takers)}); for LoRA adapters (any method) the "
+            f"model they adapt.")
 
 
 def _method_parameters() -> list[inspect.Parameter]:
     params = []
     for name, entry in sorted(method_flags().items()):
-        help_text = _escape(f"{entry['help']} [{', '.join(entry['methods'])}]".strip())
-        option = typer.Option(flag(name), *entry["aliases"], help=help_text, metavar=entry["metavar"],
+        option = typer.Option(flag(name), *entry["aliases"], help=_escape(entry["help"]), metavar=entry["metavar"],
                               show_default=False, rich_help_panel=METHOD_PANEL)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[str | None, option]))

@@ -36,6 +36,7 @@ from soupkit.eval import registry
 from soupkit.eval.cache import ScoreCache, source_fingerprint
 from soupkit.eval.recipe import HELDOUT, Recipe, load_recipe
 from soupkit.eval.result import DatasetResult, EvalResult
+from soupkit.options import resolve_device
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -44,27 +45,6 @@ def _distributed() -> tuple[int, int, int]:
     if world <= 1:
         return 0, 1, 0
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(requested: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the CUDA device of this process if there is one, else the CPU; explicit devices are checked."""
-    text = str(requested or "auto")
-    if text == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ParameterError(f"device: expected auto, cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ParameterError(f"device: {text!r} requested but CUDA is not available here; use --device cpu")
-        index = device.index if device.index is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise ParameterError(f"device: {text!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
-        device = torch.device("cuda", index)
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ParameterError("device: 'mps' requested but MPS is not available here")
-    return device
 
 
 class Evaluator:

@@ -34,19 +34,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from soupkit.errors import RecipeError, suggest
+from soupkit.options import device_name
 
 HELDOUT = "heldout"
 #: keys every dataset takes, whatever its kind
 COMMON_DATA_KEYS = ("class_subset", "holdout_fraction", "holdout_seed", "limit", "role")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: bump when the meaning of a cached score changes
 CACHE_SCHEMA = 1
 
@@ -243,8 +242,10 @@ def _parse(data: dict[str, Any], source: str, folder: Path) -> Recipe:
                        else recipe_file.model_fields)
         raise RecipeError(registry.pydantic_message(error, source, allowed).replace(f"{source}.", f"{source}: ", 1)
                           ) from None
-    if not _DEVICE.match(parsed.device):
-        raise RecipeError(f"{source}: device: expected auto, cpu, cuda or cuda:N, got {parsed.device!r}")
+    try:
+        device_name(parsed.device)
+    except ValueError as error:
+        raise RecipeError(f"{source}: device: {error}") from None
 
     model = dict(parsed.model)
     model_kind = _kind(model, f"{source}: model", registry.models)

@@ -36,7 +36,7 @@ from soupkit.io.base import CheckpointReader, TensorInfo
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterResult", "LoraAdapter", "LoraDeltaReader", "LoraMergedReader",
-    "adapter_weights", "check_adapter_mix", "find_adapter", "is_adapter", "merge_adapters", "merge_adapters_exact",
+    "check_adapter_mix", "find_adapter", "is_adapter", "merge_adapters", "merge_adapters_exact",
     "open_adapter", "refactor_lora", "save_adapter",
 ]  # fmt: skip
 
@@ -618,27 +618,6 @@ def merge_adapters_exact(adapters: Sequence[str | Path | LoraAdapter], weights: 
                          output: str | Path, **options: Any) -> AdapterResult:
     """``merge_adapters`` without re-factorisation: the exact weighted sum of updates, ranks concatenated."""
     return merge_adapters(adapters, weights, output, rank=None, **options)
-
-
-def adapter_weights(method: str, params: Mapping[str, Any], count: int) -> list[float]:
-    """The weights ``w_i`` with ``output = sum_i w_i dW_i`` when ``method`` is linear in its inputs (so a soup
-    of adapters is exactly an adapter: ``merge_adapters(adapters, weights, out)``); a one-line error naming the
-    two ways out for any other method. Updates are task vectors, so task arithmetic's base is zero here."""
-    weights = params.get("weights")
-    values = [float(w) for w in weights] if weights is not None else [1.0] * count
-    if method == "uniform":
-        return [1.0 / count] * count
-    if method == "linear":
-        total = sum(values)
-        return [w / total for w in values] if params.get("normalize", True) and total else values
-    if method == "wise" and count == 2:
-        alpha = float(params.get("alpha", 0.5))
-        return [1.0 - alpha, alpha]
-    if method == "task_arithmetic":
-        return [float(params.get("scaling", 1.0)) * w for w in values]
-    raise ParameterError(f"method {method!r} cannot be written exactly as a LoRA adapter (only uniform, linear, "
-                         f"wise and task_arithmetic are linear in the updates); give --base BASE to write full "
-                         f"weights, or --rank R to re-factorise its output by truncated SVD")
 
 
 def _summed_full_weights(adapters: Sequence[LoraAdapter], values: Sequence[float]) -> dict[str, torch.Tensor]:

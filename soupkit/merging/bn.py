@@ -92,24 +92,12 @@ def recalibrate_bn(state_dict: Mapping[str, torch.Tensor], evaluator: Any,
 def merge_and_recalibrate(checkpoints: Any, method: str, output: str | Path | None, base: Any,
                           params: dict[str, Any], options: Any, evaluator: Any, *,
                           metadata: Mapping[str, Any] | None = None, progress: bool = False) -> Any:
-    """Merge in memory, recompute BatchNorm statistics over the recipe's held-out data, then save (honouring
-    ``options``). The fix for soups of convnets: averaged weights no longer match the averaged running stats."""
-    from soupkit.io import check_output_path, provenance_metadata, save_checkpoint
-    from soupkit.io.provenance import ingredient_record
+    """Merge in memory, recompute BatchNorm statistics over the recipe's held-out data, then write the result
+    through the merge plan's writer for ``output`` (every output form and option, checked before any work). The
+    fix for soups of convnets: averaged weights no longer match the averaged running stats."""
     from soupkit.merging.api import merge_variants
-    from soupkit.merging.registry import get_method
 
-    sources = [*checkpoints, *([base] if base is not None else [])]
-    protected = [Path(s) for s in sources if isinstance(s, (str, Path))]
-    out = check_output_path(output, inputs=protected, force=options.force) if output is not None else None
-    state = merge_variants(checkpoints, method, [(params, None)], base=base, options=options, progress=progress)[0]
-    state = recalibrate_bn(state, evaluator)
-    if out is None:
-        return state
-    ingredients = [ingredient_record(f"<state dict #{i}>", Path(s) if isinstance(s, (str, Path)) else None,
-                                     Path(s).stat().st_size if isinstance(s, (str, Path)) else 0)
-                   for i, s in enumerate(checkpoints)]
     recipe = evaluator if isinstance(evaluator, (str, Path)) else type(evaluator).__name__
-    meta = provenance_metadata(method, get_method(method).bind(params, len(checkpoints)), ingredients,
-                               {**(metadata or {}), "soupkit.recalibrate_bn": str(recipe)})
-    return save_checkpoint(state, out, meta, force=options.force, shard_size=options.shard_size, protect=protected)
+    return merge_variants(checkpoints, method, [(params, output)], base=base, options=options, progress=progress,
+                          metadata={**(metadata or {}), "soupkit.recalibrate_bn": str(recipe)},
+                          transform=lambda state: recalibrate_bn(state, evaluator))[0]

@@ -32,36 +32,15 @@ import torch
 from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError, suggest
 from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo
 from soupkit.merging.registry import MergeMethod, TensorFiles
-from soupkit.options import OutputOptions
+from soupkit.options import OutputOptions, parse_dtype, resolve_device
 
 #: default flat chunk for elementwise methods: 1M elements = 4 MB per fp32 operand, so a running mean's
 #: accumulator stays in the CPU's cache while each input streams through it (measured fastest here vs 256K-16M)
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 class SoupkitWarning(UserWarning):
     """Something worth telling the user that does not stop the merge."""
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` -> ``torch.bfloat16`` (names as ``OutputOptions`` accepts them); None keeps each tensor's dtype."""
-    if name is None:
-        return None
-    return _DTYPES[OutputOptions.build({"dtype": name}).dtype]  # type: ignore[index]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``OutputOptions.device`` -> a torch device this machine has (``auto``: cuda when available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    parsed = torch.device(device)
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ParameterError(f"--device {device}: CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ParameterError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return parsed
 
 
 @dataclass
@@ -353,7 +332,7 @@ def plan_steps(method: MergeMethod, readers: Sequence[CheckpointReader], keys: S
         info = infos[key] = next(i[key] for i in reader_infos if key in i)
         if not info.is_float:
             steps.append(Step(key, "integer", 0, info.numel, sources, sources))
-        elif key not in merged:
+        elif key not in merged or len(sources) < method.min_models:  # too few holders (allow_missing): copied
             steps.append(Step(key, "copy", 0, info.numel, sources[:1], sources))
         else:
             size = max(1, run.chunk_elements) if method.elementwise else max(info.numel, 1)
@@ -414,7 +393,7 @@ class _Merger:
     def __init__(self, method: MergeMethod, variants: Sequence[Variant], run: EngineRun,
                  infos: dict[str, TensorInfo], readers: Sequence[CheckpointReader]):
         self.method, self.variants, self.run, self.infos = method, variants, run, infos
-        self.auxiliary = _open_auxiliary(method, variants, readers, infos)
+        self.auxiliary = _open_auxiliary(method, variants, readers, infos, add_prefix=run.options.add_prefix)
         self.position = {id(r): i for i, r in enumerate(readers)}  # input index, for per-input auxiliary files
         # NaN/Inf: when the method's output carries any input's, one check of the output stands for N inputs
         self.check_inputs = not (method.propagates_nonfinite or run.options.allow_nonfinite)
@@ -463,9 +442,11 @@ class _Merger:
 
 
 def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: Sequence[CheckpointReader],
-                    infos: dict[str, TensorInfo]) -> list[dict[str, list[CheckpointReader]]]:
+                    infos: dict[str, TensorInfo], *, add_prefix: str | None = None
+                    ) -> list[dict[str, list[CheckpointReader]]]:
     """Open and check each variant's ``TensorFiles`` parameters (one reader per input): every tensor in them
-    must be a floating tensor of the inputs, with the inputs' shape."""
+    must be a floating tensor of the inputs, with the inputs' shape. ``add_prefix`` renames them as the inputs
+    are renamed (a Fisher file is keyed like the model it was computed on)."""
     from soupkit.io import open_checkpoint
 
     opened: dict[str, CheckpointReader] = {}
@@ -480,7 +461,7 @@ def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: S
                 per_input: list[CheckpointReader] = []
                 for path in paths:
                     if path not in opened:
-                        opened[path] = reader = open_checkpoint(path)
+                        opened[path] = reader = open_checkpoint(path, add_prefix=add_prefix)
                         _check_auxiliary(reader, marker, infos)
                     per_input.append(opened[path])
                 files[name] = per_input

@@ -3,14 +3,16 @@
 ```python
 @merge_method("ties", pretty_name="TIES-merging", reference="https://arxiv.org/abs/2306.01708", elementwise=False)
 def ties(tensors: Sequence[Tensor], *, base: Tensor,
-         weights: list[float] | None = None,
-         density: Annotated[list[float] | None, Param("Fraction of each task vector kept.", gt=0, le=1)] = None,
-         scaling: Annotated[float, Param("Task-vector scaling λ.")] = 1.0) -> Tensor:
+         weights: float | list[float] = 1.0,
+         density: Annotated[float | list[float], Param("Fraction of each task vector kept.", gt=0, le=1)] = 0.2,
+         convention: Literal["soupkit", "mergekit"] = "soupkit") -> Tensor:
     ...
 ```
 
-The keyword-only parameters are the method's parameters: ``list[...]`` ones are per model (one value per input;
-one number applies to every input), the others global; ``Param`` adds help text and bounds. From this one
+The keyword-only parameters are the method's parameters: ``list[...]`` ones (``float | list[float]``) are per
+model (one value per input; one number, the default included, applies to every input), the others global;
+``Literal[...]`` lists a parameter's choices; ``Param`` adds help text and bounds. Defaults are the true ones:
+``soupkit methods`` shows them and provenance records them. From this one
 declaration come the ``soupkit merge`` flags and their help, validation with one-line errors (a pydantic model:
 types, bounds, finite numbers), ``soupkit methods``, merge-config validation and the methods table in the docs.
 
@@ -83,6 +85,7 @@ class Parameter:
     help: str = ""
     files: TensorFiles | None = None
     bounds: Param = field(default_factory=Param)
+    choices: tuple[str, ...] = ()  # a Literal[...] parameter's values
 
     def interval(self) -> str:
         """The allowed range, as a user reads it: ``in (0, 1]``, ``>= 0``."""
@@ -96,7 +99,7 @@ class Parameter:
         return f"{'<' if high[-1] == ')' else '<='} {high[:-1]}" if high else "valid"
 
     def type_name(self) -> str:
-        kind = "path" if self.files else self.kind.__name__
+        kind = "path" if self.files else " | ".join(map(repr, self.choices)) if self.choices else self.kind.__name__
         return f"{kind} per model" if self.per_model else kind
 
     def describe(self) -> str:
@@ -147,6 +150,7 @@ class MergeMethod:
     propagates_nonfinite: bool = False
     schema: type[MethodParams] = MethodParams
     optional_base: bool = False  # ``base: Tensor | None = None``: merges with or without --base
+    linear: Callable[[Mapping[str, Any], int], list[float] | None] | None = None
 
     @property
     def needs_base(self) -> bool:
@@ -175,6 +179,9 @@ class MergeMethod:
                                  f"{', '.join(map(user_name, self.parameters)) or 'none'}"
                                  + (f" ({name} is a parameter of {', '.join(owners)})" if owners else ""))
         given = {k: _per_model(self.name, self.parameters[k], v, n_models) for k, v in params.items() if v is not None}
+        for name, spec in self.parameters.items():  # a per-model default (density 0.2) applies to every model
+            if name not in given and spec.per_model and spec.default is not None and not spec.files:
+                given[name] = _per_model(self.name, spec, spec.default, n_models)
         try:
             bound = self.schema.model_validate(given)
         except ValidationError as error:
@@ -198,6 +205,12 @@ class MergeMethod:
     def bind(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Validated parameters with defaults filled in, as the method function takes them."""
         return self.validate(params, n_models).values()
+
+    def linear_weights(self, params: Mapping[str, Any], n_models: int) -> list[float] | None:
+        """The weights ``w_i`` with ``output = sum_i w_i x_i`` when the method, with these bound parameters, is
+        linear in its inputs taken as updates over a zero base (so a soup of LoRA adapters is exactly an
+        adapter); None when it is not. Declared by the method (``merge_method(linear=...)``)."""
+        return None if self.linear is None else self.linear(params, n_models)
 
     def _check_count(self, n_models: int) -> None:
         exact = self.max_models == self.min_models
@@ -241,6 +254,8 @@ def _message(method: MergeMethod, error: ValidationError) -> str:
     spec = method.parameters.get(loc[0]) if loc else None
     if first["type"] in _BOUNDS and spec is not None:
         text = f"must be {spec.interval()}"
+    elif first["type"] == "literal_error" and spec is not None and spec.choices:
+        return f"{method.name}: {where} must be one of {', '.join(spec.choices)}, got {first.get('input')!r}"
     else:
         text = _PLAIN.get(first["type"]) or first["msg"].removeprefix("Value error, ")
     return f"{method.name}: {where} {text[0].lower()}{text[1:]}, got {_show(first.get('input'))}"
@@ -292,27 +307,18 @@ def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
     return hint, metadata
 
 
-def _one_or_per_model(hint: Any) -> Any:
-    """``float | list[float]`` (one value for every model, or one per model; its default is the one value)
-    reads as ``list[float]``: the engine hands the method either form."""
-    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
-        return hint
-    args = typing.get_args(hint)
-    listed = [a for a in args if typing.get_origin(a) is list]
-    scalars = tuple(a for a in args if a not in listed)
-    if len(args) == 2 and len(listed) == 1 and typing.get_args(listed[0]) == scalars:
-        return listed[0]
-    return hint
-
-
 def _parameter(fn: Callable[..., Any], param: inspect.Parameter) -> tuple[Parameter, Any]:
     """One keyword-only parameter -> (its description, its pydantic field)."""
     hint, metadata = _unwrap(_annotation(fn, param))
-    hint = _one_or_per_model(hint)
     files = next((m for m in metadata if isinstance(m, TensorFiles)), None)
     info = next((m for m in metadata if isinstance(m, Param)), Param())
-    per_model = typing.get_origin(hint) in (list, tuple, Sequence)
-    kind = _unwrap(typing.get_args(hint)[0])[0] if per_model and typing.get_args(hint) else hint
+    per_model, kind = _per_model_kind(hint)
+    choices: tuple[str, ...] = ()
+    if typing.get_origin(kind) is typing.Literal:
+        choices = tuple(typing.get_args(kind))
+        if not choices or not all(isinstance(c, str) for c in choices):
+            raise TypeError(f"merge method {fn.__name__}: parameter {param.name}: Literal choices must be strings")
+        kind = str
     if files is not None:
         kind, per_model = str, True
     if kind not in _KINDS:
@@ -320,16 +326,33 @@ def _parameter(fn: Callable[..., Any], param: inspect.Parameter) -> tuple[Parame
                         f"use float, int, bool, str or a list of one of them")
     required = param.default is inspect.Parameter.empty
     bounds = {k: v for k, v in (("ge", info.ge), ("gt", info.gt), ("le", info.le), ("lt", info.lt)) if v is not None}
-    checks: list[Any] = [Field(strict=kind is str, **bounds)] if bounds or kind is str else []
+    strict = kind is str and not choices  # a Literal is exact already
+    checks: list[Any] = [Field(strict=strict, **bounds)] if bounds or strict else []
     if kind in (float, int):
         checks.append(BeforeValidator(_not_bool))  # `scaling: true` in a config is a mistake, not 1.0
-    item = typing.Annotated[(kind, *checks)] if checks else kind
+    base_type: Any = typing.Literal[choices] if choices else kind  # type: ignore[valid-type]
+    item = typing.Annotated[(base_type, *checks)] if checks else base_type
     value_type = list[item] if per_model else item  # type: ignore[valid-type]
     if not required and param.default is None:
         value_type = value_type | None
+    if per_model and not required and param.default is not None and not isinstance(param.default, (int, float)):
+        raise TypeError(f"merge method {fn.__name__}: parameter {param.name}: a per-model default is one value "
+                        f"for every model (density: float | list[float] = 0.2)")
     spec = Parameter(param.name, kind, per_model, None if required else param.default, required,
-                     info.help, files, info)
+                     info.help, files, info, choices)
     return spec, (value_type, ... if required else param.default)
+
+
+def _per_model_kind(hint: Any) -> tuple[bool, Any]:
+    """``list[float]`` or ``float | list[float]`` -> (True, float); ``float`` -> (False, float)."""
+    if typing.get_origin(hint) in (list, tuple, Sequence):
+        args = typing.get_args(hint)
+        return True, _unwrap(args[0])[0] if args else float
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        lists = [a for a in typing.get_args(hint) if typing.get_origin(a) in (list, tuple, Sequence)]
+        if len(lists) == 1 and typing.get_args(lists[0]):
+            return True, _unwrap(typing.get_args(lists[0])[0])[0]
+    return False, hint
 
 
 def _signature(name: str, fn: Callable[..., Any]) -> tuple[dict[str, Parameter], type[MethodParams], frozenset[str]]:
@@ -374,6 +397,7 @@ def merge_method(
     elementwise: bool = True,
     check: Callable[[Any], None] | None = None,
     propagates_nonfinite: bool = False,
+    linear: Callable[[Mapping[str, Any], int], list[float] | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as merge method ``name``; its signature declares the parameters (module docstring).
 
@@ -381,6 +405,9 @@ def merge_method(
     tensors. ``check(params)`` validates values together (it receives the bound ``MethodParams``, with
     ``n_models``) and raises ``ParameterError``. ``propagates_nonfinite``: NaN/Inf in any input always makes
     the output NaN/Inf (a mean with positive weights), so the engine checks one output instead of every input.
+    ``linear(params, n_models)``: the weights ``w_i`` with ``output = sum_i w_i x_i`` over a zero base, or None
+    where these parameters make the method non-linear (``MergeMethod.linear_weights``; LoRA adapters without a
+    base are then merged exactly).
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -392,6 +419,7 @@ def merge_method(
             min_models=min_models, max_models=max_models, elementwise=elementwise, check=check,
             parameters=parameters, context=context, propagates_nonfinite=propagates_nonfinite, schema=schema,
             optional_base=_optional_base(fn),
+            linear=linear,
         ), owner=fn.__module__)
         return fn
 

@@ -17,8 +17,13 @@ Output options are the merge engine's, forwarded unchanged to the final merge; c
   half-precision inputs are scored at float32 and written in their own dtype (as before this option existed);
 - ``device``: the final merge's compute device (candidates live on the evaluator's device);
 - ``allow_nonfinite``: the final merge's check of the selected inputs (a candidate with NaN just has no score);
-- ``shard_size``, ``force``: the written file;
-- ``allow_missing``: refused: every candidate is scored as a whole model, so every input must hold every tensor.
+- ``strip_prefix``: candidates and the written soup read the inputs' names without it; ``add_prefix``: the
+  written soup's names (candidates are scored under the names the evaluator's model has);
+- ``shard_size``, ``force`` and the output's form (file, shards, Hugging Face folder, ``.pt``, ``.ckpt``): the
+  written soup, by the merge plan's writers (``soupkit.merging.writers``), checked before any work.
+
+Which options a soup honours is declared once (``soup_command``); any other option is refused in one line
+(``allow_missing``: every candidate is scored as a whole model, so every input must hold every tensor).
 """
 
 from __future__ import annotations
@@ -31,23 +36,34 @@ from typing import Any
 import torch
 
 from soupkit.errors import CheckpointError, ParameterError, unknown_choice
-from soupkit.io import CheckpointReader, check_output_path, input_files
-from soupkit.merging.engine import check_compatible, parse_dtype, resolve_device, select_keys
-from soupkit.options import OutputOptions, split_options
+from soupkit.io import CheckpointReader, input_files
+from soupkit.merging.adapters import adapter_positions
+from soupkit.merging.engine import check_compatible, select_keys
+from soupkit.merging.plan import open_inputs as open_merge_inputs
+from soupkit.merging.writers import plan_targets
+from soupkit.options import Command, OutputOptions, parse_dtype, resolve_device, split_options
 from soupkit.soups.result import SoupResult
 from soupkit.soups.scoring import Judge
 
+#: the output options a soup algorithm's candidates and written soup honour (soupkit.soups.common docstring)
+SOUP_OPTIONS = frozenset({"dtype", "precise", "device", "shard_size", "include", "exclude", "allow_nonfinite",
+                          "ema", "force", "strip_prefix", "add_prefix", "rank"})
+
+
+def soup_command(algorithm: str) -> Command:
+    """What a soup algorithm honours, for the merge plan's one-line refusals."""
+    return Command(f"the {algorithm}", SOUP_OPTIONS,
+                   "it scores every candidate as a whole model, so every input must hold every tensor (merge such "
+                   "checkpoints with soupkit merge --method linear --allow-missing)")
+
 
 def check_output_options(options: Mapping[str, Any], algorithm: str) -> OutputOptions:
-    """The output options (keyword arguments or ``options=OutputOptions(...)``) validated, and those a soup
-    algorithm cannot honour refused in one line, before any work."""
+    """The output options (keyword arguments or ``options=OutputOptions(...)``) validated before any work;
+    those the algorithm does not honour are refused with the output's own checks (``SoupRun``)."""
     checked, rest = split_options(options)
     if rest:
         name = next(iter(rest))
         raise ParameterError(f"{algorithm}: " + unknown_choice("output option", name, OutputOptions.model_fields))
-    checked.refuse(["allow_missing"], f"the {algorithm}", "it scores every candidate as a whole model, so every "
-                   "input must hold every tensor (merge such checkpoints with soupkit merge --method linear "
-                   "--allow-missing)")
     resolve_device(checked.device)
     return checked
 
@@ -72,15 +88,13 @@ def ingredient_names(sources: Sequence[Any]) -> list[str]:
 
 
 def open_inputs(sources: Sequence[Any], what: str = "checkpoints", *, ema: bool = False,
-                evaluator: Any = None) -> list[CheckpointReader]:
+                evaluator: Any = None, strip_prefix: str | None = None) -> list[CheckpointReader]:
     """Open every input lazily (headers only), refusing an empty list and a file given twice (the merge's own
     ``open_inputs``, with ingredient names). LoRA adapters read as full weights over the evaluator's
     ``adapter_base`` (a transformers recipe's model folder)."""
-    from soupkit.merging import api
-
     names = ingredient_names(sources) if isinstance(sources, Sequence) and not isinstance(sources, str) else None
-    return api.open_inputs(sources, OutputOptions(ema=ema), names=names, what=what,
-                    adapter_base=getattr(evaluator, "adapter_base", None))
+    return open_merge_inputs(sources, OutputOptions(ema=ema, strip_prefix=strip_prefix), names=names, what=what,
+                             adapter_base=getattr(evaluator, "adapter_base", None))
 
 
 def close_all(readers: Sequence[CheckpointReader], sources: Sequence[Any]) -> None:
@@ -156,14 +170,18 @@ class SoupRun:
         self.judge = Judge(self._evaluator)
         # LoRA adapters soup as the adapted models' full weights, over the recipe model's own weights
         self.adapter_base = getattr(self.judge.evaluator, "adapter_base", None)
-        self.readers = open_inputs(self.sources, self.what, ema=self.ema, evaluator=self.judge.evaluator)
+        self.readers = open_inputs(self.sources, self.what, ema=self.ema, evaluator=self.judge.evaluator,
+                                   strip_prefix=self.options.strip_prefix)
         try:
+            self.protect = [f for r in self.readers for f in input_files(r)] + self._auxiliary
+            templates = [self.base_for(self.sources), *self.sources] if self.base_for(self.sources) is not None \
+                else list(self.sources)
+            # the written soup's form and options, checked as its final merge will check them, before any work
+            plan_targets([self._output], templates, self.protect, self.options,
+                         command=soup_command(self.algorithm))
+            self.out = self._output
             self.keys = check_compatible(self.readers, allow_missing=False)
             self.merged = select_keys(self.keys, self.options.include, self.options.exclude)
-            self.protect = [f for r in self.readers for f in input_files(r)] + self._auxiliary
-            force = self.options.force
-            self.out = (check_output_path(self._output, inputs=self.protect, force=force)
-                        if self._output is not None else None)
             check_fits = getattr(self.judge.evaluator, "check_fits", None)
             for reader in self.readers if check_fits is not None else ():
                 check_fits(reader)  # a model/recipe mismatch names the file, not the in-memory soup made from it
@@ -179,15 +197,13 @@ class SoupRun:
     def base_for(self, sources: Sequence[Any]) -> Any:
         """What the soup's final merge takes as ``base``: the weights LoRA adapters among ``sources`` are applied
         to (None when there are none)."""
-        from soupkit.merging.adapters import adapter_positions
-
         return self.adapter_base if adapter_positions(sources) else None
 
     @property
     def scoring_sources(self) -> list[Any]:
         """What individual scores are taken of: the sources (the evaluator's cache answers for paths), or with
-        ``ema`` the readers (a path would be scored, and cached, as its non-EMA weights)."""
-        return list(self.readers) if self.ema else list(self.sources)
+        ``ema`` or ``strip_prefix`` the readers (a path would be scored, and cached, as its raw weights)."""
+        return list(self.readers) if self.ema or self.options.strip_prefix else list(self.sources)
 
     def float_keys(self, reader: CheckpointReader) -> list[str]:
         """The floating tensors the soup merges (include/exclude applied), in key order."""

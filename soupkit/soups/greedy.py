@@ -117,9 +117,9 @@ def greedy_soup(
     (callables receive CPU tensors that are reused after the call returns). ``accept``: "gt" (strictly
     better, the paper's rule) or "ge". ``prescreen``: skip ingredients whose own held-out accuracy is below it.
     ``output``: write the soup there (atomically, with provenance metadata); otherwise it is returned in
-    ``.state_dict``. ``report_dir``: receives ``greedy.json`` and plots. ``output_options``: the merge engine's
-    (``dtype``, ``precise``, ``device``, ``shard_size``, ``include``, ``exclude``, ``allow_nonfinite``, ``ema``,
-    ``force``), honoured by candidates and the written soup alike (``soupkit.soups.common``).
+    ``.state_dict``. ``report_dir``: receives ``greedy.json`` and plots. ``output_options``: the output options
+    a soup honours (``soupkit.soups.common``; the table in docs/output.md), by candidates and the written soup
+    alike; ``output`` may be any form a merge writes (file, shards, folder, ``.pt``, ``.ckpt``).
     """
     if accept not in ACCEPT_RULES:
         raise ParameterError("--accept: " + unknown_choice("rule", accept, ACCEPT_RULES))
@@ -245,7 +245,8 @@ def _plots(run: SoupRun, result: SoupResult, folder: Path) -> list[Path]:
         points = [{**_point(result.names[i], "ingredient", judge.accuracies(sources[i], tests + shifts), tests,
                             shifts), "heldout": result.scores[i]} for i in valid]
         members = [run.sources[i] for i in valid]
-        uniform = uniform_soup(members, ema=run.ema, base=run.base_for(members))
+        uniform = uniform_soup(members, ema=run.ema, strip_prefix=run.options.strip_prefix,
+                               base=run.base_for(members))
         points.append(_point(f"uniform soup ({len(valid)})", "uniform",
                              judge.accuracies(uniform, tests + shifts, use_cache=False), tests, shifts))
         soup = result.path if result.path is not None else result.state_dict

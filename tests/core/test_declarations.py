@@ -65,7 +65,7 @@ def test_normalize_is_a_real_option(make_ckpt, tmp_path: Path, cli) -> None:
     (["--shard-size", "inf"], "--shard-size: expected a finite size"),
     (["--shard-size", "1e400GB"], "--shard-size: expected a finite size"),
     (["--device", "meta"], "--device: unknown device 'meta'"),
-    (["--device", "mps"], "--device: unknown device 'mps'"),
+    (["--device", "gpu"], "--device: unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"),
     (["--dtype", "16"], "--dtype: unknown dtype '16'"),
 ])
 def test_non_finite_and_absurd_options_are_one_line_errors(make_ckpt, tmp_path: Path, cli, argv, message) -> None:
@@ -98,10 +98,14 @@ def test_library_arguments_of_the_wrong_type(make_ckpt, kwargs, message) -> None
     assert message in str(caught.value)
 
 
-def test_library_accepts_torch_dtypes_and_size_strings(make_ckpt) -> None:
+def test_library_accepts_torch_dtypes_and_size_strings(make_ckpt, tmp_path: Path) -> None:
     a, b = make_ckpt("a", 0), make_ckpt("b", 1)
-    merged = soupkit.merge([a, b], dtype=torch.float16, shard_size="5GB")
+    merged = soupkit.merge([a, b], dtype=torch.float16)
     assert merged["head.weight"].dtype == torch.float16
+    written = soupkit.merge([a, b], output=tmp_path / "s.safetensors", dtype=torch.float16, shard_size="5GB")
+    assert written == tmp_path / "s.safetensors"  # everything fits in one shard: one file, no index
+    with pytest.raises(soupkit.SoupkitError, match="shard_size does not apply to an in-memory state dict"):
+        soupkit.merge([a, b], shard_size="5GB")  # nothing would be sharded: refused, not ignored
 
 
 def test_config_values_are_checked_like_flags(tmp_path: Path, make_ckpt) -> None:

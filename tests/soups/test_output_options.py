@@ -12,6 +12,7 @@ import torch
 from soupkit.errors import OutputError, ParameterError
 from soupkit.io import load_checkpoint
 from soupkit.merging import merge, wise_ft
+from soupkit.merging.writers import WRITERS
 from soupkit.soups import greedy_soup, learned_soup, wise_sweep
 
 ALGORITHMS = ("greedy", "learned", "sweep")
@@ -32,7 +33,8 @@ def run(algorithm: str, paths: list[Path], ev, out: Path | None, **options):
 
 def check_against_reference(result, reference, **options) -> dict:
     written = load_checkpoint(result.path)
-    expected = reference(**{k: v for k, v in options.items() if k != "force"})
+    # the reference is computed in memory: with the options an in-memory result honours (not force, shard_size)
+    expected = reference(**{k: v for k, v in options.items() if k in WRITERS["memory"].honours})
     assert set(written) == set(expected)
     for key in expected:
         assert written[key].dtype == expected[key].dtype and torch.equal(written[key], expected[key]), key
@@ -194,7 +196,8 @@ def test_by_layer_learned_soup_is_the_linear_method_per_tensor(digits_setup, tmp
     written = load_checkpoint(result.path)
     assert [entry.key for entry in result.history] == ["0.weight", "0.bias", "2.weight"]
     for entry in result.history:
-        expected = merge(paths, "linear", weights=entry.weights, **options)[entry.key]
+        in_memory = {k: v for k, v in options.items() if k in WRITERS["memory"].honours}
+        expected = merge(paths, "linear", weights=entry.weights, **in_memory)[entry.key]
         assert written[entry.key].dtype == torch.float16 and torch.equal(written[entry.key], expected), entry.key
     assert torch.equal(written["2.bias"], load_checkpoint(paths[0])["2.bias"].half())
     assert ev.evaluate(written, ["heldout"], use_cache=False)["heldout"].loss == result.extra["heldout_loss"]

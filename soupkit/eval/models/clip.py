@@ -20,6 +20,7 @@ from soupkit.errors import ParameterError, RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter, resolve_path
 from soupkit.io.foreign_code import forbid_remote_code_prompts, refuse_foreign_code, refuse_source_prefix
+from soupkit.options import Command
 
 TEMPLATE_SETS = ("openai", "simple")
 
@@ -182,6 +183,12 @@ def open_clip_model(name: str, classes: list[str] | str = "imagenet", templates:
     return BuiltModel(module, transform=preprocess, input_size=(3, *size))
 
 
+#: what ``soupkit zeroshot`` honours: it writes a model it builds, so no input is read and nothing is merged
+ZEROSHOT = Command("soupkit zeroshot", frozenset({"dtype", "device", "shard_size", "allow_nonfinite", "force",
+                                                 "add_prefix"}),
+                   "it writes the CLIP model's own tensors: no checkpoint is read and nothing is merged")
+
+
 def zeroshot_checkpoint(model: str, classes: str | Path | Sequence[str] = "imagenet",
                         templates: str | Path | Sequence[str] = "openai", weights: str | Path | None = None,
                         output: str | Path = "zeroshot.safetensors", *, config: str | Path | None = None,
@@ -189,16 +196,15 @@ def zeroshot_checkpoint(model: str, classes: str | Path | Sequence[str] = "image
     """Write the zero-shot classifier (image encoder + head, see the module docstring) of an open_clip model as a
     checkpoint, the starting point of WiSE-FT and of fine-tuned ingredients. Returns the written path.
     ``options``: the output options (``device`` also encodes the prompts; default: cuda when available)."""
-    from soupkit.io import check_output_path
     from soupkit.merging.api import write_checkpoint
-    from soupkit.merging.engine import resolve_device
-    from soupkit.options import split_options
+    from soupkit.merging.writers import plan_targets
+    from soupkit.options import resolve_device, split_options
 
     opts, rest = split_options(options)
     if rest:
         raise ParameterError(f"zeroshot has no option {next(iter(rest))!r}")
-    opts.refuse(["ema", "strip_prefix"], "soupkit zeroshot", "it writes the CLIP model's own tensor names")
-    check_output_path(output, inputs=[Path(weights)] if weights else [], force=opts.force)
+    # the output's form and options checked before the model is built (write_checkpoint checks them again)
+    plan_targets([output], [], [Path(weights)] if weights else [], opts, command=ZEROSHOT)
     folder = Path.cwd()
     class_names = read_classes(classes, folder, "--classes")
     prompts = read_templates(templates, folder, "--templates")
@@ -209,5 +215,5 @@ def zeroshot_checkpoint(model: str, classes: str | Path | Sequence[str] = "image
                 "soupkit.zeroshot.templates": str(len(prompts)),
                 "soupkit.zeroshot.weights": Path(weights).name if weights else "random-init"}
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    return write_checkpoint(state, output, record_as="zeroshot", metadata=metadata,
+    return write_checkpoint(state, output, record_as="zeroshot", metadata=metadata, command=ZEROSHOT,
                             options=opts.model_copy(update={"device": str(dev)}))

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from soupkit._lazy import torch
 from soupkit.errors import ParameterError
-from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS
+from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS, linear_combination
 from soupkit.merging.methods.task_arithmetic import SCALING
 from soupkit.merging.methods.ties import (
     CONVENTION,
     DENSITY,
     DISJOINT_NORMALIZE,
     TASK_WEIGHTS,
+    Convention,
     check_task_weights,
     disjoint_merge,
     per_model,
@@ -86,14 +87,14 @@ def drop_and_rescale(delta: Tensor, drop_rate: float, *, seed: int, key: str, in
     return torch.where(keep.view_as(delta), delta / (1.0 - drop_rate), 0.0)
 
 
-DROP_RATE = Param(f"DARE drop probability p of each task-vector entry, in [0, 1); one per model or one for all "
-                  f"(default {DEFAULT_DROP_RATE}).", ge=0, lt=1)
+DROP_RATE = Param("DARE drop probability p of each task-vector entry, in [0, 1); one per model or one for all.",
+                  ge=0, lt=1)
 SEED = Param("Seed of the random drop masks (the same seed gives the same output on any device).", ge=0,
              lt=2**63)
 
 
 def _check_dare_linear(params: Any) -> None:
-    if params.weights is not None and params.normalize and abs(sum(params.weights)) < 1e-12:
+    if params.normalize and abs(sum(params.weights)) < 1e-12:
         raise ParameterError("dare_linear: weights sum to 0 and cannot be normalised; pass normalize=false")
 
 
@@ -102,6 +103,9 @@ def _check_dare_linear(params: Any) -> None:
     pretty_name="DARE + linear (drop and rescale task vectors, then average)",
     reference="https://arxiv.org/abs/2311.03099",
     check=_check_dare_linear,
+    # without drops (drop_rate 0 for every model) it is task arithmetic with normalised weights
+    linear=lambda params, n_models: (linear_combination(params["weights"], params["normalize"], params["scaling"])
+                                     if not any(params["drop_rate"]) else None),
 )
 def dare_linear(
     tensors: Sequence[Tensor],
@@ -109,9 +113,9 @@ def dare_linear(
     base: Tensor,
     key: str,
     offset: int,
-    weights: Annotated[list[float] | None, WEIGHTS] = None,
+    weights: Annotated[float | list[float], WEIGHTS] = 1.0,
     normalize: Annotated[bool, NORMALIZE] = True,
-    drop_rate: Annotated[list[float] | None, DROP_RATE] = None,
+    drop_rate: Annotated[float | list[float], DROP_RATE] = DEFAULT_DROP_RATE,
     scaling: Annotated[float, SCALING] = 1.0,
     seed: Annotated[int, SEED] = 0,
 ) -> Tensor:
@@ -149,13 +153,13 @@ def dare_ties(
     *,
     base: Tensor,
     key: str,
-    weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
-    density: Annotated[list[float] | None, DENSITY] = None,
-    drop_rate: Annotated[list[float] | None, DROP_RATE] = None,
+    weights: Annotated[float | list[float], TASK_WEIGHTS] = 1.0,
+    density: Annotated[float | list[float], DENSITY] = 1.0,
+    drop_rate: Annotated[float | list[float], DROP_RATE] = DEFAULT_DROP_RATE,
     scaling: Annotated[float, SCALING] = 1.0,
     seed: Annotated[int, SEED] = 0,
     normalize: Annotated[bool, DISJOINT_NORMALIZE] = True,
-    convention: Annotated[str, CONVENTION] = "soupkit",
+    convention: Annotated[Convention, CONVENTION] = "soupkit",
 ) -> Tensor:
     """base + scaling * TIES(DARE(theta_i - base)): random drop-and-rescale, then trim, sign election and
     disjoint mean (the agreeing entries' weighted sum with normalize=false).

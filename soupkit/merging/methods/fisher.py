@@ -31,7 +31,7 @@ def fisher(
     *,
     fishers: Annotated[Sequence[Tensor | None], TensorFiles("Fisher"),
                        Param("Fisher files, comma-separated, one per model (`soupkit fisher` writes them).")],
-    weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
+    weights: Annotated[float | list[float], TASK_WEIGHTS] = 1.0,
     floor: Annotated[float, Param("Fisher values below this are raised to it (keeps the average defined).",
                                   gt=0)] = DEFAULT_FLOOR,
 ) -> Tensor:
@@ -41,7 +41,7 @@ def fisher(
     model (``soupkit fisher`` writes them); tensors a Fisher file lacks (buffers, frozen parameters) are the
     plain weighted mean.
     """
-    weights = list(weights) if weights is not None else [1.0] * len(tensors)
+    weights = list(weights) if isinstance(weights, Sequence) else [float(weights)] * len(tensors)
     chunks = fishers
     if any(f is None for f in chunks):
         return weighted_mean(tensors, weights)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 from soupkit._lazy import torch
@@ -64,10 +64,18 @@ NORMALIZE = Param("Divide by the sum of the weights (false: a plain weighted sum
 
 
 def _check_linear(params: Any) -> None:
-    if params.weights is None:
-        return
     if params.normalize and abs(sum(params.weights)) < 1e-12:
         raise ParameterError("linear: weights sum to 0 and cannot be normalised; pass normalize=false")
+
+
+def linear_combination(weights: Sequence[float], normalize: bool, scaling: float = 1.0) -> list[float]:
+    """The coefficients of a weighted sum: ``scaling * w_i`` (``/ sum_i w_i`` with ``normalize``)."""
+    total = sum(weights) if normalize else 1.0
+    return [scaling * w / total for w in weights]
+
+
+def _linear_weights(params: Mapping[str, Any], n_models: int) -> list[float]:
+    return linear_combination(params["weights"], params["normalize"])
 
 
 @merge_method(
@@ -75,15 +83,16 @@ def _check_linear(params: Any) -> None:
     pretty_name="Linear (weighted average)",
     reference="https://arxiv.org/abs/2203.05482",
     check=_check_linear,
+    linear=_linear_weights,
 )
-def linear(tensors: Sequence[Tensor], *, weights: Annotated[list[float] | None, WEIGHTS] = None,
+def linear(tensors: Sequence[Tensor], *, weights: Annotated[float | list[float], WEIGHTS] = 1.0,
            normalize: Annotated[bool, NORMALIZE] = True) -> Tensor:
     """Weighted average of the models: sum_i w_i theta_i / sum_i w_i (plain weighted sum with normalize=false).
 
     The general form of a model soup; equal weights give the uniform soup.
     """
     n = len(tensors)
-    weights = list(weights) if weights is not None else [1.0] * n
+    weights = list(weights) if isinstance(weights, Sequence) else [float(weights)] * n
     if not normalize:
         return weighted_sum(tensors, weights)
     if all(w >= 0 for w in weights):
@@ -93,7 +102,7 @@ def linear(tensors: Sequence[Tensor], *, weights: Annotated[list[float] | None, 
 
 
 @merge_method("uniform", pretty_name="Uniform soup (plain mean)", reference="https://arxiv.org/abs/2203.05482",
-              propagates_nonfinite=True)
+              propagates_nonfinite=True, linear=lambda params, n_models: [1.0 / n_models] * n_models)
 def uniform(tensors: Sequence[Tensor]) -> Tensor:
     """The uniform soup: the plain mean of models fine-tuned from the same start (Wortsman et al., 2022)."""
     return weighted_mean(tensors, [1.0] * len(tensors))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from soupkit._lazy import torch
 from soupkit.merging.methods.linear import weighted_mean
-from soupkit.merging.methods.ties import CONVENTIONS, check_convention
+from soupkit.merging.methods.ties import CONVENTIONS, Convention
 from soupkit.merging.registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -27,20 +27,15 @@ def mean_pairwise_cosine(deltas: Sequence[Tensor]) -> float:
     return sum(cosines) / len(cosines)
 
 
-def _check(params: Any) -> None:
-    check_convention(params.convention)
-
-
 @merge_method(
     "model_stock",
     pretty_name="Model Stock (agreement-weighted average towards the base)",
     reference="https://arxiv.org/abs/2403.19522",
     min_models=2,
     elementwise=False,
-    check=_check,
 )
 def model_stock(tensors: Sequence[Tensor], *, base: Tensor,
-                convention: Annotated[str, Param(
+                convention: Annotated[Convention, Param(
                     f"{' or '.join(map(repr, CONVENTIONS))}: a negative mean cosine gives t = 0 (the base; "
                     f"soupkit) or is used as is, extrapolating (mergekit).")] = "soupkit") -> Tensor:
     """t * mean(theta_i) + (1 - t) * base per tensor, t = N cos / (1 + (N - 1) cos), cos the mean pairwise

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from soupkit._lazy import torch
-from soupkit.merging.methods.ties import CONVENTIONS, check_convention
+from soupkit.merging.methods.ties import CONVENTIONS, Convention
 from soupkit.merging.registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -20,10 +20,6 @@ PARALLEL_COS = 0.9995
 MERGEKIT_EPS = 1e-8
 
 
-def _check(params: Any) -> None:
-    check_convention(params.convention)
-
-
 @merge_method(
     "slerp",
     pretty_name="SLERP (spherical interpolation of two models)",
@@ -31,12 +27,11 @@ def _check(params: Any) -> None:
     min_models=2,
     max_models=2,
     elementwise=False,
-    check=_check,
 )
 def slerp(tensors: Sequence[Tensor], *,
           t: Annotated[float, Param("SLERP interpolation factor: 0 gives the first model, 1 the second.", ge=0,
                                     le=1)] = 0.5,
-          convention: Annotated[str, Param(
+          convention: Annotated[Convention, Param(
               f"{' or '.join(map(repr, CONVENTIONS))}: a zero tensor makes the interpolation linear (soupkit) or, "
               f"as in mergekit, stays unnormalised in the angle's computation.")] = "soupkit") -> Tensor:
     """Interpolate each tensor along the great circle between the two models: sin((1-t)a)/sin(a) x0 +

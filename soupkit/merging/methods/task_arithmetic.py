@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
-from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS
+from soupkit.merging.methods.linear import NORMALIZE, WEIGHTS, linear_combination
 from soupkit.merging.registry import Param, merge_method
 
 SCALING = Param("Task-vector scaling λ (0 gives the base model).")
@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     "task_arithmetic",
     pretty_name="Task arithmetic (sum of task vectors)",
     reference="https://arxiv.org/abs/2212.04089",
+    # over a zero base (LoRA updates are task vectors): scaling * sum_i w_i x_i
+    linear=lambda params, n_models: linear_combination(params["weights"], params["normalize"], params["scaling"]),
 )
 def task_arithmetic(
-    tensors: Sequence[Tensor], *, base: Tensor, weights: Annotated[list[float] | None, WEIGHTS] = None,
+    tensors: Sequence[Tensor], *, base: Tensor, weights: Annotated[float | list[float], WEIGHTS] = 1.0,
     scaling: Annotated[float, SCALING] = 1.0, normalize: Annotated[bool, NORMALIZE] = False
 ) -> Tensor:
     """base + scaling * sum_i w_i (theta_i - base); weights default to 1 each and are not normalised
@@ -29,7 +31,7 @@ def task_arithmetic(
     Adds what each fine-tuning taught to one model. scaling ~0.3-0.5 is typical for several task vectors
     (the paper tunes it on held-out data); scaling=0 gives the base model exactly.
     """
-    weights = list(weights) if weights is not None else [1.0] * len(tensors)
+    weights = list(weights) if isinstance(weights, Sequence) else [float(weights)] * len(tensors)
     if scaling == 0.0:
         return base.clone()
     total: Tensor | None = None

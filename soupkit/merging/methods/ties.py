@@ -5,8 +5,9 @@ The helpers (``check_density``, ``trim``, ``disjoint_merge``) are shared with DA
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from soupkit._lazy import torch
 from soupkit.errors import ParameterError
@@ -20,9 +21,12 @@ if TYPE_CHECKING:
 DEFAULT_DENSITY = 0.2
 
 
-def per_model(value: list[float] | None, default: float, n_models: int) -> list[float]:
-    """A per-model parameter's values: the given list, or ``default`` for every model."""
-    return list(value) if value is not None else [default] * n_models
+def per_model(value: float | Sequence[float] | None, default: float, n_models: int) -> list[float]:
+    """A per-model parameter's values: the given list, one value for every model, or ``default`` for every model
+    (the engine always passes a list; direct calls of a method function may pass one number)."""
+    if value is None:
+        value = default
+    return list(value) if isinstance(value, Sequence) else [float(value)] * n_models
 
 
 DENSITY = Param("Fraction of each task vector kept (top magnitudes), in (0, 1]; one per model or one for all.",
@@ -30,7 +34,8 @@ DENSITY = Param("Fraction of each task vector kept (top magnitudes), in (0, 1]; 
 #: TIES-style weights: the sign election needs them non-negative
 TASK_WEIGHTS = Param("Per-model weights, comma-separated, >= 0 with at least one > 0.", ge=0)
 #: whose arithmetic TIES-family methods follow (a mergekit config sets "mergekit"; docs/methods.md compares them)
-CONVENTIONS = ("soupkit", "mergekit")
+Convention = Literal["soupkit", "mergekit"]
+CONVENTIONS: tuple[str, ...] = typing.get_args(Convention)
 CONVENTION = Param("Whose conventions: 'soupkit' (k = round(density*n) entries kept; where the weighted "
                    "sign sum is 0 no sign is elected and the entry stays 0) or 'mergekit' (k = max(1, "
                    "int(density*n)); a zero sum elects +), which mergekit configs use to reproduce mergekit.")
@@ -38,19 +43,11 @@ DISJOINT_NORMALIZE = Param("Divide by the summed weights of the models agreeing 
                            "their weighted sum, mergekit's normalize: false).")
 
 
-def check_convention(convention: str) -> None:
-    """``convention`` must be one of ``CONVENTIONS``."""
-    if convention not in CONVENTIONS:
-        raise ParameterError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
-
-
 def check_task_weights(params: Any) -> None:
     """Sign election: weights must not all be zero; a convention, where the method has one, must be known."""
-    if params.weights is not None and not any(w > 0 for w in params.weights):
+    if not any(w > 0 for w in params.weights):
         raise ParameterError(f"weights must have at least one value > 0 (sign election needs them), got "
                              f"{', '.join(map(str, params.weights))}")
-    if "convention" in type(params).model_fields:
-        check_convention(params.convention)
 
 
 def kept_count(density: float, numel: int, convention: str = "soupkit") -> int:
@@ -133,11 +130,11 @@ def ties(
     tensors: Sequence[Tensor],
     *,
     base: Tensor,
-    weights: Annotated[list[float] | None, TASK_WEIGHTS] = None,
-    density: Annotated[list[float] | None, DENSITY] = None,
+    weights: Annotated[float | list[float], TASK_WEIGHTS] = 1.0,
+    density: Annotated[float | list[float], DENSITY] = DEFAULT_DENSITY,
     scaling: Annotated[float, SCALING] = 1.0,
     normalize: Annotated[bool, DISJOINT_NORMALIZE] = True,
-    convention: Annotated[str, CONVENTION] = "soupkit",
+    convention: Annotated[Convention, CONVENTION] = "soupkit",
 ) -> Tensor:
     """base + scaling * disjoint mean of the task vectors, each trimmed to its top-density magnitudes.
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     reference="https://arxiv.org/abs/2109.01903",
     min_models=2,
     max_models=2,
+    linear=lambda params, n_models: [1.0 - params["alpha"], params["alpha"]],
 )
 def wise(tensors: Sequence[Tensor], *,
          alpha: Annotated[float, Param("WiSE-FT α, the fine-tuned model's weight: 0 gives the zero-shot model, 1 "
