@@ -253,6 +253,7 @@ class SearchLog:
 
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path, self.header = path, header
+        self.writable = True  # False on the other processes of a torchrun search: they only replay
 
     def read(self) -> list[dict[str, Any]]:
         """The logged candidates of a run with this header (a torn last line is dropped)."""
@@ -346,11 +347,18 @@ def search(
                            names=parameters)
     if fixed:
         spec.validate(fixed, len(paths))
-    run = _Run(spec, paths, Path(base) if base is not None else None, fixed, options, dims)
-    run.check_output(output)
-    header = run.header(budget, population, sigma, seed, early_stop)
-    log = run.log(output, report_dir, header, resume)
     judge = Judge(evaluator)
+    # under torchrun every process merges and scores each candidate (the evaluator shards the examples and
+    # sums the counts, so all agree); only rank 0 writes the log, the config, the merge and the report
+    primary = int(getattr(judge.evaluator, "rank", 0) or 0) == 0
+    early_stop = early_stop and int(getattr(judge.evaluator, "world", 1) or 1) == 1
+    run = _Run(spec, paths, Path(base) if base is not None else None, fixed, options, dims)
+    run.check_output(output if primary else None)
+    header = run.header(budget, population, sigma, seed, early_stop)
+    log = run.log(output, report_dir, header, resume) if primary else None
+    if resume and not primary:
+        log = SearchLog(run.log_path(output, report_dir), {k: v for k, v in header.items() if k != "budget"})
+        log.writable = False
     started = time.perf_counter()
     candidates = _optimise(run, judge, log, budget, population, sigma, seed, early_stop, resume, progress)
     best = max((c for c in candidates if c.score is not None and not c.stopped_early),
@@ -424,15 +432,23 @@ class _Run:
                 "dimensions": [asdict(d) for d in self.dims], "population": population, "sigma": sigma,
                 "seed": seed, "early_stop": early_stop, "budget": budget}
 
+    def log_path(self, output: str | Path | None, report_dir: str | Path | None) -> Path | None:
+        """``NAME.search.jsonl`` in the report folder (default: the output's), NAME from the output."""
+        out = Path(output) if output is not None else None
+        folder = Path(report_dir) if report_dir is not None else (out.parent if out is not None else None)
+        if folder is None:
+            return None
+        stem = (out.name.split(".")[0] if out is not None else "search") or "search"
+        return folder / f"{stem}.search.jsonl"
+
     def log(self, output: str | Path | None, report_dir: str | Path | None, header: dict[str, Any],
             resume: bool) -> SearchLog | None:
-        folder = Path(report_dir) if report_dir is not None else (self.out.parent if self.out is not None else None)
-        if folder is None:
+        path = self.log_path(output, report_dir)
+        if path is None:
             if resume:
                 raise ParameterError("--resume needs the output (or report_dir) whose search log it continues")
             return None
-        stem = (self.out.name.split(".")[0] if self.out is not None else "search") or "search"
-        log = SearchLog(folder / f"{stem}.search.jsonl", {k: v for k, v in header.items() if k != "budget"})
+        log = SearchLog(path, {k: v for k, v in header.items() if k != "budget"})
         if not resume and log.path.exists() and not self.options.force:
             raise ParameterError(f"{log.path}: a search log exists; --resume continues it, --force starts over")
         return log
@@ -450,7 +466,7 @@ class _Run:
             result.path = Path(merge_from_config(result.config_path, self.out, options=self.options))
         else:
             result.state_dict = self.merge(result.best.parameters, result.best.tensors)
-        if log is not None:
+        if log is not None and log.writable:
             from soupkit.report.plots import plot_search, write_json
 
             stem = log.path.name.removesuffix(".search.jsonl")
@@ -471,6 +487,8 @@ def _optimise(run: _Run, judge: Any, log: SearchLog | None, budget: int, populat
 
     dims = run.dims
     logged = log.read() if resume and log is not None else []
+    if log is not None and not log.writable:
+        log = None if not logged else _ReplayOnly(log)
     if log is not None and not logged:
         log.start()
     # cmaes needs two dimensions or more: a one-parameter search carries an inert second coordinate
@@ -532,6 +550,16 @@ def _optimise(run: _Run, judge: Any, log: SearchLog | None, budget: int, populat
     finally:
         bar.close()
     return candidates
+
+
+class _ReplayOnly:
+    """A log another process writes: read for the replay, never appended to."""
+
+    def __init__(self, log: SearchLog):
+        self.path = log.path
+
+    def append(self, candidate: Candidate, mask: Any = None) -> None:
+        pass
 
 
 def torch_mask(mask: Any) -> Any:

@@ -192,3 +192,37 @@ def test_search_on_a_transformers_multiple_choice_task(tmp_path):
     result = search(kit.finetunes, "task_arithmetic", judge, base=kit.base, budget=6, seed=0, compare=False)
     assert result.best.correct >= result.candidates[0].correct
     assert result.candidates[0].n == 40
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_search_as_one(cnn_ingredients, tmp_path):
+    """Under torchrun the evaluator shards every candidate (and runs it in full: no early stop across
+    processes), so the search equals one process searching with ``early_stop=False``; rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    from soupkit.eval import Evaluator
+
+    repo = Path(__file__).resolve().parents[2]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(batch_size=50)))
+    out, report = tmp_path / "dist" / "best.safetensors", tmp_path / "report.json"
+    out.parent.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(__file__).with_name("search_worker.py")), str(path), str(out), str(report),
+               str(tmp_path / "cache"), *map(str, cnn_ingredients[:3])]
+    done = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(report.read_text())
+    single = search(cnn_ingredients[:3], "linear", Evaluator.from_recipe(recipe(batch_size=50), use_cache=False),
+                    budget=8, seed=3, compare=False, early_stop=False)
+    assert got["world"] == 2
+    assert got["correct"] == [c.correct for c in single.candidates]
+    assert got["points"] == [c.point for c in single.candidates]
+    assert got["best"] == single.best.parameters
+    assert _same(_tensors(out), single.state_dict)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["best.safetensors", "best.search.json",
+                                                             "best.search.jsonl", "best.search.png",
+                                                             "best.search.yaml"]
