@@ -49,6 +49,7 @@ _LAZY = {
     "wise_sweep": "soupkit.soups",
     "learned_soup": "soupkit.soups",
     "SoupResult": "soupkit.soups",
+    "search": "soupkit.soups",
     # pre-flight check
     "doctor": "soupkit.diagnosis",
     "DoctorReport": "soupkit.diagnosis",
@@ -69,4 +70,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from soupkit.io import CheckpointReader, fingerprint, load_checkpoint, open_checkpoint, save_checkpoint
     from soupkit.merging import Param, TensorFiles, get_method, list_methods, merge, merge_method, uniform_soup, wise_ft
     from soupkit.options import OutputOptions
-    from soupkit.soups import SoupResult, greedy_soup, learned_soup, wise_sweep
+    from soupkit.soups import SoupResult, greedy_soup, learned_soup, search, wise_sweep

@@ -16,6 +16,9 @@ dtype: bf16                         # any output option (soupkit.options.OutputO
 include: ["encoder.*"]
 exclude: ["*.bias"]
 eval: ../digits.yaml                # optional evaluation recipe, validated and passed on (MergeConfig.eval)
+tensors:                            # optional per-tensor parameters: the first pattern matching a tensor's
+  - match: "layers.0.*"             # name (fnmatch, as include/exclude) updates `parameters` for it
+    parameters: {scaling: 0.5}
 ```
 
 The schema is pydantic: the file's fields below, the output options' fields, and the method's own parameter
@@ -42,6 +45,31 @@ from soupkit.options import OutputOptions, split_options
 CONFIG_OPTIONS = tuple(name for name in OutputOptions.model_fields if name != "force")
 
 
+class _TensorRule(BaseModel):
+    """One entry of ``tensors:``: parameters for the tensors whose name matches ``match``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    match: str = Field(min_length=1)
+    parameters: dict[str, Any] = Field(min_length=1)
+
+
+class TensorRules:
+    """Per-tensor parameters: the config's ``parameters`` updated by the first rule whose pattern matches the
+    tensor's name (a callable ``key -> parameters``, as mergekit's per-layer gradients are)."""
+
+    def __init__(self, defaults: Mapping[str, Any], rules: list[tuple[str, dict[str, Any]]]):
+        self.defaults, self.rules = dict(defaults), rules
+
+    def __call__(self, key: str) -> dict[str, Any]:
+        from fnmatch import fnmatchcase
+
+        for pattern, parameters in self.rules:
+            if fnmatchcase(key, pattern):
+                return {**self.defaults, **parameters}
+        return dict(self.defaults)
+
+
 class _File(BaseModel):
     """The fields of a merge config file (the method's parameters are checked by the method's own model)."""
 
@@ -52,6 +80,7 @@ class _File(BaseModel):
     base: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     eval: str | None = Field(default=None, min_length=1)
+    tensors: list[_TensorRule] = Field(default_factory=list)
 
 
 FIELDS = (*_File.model_fields, *CONFIG_OPTIONS)
@@ -171,8 +200,29 @@ class _Parser:
             spec.validate(params, len(paths))  # values and counts, before any tensor is read
         except SoupkitError as error:
             raise RecipeError(f"{self.source}: {error}") from None
-        return MergeConfig(source=self.source, method=spec.name, models=paths, base=base, parameters=params,
-                           options=options, eval=self.recipe(file.eval))
+        rules = self.tensor_rules(spec, file, params, len(paths))
+        return MergeConfig(source=self.source, method=spec.name, models=paths, base=base,
+                           parameters={} if rules else params, options=options, eval=self.recipe(file.eval),
+                           layer_parameters=TensorRules(params, rules) if rules else None)
+
+    def tensor_rules(self, spec: MergeMethod, file: _File, params: dict[str, Any], n_models: int
+                     ) -> list[tuple[str, dict[str, Any]]]:
+        """``tensors:`` entries, each rule's parameters validated merged over the global ones."""
+        rules = []
+        for index, rule in enumerate(file.tensors):
+            where = f"tensors[{index}].parameters"
+            for name in rule.parameters:
+                if name not in spec.parameters:
+                    raise self.fail(f"{where}.{name}", f"method {spec.name!r} has no parameter {name!r}."
+                                    f"{suggest(str(name), spec.parameters)}")
+                if name in spec.auxiliary:
+                    raise self.fail(f"{where}.{name}", "tensor files cannot be set per tensor")
+            try:
+                spec.validate({**params, **rule.parameters}, n_models)
+            except SoupkitError as error:
+                raise self.fail(where, str(error)) from None
+            rules.append((rule.match, dict(rule.parameters)))
+        return rules
 
     def _explain(self, error: ValidationError) -> RecipeError:
         errors = error.errors()  # a misspelt field explains the "missing" one: name it first

@@ -328,3 +328,37 @@ def plot_learned_weights(names: Sequence[str], weights: Sequence[float], path: s
     axes.set_title(title)
     axes.legend(fontsize="small")
     return save_figure(figure, path)
+
+
+def plot_search(result: Any, path: str | Path) -> Path:
+    """A merge search: each candidate's held-out score (a candidate stopped early drawn at its proven upper
+    bound, which lies below the best so far) and the best so far, against candidates scored."""
+    candidates = list(result.candidates)
+    figure = _figure(7.0, 4.5)
+    axes = figure.add_subplot()
+    counted = any(c.correct is not None for c in candidates)
+    best, current = [], math.nan
+    for c in candidates:
+        if c.score is not None and not c.stopped_early and not (_finite(current) and c.score <= current):
+            current = c.score
+        best.append(current)
+    xs = [c.index for c in candidates]
+    axes.step(xs, best, where="post", color="tab:blue", label="best so far", zorder=3)
+    full = [(c.index, c.score) for c in candidates if c.score is not None and not c.stopped_early]
+    if full:
+        axes.scatter(*zip(*full), s=14, color="tab:grey", label="candidate (full evaluation)")
+    bounds = [(c.index, -c.fitness) for c in candidates if c.stopped_early and math.isfinite(c.fitness)]
+    if bounds:
+        axes.scatter(*zip(*bounds), s=14, marker="v", color="tab:orange",
+                     label="stopped early (proven upper bound)")
+    defaults = candidates[0] if candidates and candidates[0].point is None else None
+    if defaults is not None and defaults.score is not None:
+        axes.axhline(defaults.score, color="tab:purple", linestyle="--", linewidth=1, label="method at its defaults")
+    axes.set_xlabel("candidates scored")
+    axes.set_ylabel("held-out accuracy" if counted else "held-out score")
+    if counted:
+        _percent(axes)
+    axes.set_title(f"Merge search ({result.method}, CMA-ES): {len(candidates)} candidates")
+    axes.grid(alpha=0.3)
+    _legend_below(axes)
+    return save_figure(figure, path)

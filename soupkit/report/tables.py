@@ -104,3 +104,30 @@ def soup_table(result: Any) -> Any:
     """The table that matches ``result.method``."""
     tables = {"greedy": greedy_table, "wise_sweep": sweep_table, "learned": learned_table}
     return tables[result.method](result)
+
+
+def search_table(result: Any) -> Any:
+    """merge | held-out | each test set: the searched merge beside the best ingredient, the uniform and greedy
+    soups and the method at its defaults (rows ``result.table``), and the search's own figures."""
+    from rich.table import Table
+
+    rows = result.table
+    datasets = list(dict.fromkeys(name for scores in rows.values() for name in scores))
+    heldout = result.heldout
+    datasets = [heldout, *(d for d in datasets if d != heldout)] if heldout in datasets else datasets
+    table = Table(title=f"Merge search ({result.method}): searched on {heldout} (*), reported on every set")
+    table.add_column("merge", ratio=1)
+    for name in datasets:
+        table.add_column(f"{name} *" if name == heldout else name, justify="right", no_wrap=True)
+    for label, scores in rows.items():
+        table.add_row(name_cell(label), *(_pct(scores.get(d)) for d in datasets),
+                      style="bold" if label.endswith(" searched") else None)
+    stats = result.stats
+    caption = f"{stats['candidates']} candidates in {stats['seconds']:.1f} s"
+    if stats.get("best_ingredient"):
+        caption = f"best ingredient: {stats['best_ingredient']}; {caption}"
+    if stats.get("examples_full"):
+        caption += (f"; early stop evaluated {stats['examples_evaluated']:,} of {stats['examples_full']:,} "
+                    f"held-out examples ({100 * stats['examples_saved_fraction']:.0f}% saved)")
+    table.caption, table.caption_justify = caption, "left"
+    return table

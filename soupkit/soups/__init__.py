@@ -15,6 +15,8 @@ _LAZY = {
     "greedy_soup": "soupkit.soups.greedy",
     "learned_soup": "soupkit.soups.learned",
     "wise_sweep": "soupkit.soups.sweep",
+    "search": "soupkit.soups.merge_search",
+    "SearchResult": "soupkit.soups.merge_search",
     "parse_alphas": "soupkit.soups.alphas",
     "GreedyStep": "soupkit.soups.result",
     "LearnedWeights": "soupkit.soups.result",
@@ -22,8 +24,8 @@ _LAZY = {
     "SweepPoint": "soupkit.soups.result",
 }
 
-__all__ = ["GreedyStep", "LearnedWeights", "SoupResult", "SweepPoint", "greedy_soup", "learned_soup", "parse_alphas",
-           "wise_sweep"]
+__all__ = ["GreedyStep", "LearnedWeights", "SearchResult", "SoupResult", "SweepPoint", "greedy_soup", "learned_soup",
+           "parse_alphas", "search", "wise_sweep"]
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
@@ -33,5 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from soupkit.soups.alphas import parse_alphas
     from soupkit.soups.greedy import greedy_soup
     from soupkit.soups.learned import learned_soup
+    from soupkit.soups.merge_search import SearchResult, search
     from soupkit.soups.result import GreedyStep, LearnedWeights, SoupResult, SweepPoint
     from soupkit.soups.sweep import wise_sweep

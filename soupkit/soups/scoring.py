@@ -204,6 +204,11 @@ class Steps:
         if self._bar is not None:
             self._bar.advance(self._task)
 
+    def describe(self, text: str) -> None:
+        """Replace the bar's label (e.g. with the best score so far)."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()

@@ -3,9 +3,6 @@ batch size so that the exact early stop has batches to skip."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from soupkit.soups import greedy_soup, learned_soup, wise_sweep
 
 SHIFTS = ("noise", "blur")
@@ -22,40 +19,6 @@ def recipe(batch_size: int = 30) -> dict:
         "device": "cpu",
         "precision": "fp32",
     }
-
-
-@pytest.fixture(scope="module")
-def cnn_ingredients(tmp_path_factory: pytest.TempPathFactory):
-    """A start CNN trained briefly on the digits train split, then 6 short fine-tunes (some with label noise)."""
-    from soupkit.demo_train import digits_cnn
-    from soupkit.eval.data.digits import load_digits_split
-    from soupkit.io import save_checkpoint
-
-    x, y = load_digits_split("train", size=16)
-
-    def train(model, seed, lr, steps, noise=0.0):
-        g = torch.Generator().manual_seed(seed)
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        for _ in range(steps):
-            i = torch.randint(0, len(y), (32,), generator=g)
-            labels = y[i].clone()
-            flip = torch.rand(len(i), generator=g) < noise
-            labels[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[i]), labels).backward()
-            opt.step()
-        return model
-
-    torch.manual_seed(0)
-    start = train(digits_cnn(), 100, 0.1, 40).state_dict()
-    folder = tmp_path_factory.mktemp("cnn")
-    paths = []
-    for i, (lr, steps, noise) in enumerate([(0.05, 12, 0.0), (0.1, 10, 0.0), (0.02, 15, 0.0), (0.2, 10, 0.4),
-                                            (0.05, 12, 0.2), (0.3, 8, 0.6)]):
-        model = digits_cnn()
-        model.load_state_dict(start)
-        paths.append(save_checkpoint(train(model, i, lr, steps, noise).state_dict(), folder / f"ft{i}.safetensors"))
-    return paths
 
 
 def test_greedy_early_stop_identical_to_full_evaluations(cnn_ingredients, tmp_path):
