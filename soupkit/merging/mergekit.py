@@ -21,9 +21,8 @@ in the tensor name (or is absent or ``*``) applying. A model's own parameter win
 over the global one; a setting no filter matches falls through to the next. A tensor's gradient position
 (mergekit's ``t``, ``position``): layer i of L at i / (L - 1) (1 when L = 1), L = the largest index + 1 in names
 like ``model.layers.N.`` (also ``h.N.``, ``layer.N.``, ``blocks.N.``, ``block.N.``), read from the first input's
-tensor names. Tensors outside the layers sit where mergekit's architectures put them: embeddings (names holding
-``embed``, ``wte`` or ``wpe``) before the layers (t = 0: a gradient's first value), everything else (final norm,
-``lm_head``) after them (t = 1: its last value).
+tensor names. Tensors outside the layers (embeddings, and also the final norm and ``lm_head`` after them) take a
+gradient's first value (t = 0), as mergekit's planner gives its pre- and post-weights alike.
 
 DARE masks: mergekit draws them with ``torch.bernoulli`` from the global RNG (a new mask every run); soupkit's
 are seeded and deterministic (``seed`` 0), so DARE merges agree with mergekit in expectation, and exactly at
@@ -47,7 +46,6 @@ from soupkit.options import OutputOptions
 
 REQUIRED = ...  # a parameter mergekit requires (it has no default)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_EMBEDDING = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FIELDS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
 _NO_TOKENIZER = ("soupkit does not build tokenizers (mergekit's vocabulary merging reshapes the embeddings); "
@@ -81,11 +79,13 @@ def evaluate(setting: Any, tensor: str, t: float) -> Any:
 
 
 def position(key: str, n_layers: int) -> float:
-    """A tensor's place on a gradient: layer i at i / (n_layers - 1), embeddings at 0, other tensors at 1."""
+    """A tensor's place on a gradient: layer i at i / (n_layers - 1) (1 when there is one layer), every tensor
+    outside the layers at 0 -- embeddings, and also the final norm and ``lm_head`` after the layers: mergekit's
+    planner resolves its architectures' pre- and post-weights alike at t = 0 (its ``plan_module``)."""
     match = _LAYER.search(key)
     if match:
         return int(match.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
-    return 0.0 if _EMBEDDING.search(key) else 1.0
+    return 0.0
 
 
 def count_layers(keys: list[str]) -> int:
@@ -121,9 +121,8 @@ def _task_arithmetic(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[st
 
 
 def _ties(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
-    _no_rescale(g)
     return {"weights": _weights(models), "density": [min(1.0, m["density"]) for m in models],
-            "normalize": g["normalize"], "scaling": g["lambda"], "convention": "mergekit"}
+            "normalize": g["normalize"], "scaling": g["lambda"], "convention": "mergekit", "rescale": g["rescale"]}
 
 
 def _dare(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:

@@ -97,4 +97,5 @@ def test_dare_agrees_in_expectation(name: str, golden_models: dict[str, Path], t
         residual = ((mean - expected[key]).norm() / delta).item()
         assert residual < 0.45, (key, residual)  # one draw alone leaves ~1 (density 0.5)
         # one mergekit draw and one soupkit draw: outputs of the same size (norms concentrate)
-        assert math.isclose(runs[0][key].double().norm().item(), theirs["norm"], rel_tol=0.05), key
+        if runs[0][key].numel() >= 512:
+            assert math.isclose(runs[0][key].double().norm().item(), theirs["norm"], rel_tol=0.05), key

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 from soupkit._lazy import torch
+from soupkit.errors import ParameterError
 from soupkit.merging.methods.ties import CONVENTIONS, check_convention
 from soupkit.merging.registry import Param, merge_method
 
@@ -22,6 +23,9 @@ MERGEKIT_EPS = 1e-8
 
 def _check(params: Any) -> None:
     check_convention(params.convention)
+    if params.convention != "mergekit" and not 0.0 <= params.t <= 1.0:  # mergekit extrapolates
+        raise ParameterError(f"slerp: t must be in [0, 1], got {params.t} (t outside extrapolates along the arc: "
+                             f"convention 'mergekit' allows it)")
 
 
 @merge_method(
@@ -34,8 +38,8 @@ def _check(params: Any) -> None:
     check=_check,
 )
 def slerp(tensors: Sequence[Tensor], *,
-          t: Annotated[float, Param("SLERP interpolation factor: 0 gives the first model, 1 the second.", ge=0,
-                                    le=1)] = 0.5,
+          t: Annotated[float, Param("SLERP interpolation factor in [0, 1]: 0 gives the first model, 1 the second "
+                                    "(outside it extrapolates, with convention 'mergekit' only).")] = 0.5,
           convention: Annotated[str, Param(
               f"{' or '.join(map(repr, CONVENTIONS))}: a zero tensor makes the interpolation linear (soupkit) or, "
               f"as in mergekit, stays unnormalised in the angle's computation.")] = "soupkit") -> Tensor:
