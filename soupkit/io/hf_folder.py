@@ -171,6 +171,8 @@ class FolderOutput:
     adapter: bool = False
     shard_size: int = DEFAULT_SHARD_SIZE
     copied: list[Path] = field(default_factory=list)
+    #: config.json fields to set in the copy (a frankenmerge's layer count: ``soupkit.merging.slices``)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weights(self) -> Path:
@@ -217,9 +219,10 @@ class FolderOutput:
             assert self.template is not None
             source = self.template / target.name
             handle = outputs.open(target)
-            if target.name == "config.json" and dtype is not None:
-                config = _read_json(source)
-                config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+            if target.name == "config.json" and (dtype is not None or self.config_updates):
+                config = {**_read_json(source), **self.config_updates}
+                if dtype is not None:
+                    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
                 handle.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
             else:
                 with open(source, "rb") as src:
@@ -257,7 +260,8 @@ def plan_folder_output(output: str | Path | None, inputs: Sequence[Any], *, adap
 
 def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (), *,
                 metadata: dict[str, str] | None = None, shard_size: int | None = None, force: bool = False,
-                protect: Sequence[str | Path] = (), dtype: str | None = None) -> Path:
+                protect: Sequence[str | Path] = (), dtype: str | None = None,
+                config_updates: dict[str, Any] | None = None) -> Path:
     """Write ``state_dict`` as a Hugging Face folder: ``model.safetensors`` (or shards + index) and the small
     files of the first folder among ``inputs``; ``save_checkpoint``'s counterpart for folders. Returns the
     folder. The merge entry points do the same around their streaming sink (``plan_folder_output``)."""
@@ -266,6 +270,7 @@ def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (),
     folder = plan_folder_output(output if os.fspath(output).endswith(("/", os.sep)) else f"{output}{os.sep}",
                                 inputs, shard_size=shard_size)
     assert folder is not None
+    folder.config_updates = dict(config_updates or {})
     omitted = folder.omitted_keys(list(state_dict))
     state = {k: v for k, v in state_dict.items() if k not in omitted}
     folder.check([Path(p) for p in protect], force=force)

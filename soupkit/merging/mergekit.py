@@ -32,6 +32,7 @@ same in expectation); soupkit by 1/density.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -46,6 +47,8 @@ from soupkit.options import OutputOptions
 
 REQUIRED = ...  # a parameter mergekit requires (it has no default)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+#: tensors before the layers (embeddings): a frankenmerge takes them from its first slice, the rest from its last
+_PRE = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FIELDS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
 _NO_TOKENIZER = ("soupkit does not build tokenizers (mergekit's vocabulary merging reshapes the embeddings); "
@@ -88,6 +91,18 @@ def position(key: str, n_layers: int) -> float:
     return 0.0
 
 
+def _layer_of(key: str) -> int | None:
+    match = _LAYER.search(key)
+    return int(match.group(1)) if match else None
+
+
+def _renumber(key: str, layer: int) -> str:
+    """``key`` with its layer index replaced by ``layer``."""
+    match = _LAYER.search(key)
+    assert match is not None
+    return key[:match.start(1)] + str(layer) + key[match.end(1):]
+
+
 def count_layers(keys: list[str]) -> int:
     """The number of layers named in ``keys`` (largest index + 1; 0 when none is)."""
     indices = [int(m.group(1)) for k in keys if (m := _LAYER.search(k))]
@@ -105,18 +120,12 @@ def _weights(models: list[dict[str, Any]]) -> list[float]:
     return [m["weight"] for m in models]
 
 
-def _no_rescale(g: dict[str, Any]) -> None:
-    if g["rescale"]:
-        raise _Problem("parameters.rescale", "true rescales kept entries to the task vector's L1 norm, which "
-                       "soupkit does not do for this method; remove it")
-
-
 def _linear(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     return {"weights": _weights(models), "normalize": g["normalize"]}
 
 
 def _task_arithmetic(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
-    _no_rescale(g)
+    # rescale has no effect without sparsification, as in mergekit
     return {"weights": _weights(models), "normalize": g["normalize"], "scaling": g["lambda"]}
 
 
@@ -139,6 +148,10 @@ def _dare_ties(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any
 
 def _slerp(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     return {"t": g["t"], "convention": "mergekit"}
+
+
+def _passthrough(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"scale": 1.0 if models[0]["scale"] is None else models[0]["scale"]}
 
 
 def _model_stock(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
@@ -172,11 +185,12 @@ METHODS = {
     "dare_ties": _gta(_dare_ties, normalize=False, rescale=True),
     "slerp": _Method(_slerp, {"t": REQUIRED}, {}),
     "model_stock": _Method(_model_stock, {"filter_wise": False}, {}),
+    "passthrough": _Method(_passthrough, {}, {"scale": None}, base=False),
 }
 SUPPORTED = tuple(METHODS)
 #: the Python type every evaluated value of a parameter must have
 _KINDS = {"weight": float, "density": float, "lambda": float, "t": float, "normalize": bool, "rescale": bool,
-          "int8_mask": bool, "filter_wise": bool}
+          "int8_mask": bool, "filter_wise": bool, "scale": float}
 
 
 # ------------------------------------------------------------------------------ values per tensor
@@ -223,8 +237,12 @@ class _Recipe:
             if not isinstance(value, bool):
                 raise RecipeError(f"{self.source}: {where}: must be true or false, got {value!r}")
             return value
+        if isinstance(value, str):  # mergekit's float fields read YAML's 1e-3 (a string in YAML 1.1) as a number
+            value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{self.source}: {where}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{self.source}: {where}: must be a finite number, got {value!r}")
         if name == "density" and value <= 0:
             raise RecipeError(f"{self.source}: {where}: must be > 0 (the fraction of each task vector kept), got "
                               f"{value!r}")
@@ -259,6 +277,8 @@ class _Reader(_Parser):
             raise self.fail("merge_method", f"{name!r} is not supported; soupkit runs mergekit's "
                             f"{', '.join(SUPPORTED)}.{suggest(str(name), SUPPORTED)}")
         method = METHODS[name]
+        if "slices" in data and not self.one_whole_slice(data["slices"]):
+            return self.frankenmerge(data, name, method)
         entries, slice_levels, slice_base = self.entries(data, method)
         global_levels = (*slice_levels, ("parameters", self.settings(data.get("parameters"), "parameters",
                                                                       {**method.global_params,
@@ -318,11 +338,14 @@ class _Reader(_Parser):
     def setting(self, value: Any, where: str, nested: bool = False) -> None:
         scalar = (int, float, str)
         if isinstance(value, scalar):
+            self.finite(value, where)
             return
         if not isinstance(value, list) or not value:
             raise self.fail(where, f"expected a number, a list of numbers or a list of {{filter, value}}, got "
                             f"{value!r}")
         if all(isinstance(v, scalar) for v in value):
+            for index, item in enumerate(value):
+                self.finite(item, f"{where}[{index}]")
             return
         for index, condition in enumerate(value):
             if nested or not isinstance(condition, Mapping) or "value" not in condition \
@@ -331,6 +354,13 @@ class _Reader(_Parser):
             if not isinstance(condition.get("filter", ""), (str, type(None))):
                 raise self.fail(f"{where}[{index}].filter", f"expected text, got {condition['filter']!r}")
             self.setting(condition["value"], f"{where}[{index}].value", nested=True)
+
+    def finite(self, value: Any, where: str) -> None:
+        """Every number of a setting (each gradient endpoint too, whether or not a tensor uses it) is finite:
+        ``.nan`` would otherwise pass every range check (``min(1, nan)`` is 1: a NaN density merged as 1)."""
+        number = _number(value) if isinstance(value, str) else value
+        if isinstance(number, float) and not math.isfinite(number):
+            raise self.fail(where, f"must be a finite number, got {value!r}")
 
     def path(self, value: Any, where: str) -> Path:
         """A local file or folder; a Hugging Face repo id or mergekit's ``MODEL+LORA`` is refused in one line."""
@@ -362,6 +392,124 @@ class _Reader(_Parser):
         own = self.settings(slices[0].get("parameters"), "slices[0].parameters",
                             {**method.global_params, **method.model_params})
         return entries, (("slices[0].parameters", own),), slices[0].get("base_model")
+
+    def one_whole_slice(self, slices: Any) -> bool:
+        """One slice whose every source spans all of its model's layers: a plain merge, streamed as one."""
+        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping) \
+                or not isinstance(slices[0].get("sources"), list):
+            return False
+        for source in slices[0]["sources"]:
+            if not isinstance(source, Mapping) or not isinstance(source.get("model"), str):
+                return False
+            path = self.folder / Path(source["model"]).expanduser()
+            if not path.exists() or source.get("layer_range") != [0, count_layers(_keys([path]))]:
+                return False
+        return True
+
+    def frankenmerge(self, data: Mapping[str, Any], name: str, method: _Method) -> MergeConfig:
+        """``slices`` stacking or interleaving layer ranges: a ``SlicePlan`` of every output tensor."""
+        from soupkit.merging.slices import SliceGroup, SlicePlan, layer_count_updates
+
+        slices = self.listed(data["slices"], "slices")
+        global_params = ("parameters", self.settings(data.get("parameters"), "parameters",
+                                                     {**method.global_params, **method.model_params}))
+        groups: list[SliceGroup] = []
+        layers: list[int] = []  # each output layer's index in its source model (for layer_types)
+        first_keys: list[str] = []
+        edges: list[tuple[list[Path], Path | None, _Recipe]] = []  # each slice's inputs, for the outer tensors
+        for number, piece in enumerate(slices):
+            where = f"slices[{number}]"
+            if not isinstance(piece, Mapping):
+                raise self.fail(where, f"expected a mapping with sources (and parameters, base_model), got {piece!r}")
+            extra = [k for k in piece if k not in ("sources", "parameters", "base_model")]
+            if extra:
+                raise self.fail(f"{where}.{extra[0]}", "not supported; a slice takes sources, parameters and "
+                                "base_model")
+            own = self.settings(piece.get("parameters"), f"{where}.parameters",
+                                {**method.global_params, **method.model_params})
+            entries, ranges = [], {}
+            for i, source in enumerate(self.listed(piece.get("sources"), f"{where}.sources")):
+                entry = self.entry(source, f"{where}.sources[{i}]", method, ("model", "layer_range", "parameters"))
+                ranges[entry[1].resolve()] = self.layer_range(source.get("layer_range"), entry[1],
+                                                              f"{where}.sources[{i}].layer_range")
+                entries.append(entry)
+            lengths = {stop - start for start, stop in ranges.values()}
+            if len(lengths) != 1:
+                raise self.fail(f"{where}.sources", f"every source of a slice spans the same number of layers; got "
+                                f"{sorted(lengths)}")
+            levels_global = ((f"{where}.parameters", own), global_params)
+            base_value = piece.get("base_model", data.get("base_model"))
+            if base_value is not None and method.base:
+                base_path = self.path(base_value, f"{where}.base_model" if "base_model" in piece else "base_model")
+                if base_path.resolve() not in ranges:
+                    raise self.fail(where, f"base_model {base_path} is not one of its sources; list it under "
+                                    f"sources with the layer_range to take")
+            paths, levels, base = self.roles(name, method, entries, base_value, levels_global)
+            spec = get_method(name)
+            if len(paths) < spec.min_models or (spec.max_models is not None and len(paths) > spec.max_models):
+                wanted = spec.min_models if spec.max_models == spec.min_models else \
+                    f"{spec.min_models} to {spec.max_models or 'any number of'}"
+                raise self.fail(f"{where}.sources", f"{name} merges {wanted} model(s) per slice (besides a base), "
+                                f"got {len(paths)}; give each slice that many sources")
+            recipe = _Recipe(self.source, name, method, levels, levels_global)
+            keys = {p.resolve(): _keys([p]) for p in {*paths, *([base] if base else [])}}
+            inputs = [*paths, *([base] if base is not None else [])]
+            starts = {p: ranges[p.resolve()][0] for p in inputs}
+            length = lengths.pop()
+            sources: dict[str, tuple[str, ...]] = {}
+            base_sources: dict[str, str] = {}
+            params: dict[str, dict[str, Any]] = {}
+            template = keys[inputs[0].resolve()]
+            for index in range(length):
+                t = index / (length - 1) if length > 1 else 1.0
+                out_layer = len(layers)
+                layers.append(starts[inputs[0]] + index)
+                for key in template:
+                    if _layer_of(key) != starts[inputs[0]] + index:
+                        continue
+                    out = _renumber(key, out_layer)
+                    names = [_renumber(key, starts[p] + index) for p in inputs]
+                    for p, source_key in zip(inputs, names):
+                        if source_key not in keys[p.resolve()]:
+                            raise self.fail(f"{where}.sources", f"{p.name} has no tensor {source_key!r} (layer "
+                                            f"{starts[p] + index} of its range)")
+                    sources[out] = tuple(names[:len(paths)])
+                    if base is not None:
+                        base_sources[out] = names[-1]
+                    params[out] = self.validated(name, recipe.values(out, t), len(paths), out)
+            groups.append(SliceGroup(tuple(paths), base, sources, base_sources, params))
+            if number == 0:
+                first_keys = template
+            edges.append((paths, base, recipe))
+        outside = [k for k in first_keys if _layer_of(k) is None]
+        pre, post = [k for k in outside if _PRE.search(k)], [k for k in outside if not _PRE.search(k)]
+
+        def edge(at: int, names: list[str]) -> list[SliceGroup]:
+            paths, base, recipe = edges[at]
+            return [SliceGroup(tuple(paths), base, {k: (k,) * len(paths) for k in names},
+                               {k: k for k in names} if base is not None else {},
+                               {k: self.validated(name, recipe.values(k, 0.0), len(paths), k) for k in names})
+                    ] if names else []
+
+        groups = [*edge(0, pre), *groups, *edge(-1, post)]
+        template_model = self.path(data["base_model"], "base_model") if data.get("base_model") else \
+            self.path(slices[0]["sources"][0]["model"], "slices[0].sources[0].model")
+        plan = SlicePlan(self.source, name, tuple(groups), template_model,
+                         layer_count_updates(template_model, layers))
+        return MergeConfig(source=self.source, method=name, models=plan.models, options=self.options(data),
+                           slices=plan)
+
+    def layer_range(self, value: Any, path: Path, where: str) -> tuple[int, int]:
+        """``[start, stop)`` within the model's layers."""
+        n_layers = count_layers(_keys([path]))
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                      for v in value)):
+            raise self.fail(where, f"expected [start, stop], two whole numbers, got {value!r}")
+        start, stop = value
+        if not 0 <= start < stop <= n_layers:
+            raise self.fail(where, f"{value!r}: needs 0 <= start < stop <= {n_layers} ({path.name} has {n_layers} "
+                            f"layers)")
+        return start, stop
 
     def listed(self, value: Any, where: str) -> list[Any]:
         if not isinstance(value, list) or not value:
@@ -425,6 +573,14 @@ class _Reader(_Parser):
         except SoupkitError as error:
             raise RecipeError(f"{self.source}: {error}" + (f" (tensor {key})" if key else "")) from None
         return params
+
+
+def _number(text: str) -> Any:
+    """``text`` as a float where it spells one (``1e-3``, ``.nan``), else unchanged."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _keys(paths: list[Path]) -> list[str]:
