@@ -195,7 +195,7 @@ class _Parser:
         return self.fail(loc.split(".")[0], f"{first['msg']} (got {first.get('input')!r})")
 
     def base(self, spec: MergeMethod, value: str | None) -> Path | None:
-        if value is not None and not spec.needs_base:
+        if value is not None and not getattr(spec, "takes_base", spec.needs_base):  # takes_base: an optional base
             raise self.fail("base", f"method {spec.name!r} does not use a base model; remove the field")
         if value is None and spec.needs_base:
             raise self.fail("base", f"method {spec.name!r} needs a base model (the pre-trained checkpoint)")

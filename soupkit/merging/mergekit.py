@@ -154,6 +154,39 @@ def _passthrough(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, A
     return {"scale": 1.0 if models[0]["scale"] is None else models[0]["scale"]}
 
 
+def _sparsified(g: dict[str, Any], models: list[dict[str, Any]], extra: str) -> dict[str, Any]:
+    """breadcrumbs and della: mergekit's generalised task arithmetic with its own sparsification."""
+    return {"weights": _weights(models), "density": [min(1.0, m["density"]) for m in models],
+            extra: [m[extra] for m in models], "normalize": g["normalize"], "scaling": g["lambda"],
+            "rescale": g["rescale"]}
+
+
+def _breadcrumbs(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return _sparsified(g, models, "gamma")
+
+
+def _della(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return _sparsified(g, models, "epsilon")
+
+
+def _sce(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"select_topk": g["select_topk"]}
+
+
+def _nuslerp(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"weights": _weights(models), "nuslerp_flatten": g["nuslerp_flatten"],
+            "nuslerp_row_wise": g["nuslerp_row_wise"]}
+
+
+def _multislerp(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"weights": _weights(models), "normalize_weights": g["normalize_weights"], "eps": g["eps"]}
+
+
+def _same_names(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Methods whose global parameters keep mergekit's names (karcher, nearswap, arcee_fusion)."""
+    return dict(g)
+
+
 def _model_stock(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     if g["filter_wise"]:
         raise _Problem("parameters.filter_wise", "true (one angle per row) is not supported; remove it")
@@ -169,12 +202,14 @@ class _Method:
     global_params: dict[str, Any]
     model_params: dict[str, Any]
     base: bool = True  # base_model required; its task vector is never merged
+    optional_base: bool = False  # base_model may be given (then as above) or not (nuslerp, multislerp)
 
 
-def _gta(translate: Callable[..., dict[str, Any]], normalize: bool, rescale: bool) -> _Method:
-    """One of mergekit's generalized task-arithmetic methods."""
+def _gta(translate: Callable[..., dict[str, Any]], normalize: bool, rescale: bool, **extra: float) -> _Method:
+    """One of mergekit's generalized task-arithmetic methods (``extra``: its sparsification's per-model
+    parameters and their defaults: breadcrumbs' gamma, della's epsilon)."""
     return _Method(translate, {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
-                   {"weight": REQUIRED, "density": 1.0})
+                   {"weight": REQUIRED, "density": 1.0, **extra})
 
 
 METHODS = {
@@ -186,11 +221,26 @@ METHODS = {
     "slerp": _Method(_slerp, {"t": REQUIRED}, {}),
     "model_stock": _Method(_model_stock, {"filter_wise": False}, {}),
     "passthrough": _Method(_passthrough, {}, {"scale": None}, base=False),
+    # the methods of soupkit's files of the same names (mergekit's defaults here, their formulas there)
+    "breadcrumbs": _gta(_breadcrumbs, normalize=False, rescale=False, gamma=0.01),
+    "breadcrumbs_ties": _gta(_breadcrumbs, normalize=False, rescale=False, gamma=0.01),
+    "della": _gta(_della, normalize=True, rescale=True, epsilon=0.15),
+    "della_linear": _gta(_della, normalize=False, rescale=True, epsilon=0.15),
+    "sce": _Method(_sce, {"select_topk": 1.0, "int8_mask": False}, {}),
+    "nuslerp": _Method(_nuslerp, {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": REQUIRED},
+                       base=False, optional_base=True),
+    "multislerp": _Method(_multislerp, {"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED},
+                          base=False, optional_base=True),
+    "karcher": _Method(_same_names, {"max_iter": 10, "tol": 1e-5}, {}, base=False),
+    "nearswap": _Method(_same_names, {"t": REQUIRED}, {}),
+    "arcee_fusion": _Method(_same_names, {}, {}),
 }
 SUPPORTED = tuple(METHODS)
 #: the Python type every evaluated value of a parameter must have
 _KINDS = {"weight": float, "density": float, "lambda": float, "t": float, "normalize": bool, "rescale": bool,
-          "int8_mask": bool, "filter_wise": bool, "scale": float}
+          "int8_mask": bool, "filter_wise": bool, "scale": float,
+          "gamma": float, "epsilon": float, "select_topk": float, "nuslerp_flatten": bool, "nuslerp_row_wise": bool,
+          "normalize_weights": bool, "eps": float, "max_iter": int, "tol": float}
 
 
 # ------------------------------------------------------------------------------ values per tensor
@@ -237,6 +287,11 @@ class _Recipe:
             if not isinstance(value, bool):
                 raise RecipeError(f"{self.source}: {where}: must be true or false, got {value!r}")
             return value
+        if _KINDS[name] is int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value != int(value):
+                raise RecipeError(f"{self.source}: {where}: must be a whole number, got {value!r}")
+            return int(value)
         if isinstance(value, str):  # mergekit's float fields read YAML's 1e-3 (a string in YAML 1.1) as a number
             value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -439,7 +494,7 @@ class _Reader(_Parser):
                                 f"{sorted(lengths)}")
             levels_global = ((f"{where}.parameters", own), global_params)
             base_value = piece.get("base_model", data.get("base_model"))
-            if base_value is not None and method.base:
+            if base_value is not None and (method.base or method.optional_base):
                 base_path = self.path(base_value, f"{where}.base_model" if "base_model" in piece else "base_model")
                 if base_path.resolve() not in ranges:
                     raise self.fail(where, f"base_model {base_path} is not one of its sources; list it under "
@@ -542,7 +597,9 @@ class _Reader(_Parser):
         listed = [path.resolve() for _, path, _ in entries]
         if method.base and base is None:
             raise self.fail("base_model", f"mergekit's {name} needs a base_model")
-        if not method.base:
+        if method.optional_base:
+            merged = entries if base is None else [e for e in entries if e[1].resolve() != base.resolve()]
+        elif not method.base:
             if base is not None and base.resolve() not in listed:
                 raise self.fail("base_model", f"{name} does not use a base model unless it is one of the models; "
                                 f"remove it or list it under models")
