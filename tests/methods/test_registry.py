@@ -14,6 +14,8 @@ from soupkit.io import load_checkpoint
 from tests.methods._common import FLOAT_KEYS, INT_KEYS, task_states, write
 
 METHODS = soupkit.list_methods()
+#: values for required parameters that are numbers (nearswap's t has no default in mergekit either)
+REQUIRED_VALUES = {"t": 0.05}
 
 
 def arguments(name: str, models: list[dict], folder: Path) -> dict[str, Any]:
@@ -23,6 +25,9 @@ def arguments(name: str, models: list[dict], folder: Path) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for param in spec.parameters.values():
         if not param.required:
+            continue
+        if param.name in REQUIRED_VALUES:
+            params[param.name] = REQUIRED_VALUES[param.name]
             continue
         assert param.name in auxiliary, f"{name}: give the registry tests a value for required {param.name!r}"
         files = []
@@ -50,14 +55,13 @@ def test_keys_dtypes_integers_and_streaming(tmp_path: Path, name: str, dtype: to
     base, models = task_states(model_count(name), spread=0.3)
     base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
     models = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in m.items()} for m in models]
-    several = len(models) > 1  # a one-model method (passthrough) has no second input to disagree with
-    if several:
+    disagree = len(models) > 1  # nearswap and arcee_fusion take one model (and the base)
+    if disagree:
         models[1]["pos_ids"] = models[1]["pos_ids"].flip(0)  # inputs disagree on an integer buffer: first wins
-    disagree = (lambda: pytest.warns(UserWarning, match="pos_ids")) if several else contextlib.nullcontext
     originals = [{k: v.clone() for k, v in m.items()} for m in models]
     params = arguments(name, models, tmp_path)
     base_arg = base if spec.needs_base else None
-    with disagree():
+    with pytest.warns(UserWarning, match="pos_ids") if disagree else contextlib.nullcontext():
         memory = soupkit.merge(models, name, base=base_arg, **params)
     assert all(same_tensors(m, o) for m, o in zip(models, originals)), "a method modified its inputs in place"
     assert sorted(memory) == sorted(models[0])
@@ -67,7 +71,7 @@ def test_keys_dtypes_integers_and_streaming(tmp_path: Path, name: str, dtype: to
         assert torch.equal(memory[key], models[0][key])
     paths = [write(tmp_path, f"m{i}", m) for i, m in enumerate(models)]
     base_path = write(tmp_path, "base", base) if spec.needs_base else None
-    with disagree():
+    with pytest.warns(UserWarning, match="pos_ids") if disagree else contextlib.nullcontext():
         written = soupkit.merge(paths, name, tmp_path / "out.safetensors", base=base_path, chunk_elements=5,
                                 **params)
     assert same_tensors(load_checkpoint(written), memory)
