@@ -30,9 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "mergekit"
-sys.path.insert(0, str(ROOT / "tests" / "golden"))
+sys.path.insert(0, str(ROOT))  # run from anywhere, with mergekit's venv
 
-from models import build_models, fingerprint, substitute  # noqa: E402
+from tests.golden.models import build_models, fingerprint, substitute  # noqa: E402
 
 
 def _models(base: str | None, *entries: tuple[str, dict | None]) -> dict:

@@ -469,7 +469,7 @@ class _Reader(_Parser):
         global_params = ("parameters", self.settings(data.get("parameters"), "parameters",
                                                      {**method.global_params, **method.model_params}))
         groups: list[SliceGroup] = []
-        layers: list[int] = []  # each output layer's index in its source model (for layer_types)
+        layers: list[tuple[Path, int]] = []  # each output layer's model and index there (for layer_types)
         first_keys: list[str] = []
         edges: list[tuple[list[Path], Path | None, _Recipe]] = []  # each slice's inputs, for the outer tensors
         for number, piece in enumerate(slices):
@@ -518,7 +518,7 @@ class _Reader(_Parser):
             for index in range(length):
                 t = index / (length - 1) if length > 1 else 1.0
                 out_layer = len(layers)
-                layers.append(starts[inputs[0]] + index)
+                layers.append((inputs[0], starts[inputs[0]] + index))
                 for key in template:
                     if _layer_of(key) != starts[inputs[0]] + index:
                         continue

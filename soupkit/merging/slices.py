@@ -56,15 +56,16 @@ class SlicePlan:
         return list(seen)
 
 
-def layer_count_updates(template: Path, layers: Sequence[int]) -> dict[str, Any]:
-    """The config.json fields of an output made of ``layers`` (each output layer's index in its source model):
-    its layer count, and ``layer_types`` re-ordered alike where the config lists one type per layer."""
+def layer_count_updates(template: Path, layers: Sequence[tuple[Path, int]]) -> dict[str, Any]:
+    """The config.json fields of an output made of ``layers`` (each output layer's model and index there): its
+    layer count, and ``layer_types`` where the configs list one type per layer (each layer keeps its own)."""
     config = _read_config(template)
     name = next((f for f in LAYER_COUNT_FIELDS if isinstance(config.get(f), int)), LAYER_COUNT_FIELDS[0])
     updates: dict[str, Any] = {name: len(layers)}
-    types = config.get("layer_types")
-    if isinstance(types, list) and all(0 <= i < len(types) for i in layers):
-        updates["layer_types"] = [types[i] for i in layers]
+    if isinstance(config.get("layer_types"), list):
+        types = {path: _read_config(path).get("layer_types") for path in {p for p, _ in layers}}
+        if all(isinstance(t, list) and 0 <= i < len(t) for p, i in layers for t in [types[p]]):
+            updates["layer_types"] = [types[p][i] for p, i in layers]
     return updates
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.golden.models import build_models, fingerprint, substitute
+
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-sys.path.insert(0, str(GOLDEN))
-from models import build_models, fingerprint, substitute  # noqa: E402
 
 FIXTURES = {p.stem: json.loads(p.read_text()) for p in sorted((GOLDEN / "mergekit").glob("*.json"))}
 CASES = [pytest.param(name, id=f"{g['config']['merge_method']}:{name}") for name, g in FIXTURES.items()]
