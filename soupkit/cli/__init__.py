@@ -32,7 +32,15 @@ import typer  # noqa: E402
 # failures are warnings shown by main() as one line each
 with warnings.catch_warnings(record=True) as _import_warnings:
     warnings.simplefilter("always")
-    from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
+    from soupkit.cli import (  # noqa: F401
+        demo_cmd,
+        doctor_cmd,
+        eval_cmd,
+        extract_cmd,
+        fisher_cmd,
+        inspect_cmd,
+        merge_cmd,
+    )
 from soupkit.cli._app import app  # noqa: E402
 from soupkit.cli._help import tidy  # noqa: E402
 from soupkit.options import cli_names  # noqa: E402
