@@ -1,33 +1,37 @@
 """mergekit configs (``merge_method:``) read as soupkit merges that give mergekit's numbers.
 
 ``load_merge_config`` sends a mapping with ``merge_method`` here. Accepted: the methods both tools share
-(``SUPPORTED``); ``models: [{model: PATH, parameters: {...}}]``, or one trivial ``slices`` entry (every source
-spans all of its layers: ``layer_range: [0, L]``); ``base_model``; global ``parameters``; ``dtype`` and
-``out_dtype`` (the output dtype: soupkit computes in fp32 whatever the config says, mergekit in ``dtype``, so a
-bf16 config agrees to bf16 rounding). Paths are local files or folders, relative to the config's folder (no
-Hugging Face hub). Anything else is refused in one line naming the file and field, so soupkit never silently
-computes something mergekit would not.
+(``SUPPORTED``: mergekit's names and parameter names); ``models: [{model: PATH, parameters: {...}}]``, or
+``slices`` of ``sources`` with ``layer_range`` (one slice spanning every layer is a plain merge; others stack or
+interleave layers: a ``SlicePlan`` run by ``soupkit.merging.slices``, "frankenmerges"); ``base_model`` (also per
+slice); global ``parameters``; ``dtype`` and ``out_dtype`` (the output dtype: soupkit computes in fp32 whatever
+the config says, mergekit in ``dtype``, so a bf16 config agrees to bf16 rounding). Paths are local files or
+folders, relative to the config's folder (no Hugging Face hub). Anything else is refused in one line naming the
+file and field, so soupkit never silently computes something mergekit would not; so is every number that is not
+finite (``.nan`` would pass every range check) or out of its range.
 
-Each mergekit method runs as the soupkit method with the same formula, mergekit's conventions switched on
-(``docs/methods.md`` tabulates them): ``weight`` -> ``weights``, ``lambda`` -> ``scaling``, ``normalize`` with
-mergekit's per-method default, ``convention="mergekit"`` for ties, dare_ties, slerp and model_stock (k = max(1,
-int(density*n)), + elected on a zero sign sum, a zero tensor kept in slerp's angle, negative Model Stock
-cosines kept), DARE's ``density`` (the keep
-fraction) -> ``drop_rate = 1 - density``; slerp's ``t`` interpolates from ``base_model`` to the other model.
+Each mergekit method runs as the soupkit method of the same name, mergekit's conventions switched on
+(``docs/methods.md`` tabulates them): ``weight`` -> ``weights``, ``lambda`` -> ``scaling``, ``normalize`` and
+``rescale`` with mergekit's per-method defaults, ``convention="mergekit"`` for ties, dare_ties, slerp and
+model_stock (k = max(1, int(density*n)), + elected on a zero sign sum, a zero tensor kept in slerp's angle, t
+outside [0, 1] extrapolating, negative Model Stock cosines kept), DARE's ``density`` (the keep fraction) ->
+``drop_rate = 1 - density``; slerp's ``t`` interpolates from ``base_model`` to the other model.
+``tests/methods/test_mergekit_golden.py`` checks all of it against mergekit 0.1.5's own output.
 
 Parameter values follow mergekit's rules (``evaluate``): a number; a list of numbers, a gradient interpolated
 linearly over the layers; or a list of ``{filter: TEXT, value: ...}`` conditions, the first whose filter occurs
 in the tensor name (or is absent or ``*``) applying. A model's own parameter wins over the slice's, which wins
 over the global one; a setting no filter matches falls through to the next. A tensor's gradient position
-(mergekit's ``t``, ``position``): layer i of L at i / (L - 1) (1 when L = 1), L = the largest index + 1 in names
-like ``model.layers.N.`` (also ``h.N.``, ``layer.N.``, ``blocks.N.``, ``block.N.``), read from the first input's
-tensor names. Tensors outside the layers (embeddings, and also the final norm and ``lm_head`` after them) take a
-gradient's first value (t = 0), as mergekit's planner gives its pre- and post-weights alike.
+(mergekit's ``t``, ``position``): layer i of L at i / (L - 1) (1 when L = 1; within a slice, over its own
+layers), L = the largest index + 1 in names like ``model.layers.N.`` (also ``h.N.``, ``layer.N.``, ``blocks.N.``,
+``block.N.``), read from the first input's tensor names. Tensors outside the layers (embeddings, and also the
+final norm and ``lm_head`` after them) take a gradient's first value (t = 0), as mergekit's planner gives its
+pre- and post-weights alike.
 
 DARE masks: mergekit draws them with ``torch.bernoulli`` from the global RNG (a new mask every run); soupkit's
 are seeded and deterministic (``seed`` 0), so DARE merges agree with mergekit in expectation, and exactly at
-density 1. mergekit rescales kept entries by 1/density (recent versions: to the task vector's L1 norm; the
-same in expectation); soupkit by 1/density.
+density 1. mergekit 0.1.5 rescales kept entries to the task vector's L1 norm (1/density in expectation); soupkit
+by 1/density.
 """
 
 from __future__ import annotations
