@@ -11,6 +11,7 @@ from soupkit._lazy import torch
 from soupkit.errors import ParameterError
 from soupkit.merging.methods.ties import CONVENTIONS, check_convention
 from soupkit.merging.registry import Param, merge_method
+from soupkit.options import user_name
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -24,8 +25,8 @@ MERGEKIT_EPS = 1e-8
 def _check(params: Any) -> None:
     check_convention(params.convention)
     if params.convention != "mergekit" and not 0.0 <= params.t <= 1.0:  # mergekit extrapolates
-        raise ParameterError(f"slerp: t must be in [0, 1], got {params.t} (t outside extrapolates along the arc: "
-                             f"convention 'mergekit' allows it)")
+        raise ParameterError(f"slerp: {user_name('t')} must be in [0, 1], got {params.t} (outside, it extrapolates "
+                             f"along the arc: convention 'mergekit' allows it)")
 
 
 @merge_method(
