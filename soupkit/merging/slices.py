@@ -69,6 +69,22 @@ def layer_count_updates(template: Path, layers: Sequence[tuple[Path, int]]) -> d
     return updates
 
 
+def _provenance(plan: SlicePlan, metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """The output's provenance record: the method, each slice's layer ranges, every model read."""
+    from soupkit.io import open_checkpoint
+    from soupkit.io.provenance import ingredient_record, provenance_metadata
+
+    ingredients = []
+    for path in plan.models:
+        reader = open_checkpoint(path)
+        try:
+            ingredients.append(ingredient_record(reader.name, reader.path, reader.nbytes))
+        finally:
+            reader.close()
+    layers = {"layers": plan.config_updates, "groups": len(plan.groups)}
+    return provenance_metadata(plan.method, layers, ingredients, {**(metadata or {}), "soupkit.slices": "true"})
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
     try:
@@ -112,7 +128,7 @@ def merge_slices(plan: SlicePlan, output: str | Path | None, *, options: Any, pr
                                     progress=progress, metadata=metadata)[0])
     if output is None:
         return state
-    meta = {"soupkit.config": plan.source, "soupkit.method": plan.method}
+    meta = _provenance(plan, metadata)
     if folder is not None:
         return save_folder(state, folder.folder if os.fspath(output).endswith(("/", os.sep)) else output,
                            [plan.template], metadata=meta, shard_size=options.shard_size, force=options.force,
