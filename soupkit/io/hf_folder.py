@@ -260,8 +260,7 @@ def plan_folder_output(output: str | Path | None, inputs: Sequence[Any], *, adap
 
 def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (), *,
                 metadata: dict[str, str] | None = None, shard_size: int | None = None, force: bool = False,
-                protect: Sequence[str | Path] = (), dtype: str | None = None,
-                config_updates: dict[str, Any] | None = None) -> Path:
+                protect: Sequence[str | Path] = (), dtype: str | None = None) -> Path:
     """Write ``state_dict`` as a Hugging Face folder: ``model.safetensors`` (or shards + index) and the small
     files of the first folder among ``inputs``; ``save_checkpoint``'s counterpart for folders. Returns the
     folder. The merge entry points do the same around their streaming sink (``plan_folder_output``)."""
@@ -270,7 +269,6 @@ def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (),
     folder = plan_folder_output(output if os.fspath(output).endswith(("/", os.sep)) else f"{output}{os.sep}",
                                 inputs, shard_size=shard_size)
     assert folder is not None
-    folder.config_updates = dict(config_updates or {})
     omitted = folder.omitted_keys(list(state_dict))
     state = {k: v for k, v in state_dict.items() if k not in omitted}
     folder.check([Path(p) for p in protect], force=force)

@@ -515,11 +515,11 @@ class _Reader(_Parser):
             inputs = [*paths, *([base] if base is not None else [])]
             starts = {p: ranges[p.resolve()][0] for p in inputs}
             length = lengths.pop()
-            sources: dict[str, tuple[str, ...]] = {}
-            base_sources: dict[str, str] = {}
-            params: dict[str, dict[str, Any]] = {}
             template = keys[inputs[0].resolve()]
-            for index in range(length):
+            for index in range(length):  # one group per output layer: the merge streams layer by layer
+                sources: dict[str, tuple[str, ...]] = {}
+                base_sources: dict[str, str] = {}
+                params: dict[str, dict[str, Any]] = {}
                 t = index / (length - 1) if length > 1 else 1.0
                 out_layer = len(layers)
                 layers.append((inputs[0], starts[inputs[0]] + index))
@@ -536,7 +536,7 @@ class _Reader(_Parser):
                     if base is not None:
                         base_sources[out] = names[-1]
                     params[out] = self.validated(name, recipe.values(out, t), len(paths), out)
-            groups.append(SliceGroup(tuple(paths), base, sources, base_sources, params))
+                groups.append(SliceGroup(tuple(paths), base, sources, base_sources, params))
             if number == 0:
                 first_keys = template
             edges.append((paths, base, recipe))

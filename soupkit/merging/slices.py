@@ -6,16 +6,15 @@ is merged from, its name in each of them, and its method parameters (mergekit's 
 own layers; the tensors outside the layers follow the first slice -- embeddings -- or the last -- final norm,
 ``lm_head`` -- at t = 0, as mergekit plans them). ``merge_slices`` runs each group of tensors that share their
 inputs as one soupkit merge over renamed views of the inputs (``io.views.KeyMapReader``: no tensor is copied to
-rename it) and writes the whole result at once, atomically: a Hugging Face folder (the base model's config, else
-the first model's, with the layer count -- and ``layer_types`` where the config has them -- of the output) or one
-checkpoint file. The result is held in memory (in the output dtype) until it is written: a frankenmerge needs RAM
-for its output.
+rename it), one output layer at a time, into one sink, published atomically: a Hugging Face folder (the base
+model's config, else the first model's, with the layer count -- and ``layer_types`` where the config has them --
+of the output) or one checkpoint file. Memory holds one layer's tensors (plus the embeddings' group), never the
+whole model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,42 +95,71 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def merge_slices(plan: SlicePlan, output: str | Path | None, *, options: Any, progress: bool = False,
                  metadata: Mapping[str, Any] | None = None,
                  overrides: Callable[[str], Mapping[str, Any]] | Mapping[str, Any] | None = None) -> Any:
-    """Run ``plan``: the merged state dict (``output=None``), or the written folder or file."""
-    from soupkit.io import check_output_path, open_checkpoint, save_checkpoint
-    from soupkit.io.hf_folder import is_folder_output, plan_folder_output, save_folder
-    from soupkit.io.views import KeyMapReader
-    from soupkit.merging.api import merge_variants
+    """Run ``plan``: the merged state dict (``output=None``), or the written folder or file. Streams group by
+    group (one output layer at a time) into one sink: memory holds one layer's tensors, not the model."""
+    from soupkit.io import CheckpointSink, OutputSet, check_output_path, open_checkpoint
+    from soupkit.io.base import TensorInfo
+    from soupkit.io.hf_folder import is_folder_output, plan_folder_output
+    from soupkit.merging.engine import parse_dtype
 
-    inputs = plan.models
-    protected = [Path(p) for p in inputs]
+    protected = [Path(p) for p in plan.models]
     folder = None
+    target = None
     if output is not None:  # refused before any tensor is read
         if is_folder_output(output, [plan.template]):
             folder = plan_folder_output(output, [plan.template], shard_size=options.shard_size)
             assert folder is not None
             folder.check([f for p in protected for f in (p.glob("*") if p.is_dir() else [p])], force=options.force)
+            folder.config_updates = dict(plan.config_updates)
+            target = folder.weights
         else:
-            check_output_path(output, inputs=protected, force=options.force)
-    extra = dict(overrides or {}) if not callable(overrides) else None
-    state: dict[str, Any] = {}
-    merge_options = options.model_copy(update={"force": False})
-    for group in plan.groups:
-        views = [KeyMapReader(open_checkpoint(path), {k: names[i] for k, names in group.sources.items()})
-                 for i, path in enumerate(group.models)]
-        base = None if group.base is None else KeyMapReader(open_checkpoint(group.base), group.base_sources)
-        params = group.parameters
-
-        def variant(key: str, params: dict[str, dict[str, Any]] = params) -> dict[str, Any]:
-            return {**params[key], **(extra if extra is not None else overrides(key))}  # type: ignore[operator]
-
-        state.update(merge_variants(views, plan.method, [(variant, None)], base=base, options=merge_options,
-                                    progress=progress, metadata=metadata)[0])
-    if output is None:
+            target = check_output_path(output, inputs=protected, force=options.force)
+    dtype = parse_dtype(options.dtype)
+    readers = {path: open_checkpoint(path) for path in plan.models}
+    try:
+        infos = [TensorInfo(key, info.shape, dtype if dtype is not None and info.dtype.is_floating_point
+                            else info.dtype)
+                 for group in plan.groups for key, names in group.sources.items()
+                 for info in [readers[group.models[0]].info(names[0])]]
+    finally:
+        for reader in readers.values():
+            reader.close()
+    omitted = folder.omitted_keys([i.key for i in infos]) if folder is not None else set()
+    infos = [i for i in infos if i.key not in omitted]
+    if target is None:
+        state: dict[str, Any] = {}
+        for group in plan.groups:
+            state.update(_merge_group(plan.method, group, options, overrides))
         return state
-    meta = _provenance(plan, metadata)
-    if folder is not None:
-        return save_folder(state, folder.folder if os.fspath(output).endswith(("/", os.sep)) else output,
-                           [plan.template], metadata=meta, shard_size=options.shard_size, force=options.force,
-                           protect=protected, config_updates=plan.config_updates)
-    return save_checkpoint(state, output, meta, force=options.force, shard_size=options.shard_size,
-                           protect=protected)
+    with OutputSet() as files:
+        sink = CheckpointSink(target, infos, _provenance(plan, metadata), files,
+                              folder.shard_size if folder is not None else options.shard_size, protect=protected,
+                              force=options.force)
+        for group in plan.groups:
+            for key, tensor in _merge_group(plan.method, group, options, overrides).items():
+                if key not in omitted:
+                    sink.write(key, tensor.reshape(-1))
+        written = sink.finish()
+        if folder is None:
+            return written
+        folder.add_files(files, dtype=None if dtype is None else str(dtype).removeprefix("torch."))
+    return folder.folder
+
+
+def _merge_group(method: str, group: SliceGroup, options: Any,
+                 overrides: Callable[[str], Mapping[str, Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """One group's tensors, merged in memory over renamed views of its inputs (no tensor copied to rename it)."""
+    from soupkit.io import open_checkpoint
+    from soupkit.io.views import KeyMapReader
+    from soupkit.merging.api import merge_variants
+
+    views = [KeyMapReader(open_checkpoint(path), {k: names[i] for k, names in group.sources.items()})
+             for i, path in enumerate(group.models)]
+    base = None if group.base is None else KeyMapReader(open_checkpoint(group.base), group.base_sources)
+    fixed = dict(overrides or {}) if not callable(overrides) else None
+
+    def variant(key: str) -> dict[str, Any]:
+        return {**group.parameters[key], **(fixed if fixed is not None else overrides(key))}  # type: ignore[misc]
+
+    return merge_variants(views, method, [(variant, None)], base=base, options=options.model_copy(
+        update={"force": False}), progress=False)[0]  # one bar per layer would be noise

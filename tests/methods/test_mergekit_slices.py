@@ -101,3 +101,21 @@ def test_refused_before_any_work(tmp_path: Path, models: dict[str, Path], cli) -
     assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err
     assert (out / "model.safetensors").read_bytes() == b"keep" and sorted(p.name for p in out.iterdir()) == [
         "model.safetensors"]
+
+
+def test_streams_one_layer_at_a_time(tmp_path: Path, models: dict[str, Path], monkeypatch) -> None:
+    """Each merge inside a frankenmerge holds one output layer (or the embeddings / final tensors), never the model:
+    counted on the merges made, every tensor written exactly once."""
+    import soupkit.merging.api as api
+    from soupkit.merging.config import merge_from_config
+
+    real, sizes = api.merge_variants, []
+
+    def counting(checkpoints, *args, **kwargs):
+        sizes.append(len(checkpoints[0].keys()))
+        return real(checkpoints, *args, **kwargs)
+
+    monkeypatch.setattr(api, "merge_variants", counting)
+    written = merge_from_config(write(tmp_path, STACK, models), tmp_path / "frank.safetensors")
+    assert len(sizes) == 8 + 2 and max(sizes) == 9  # 8 layers of 9 tensors, then embeddings and norm + head
+    assert sum(sizes) == len(load_file(written)) == 8 * 9 + 3
