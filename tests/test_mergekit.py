@@ -376,9 +376,9 @@ def test_bad_fields_are_one_line_errors_naming_file_and_field(llm: Path, config:
 
 
 def test_cli_refusal_exits_2_without_output(llm: Path, cli) -> None:
-    path = write_config(llm, {**GOOD, "merge_method": "della"})
+    path = write_config(llm, {**GOOD, "merge_method": "ram"})  # mergekit's RAM: not in soupkit
     result = cli("merge", "--config", path, "-o", llm / "out.safetensors")
-    assert result.code == 2 and "della" in result.err and "Traceback" not in result.err
+    assert result.code == 2 and "'ram'" in result.err and "Traceback" not in result.err
     assert not (llm / "out.safetensors").exists()
 
 
