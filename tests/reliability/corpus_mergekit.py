@@ -1,4 +1,5 @@
-"""Bad mergekit configs (issue 21; issue 26 class 10): every number finite and in its range, every layer range
+"""Bad mergekit configs (issue 21; issue 26 class 10) and bad extract-lora calls: every number finite and in its
+range, every layer range
 inside its model, every unsupported field named. Registered into ``corpus.CASES`` (imported at the end of
 ``corpus.py``), so each gets exit 2, one line naming the config and the field, no output, inputs unchanged.
 
@@ -142,3 +143,43 @@ def _modules(w: Workspace) -> Expect:
 def _unknown(w: Workspace) -> Expect:
     return _config(w, TIES.format(w=1.0, d=0.5, lam=1.0) + "tokenizr_source: base\n", "tokenizr_source",
                    "unknown mergekit field")
+
+
+# ------------------------------------------------------------------------------------------ extract-lora
+
+
+def _extract(w: Workspace, tuned: dict | None, *args: str, out: str | None = None) -> tuple[list[str], str]:
+    base = w.good("base.safetensors", 0)
+    ft = w.good("ft.safetensors", 1, state=tuned)
+    return ["extract-lora", str(ft), str(base), *args, "-o", out or str(w.root / "adapter")], str(ft)
+
+
+@case("extract-lora rank 0")
+def _extract_rank(w: Workspace) -> Expect:
+    argv, _ = _extract(w, None, "--rank", "0")
+    return Expect(argv, ("--rank must be a positive integer, got 0",), w.canary)
+
+
+@case("extract-lora of models with different shapes")
+def _extract_shapes(w: Workspace) -> Expect:
+    from tests.reliability.corpus import small_state
+
+    state = small_state(1)
+    state["layer.weight"] = state["layer.weight"][:2]
+    argv, _ = _extract(w, state, "--rank", "2")
+    return Expect(argv, ("shape mismatch at 'layer.weight'",), w.canary)
+
+
+@case("extract-lora of a fine-tune equal to its base")
+def _extract_same(w: Workspace) -> Expect:
+    from tests.reliability.corpus import small_state
+
+    argv, ft = _extract(w, small_state(0), "--rank", "2")
+    return Expect(argv, (ft, "no tensor differs"), w.canary)
+
+
+@case("extract-lora into an existing file")
+def _extract_file(w: Workspace) -> Expect:
+    taken = w.write("taken", b"not a folder")
+    argv, _ = _extract(w, None, "--rank", "2", out=str(taken))
+    return Expect(argv, (str(taken), "this path is a file"), w.canary)
