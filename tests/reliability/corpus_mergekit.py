@@ -1,7 +1,7 @@
 """Bad mergekit configs (issue 21; issue 26 class 10) and bad extract-lora calls: every number finite and in its
-range, every layer range
-inside its model, every unsupported field named. Registered into ``corpus.CASES`` (imported at the end of
-``corpus.py``), so each gets exit 2, one line naming the config and the field, no output, inputs unchanged.
+range, every layer range inside its model, every unsupported field named. Registered into ``corpus.CASES``
+(imported at the end of ``corpus.py``), so each gets exit 2, one line naming the file and the field, no output,
+inputs unchanged.
 
 ``.nan`` once merged silently as density 1 (``min(1, nan)`` is 1); a NaN or infinity anywhere -- a model's
 parameter, a global one, a gradient's endpoint, a filter's value, a slice's -- is now refused where it is written,
