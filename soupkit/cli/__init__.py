@@ -36,6 +36,7 @@ with warnings.catch_warnings(record=True) as _import_warnings:
         demo_cmd,
         doctor_cmd,
         eval_cmd,
+        extract_cmd,
         fisher_cmd,
         inspect_cmd,
         merge_cmd,

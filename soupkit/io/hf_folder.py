@@ -175,6 +175,8 @@ class FolderOutput:
     adapter: bool = False
     shard_size: int = DEFAULT_SHARD_SIZE
     copied: list[Path] = field(default_factory=list)
+    #: config.json fields to set in the copy (a frankenmerge's layer count: ``soupkit.merging.slices``)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weights(self) -> Path:
@@ -232,9 +234,10 @@ class FolderOutput:
         for target in self._planned_copies():
             assert self.template is not None
             handle = outputs.open(target)
-            if target.name == "config.json" and dtype is not None:
-                config = read_config(self.template)
-                config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+            if target.name == "config.json" and (dtype is not None or self.config_updates):
+                config = {**read_config(self.template), **self.config_updates}
+                if dtype is not None:
+                    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
                 handle.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
             else:
                 try:

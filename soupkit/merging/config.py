@@ -101,6 +101,8 @@ class MergeConfig(BaseModel):
     options: OutputOptions = Field(default_factory=OutputOptions)
     eval: str | None = None
     layer_parameters: Callable[[str], Mapping[str, Any]] | None = None
+    #: a mergekit frankenmerge (``slices`` cutting or stacking layers): ``soupkit.merging.slices.SlicePlan``
+    slices: Any = None
 
     @property
     def dtype(self) -> str | None:
@@ -157,6 +159,11 @@ def merge_from_config(path_or_dict: str | Path | Mapping[str, Any], output: str 
             raise RecipeError(f"{config.source}: method {config.method!r} has no parameter {name!r} to override."
                               f"{suggest(name, spec.parameters)}")
     options = config.options.model_copy(update={n: getattr(given, n) for n in given.changed()})
+    if config.slices is not None:
+        from soupkit.merging.slices import merge_slices
+
+        return merge_slices(config.slices, output, options=options, progress=progress, overrides=params,
+                            metadata={"soupkit.config": config.source})
     per_key = config.layer_parameters
     variant = {**config.parameters, **params} if per_key is None else (lambda key: {**per_key(key), **params})
     return merge_variants(config.models, config.method, [(variant, output)],

@@ -1,38 +1,42 @@
 """mergekit configs (``merge_method:``) read as soupkit merges that give mergekit's numbers.
 
 ``load_merge_config`` sends a mapping with ``merge_method`` here. Accepted: the methods both tools share
-(``SUPPORTED``); ``models: [{model: PATH, parameters: {...}}]``, or one trivial ``slices`` entry (every source
-spans all of its layers: ``layer_range: [0, L]``); ``base_model``; global ``parameters``; ``dtype`` and
-``out_dtype`` (the output dtype: soupkit computes in fp32 whatever the config says, mergekit in ``dtype``, so a
-bf16 config agrees to bf16 rounding). Paths are local files or folders, relative to the config's folder (no
-Hugging Face hub). Anything else is refused in one line naming the file and field, so soupkit never silently
-computes something mergekit would not.
+(``SUPPORTED``: mergekit's names and parameter names); ``models: [{model: PATH, parameters: {...}}]``, or
+``slices`` of ``sources`` with ``layer_range`` (one slice spanning every layer is a plain merge; others stack or
+interleave layers: a ``SlicePlan`` run by ``soupkit.merging.slices``, "frankenmerges"); ``base_model`` (also per
+slice); global ``parameters``; ``dtype`` and ``out_dtype`` (the output dtype: soupkit computes in fp32 whatever
+the config says, mergekit in ``dtype``, so a bf16 config agrees to bf16 rounding). Paths are local files or
+folders, relative to the config's folder (no Hugging Face hub). Anything else is refused in one line naming the
+file and field, so soupkit never silently computes something mergekit would not; so is every number that is not
+finite (``.nan`` would pass every range check) or out of its range.
 
-Each mergekit method runs as the soupkit method with the same formula, mergekit's conventions switched on
-(``docs/methods.md`` tabulates them): ``weight`` -> ``weights``, ``lambda`` -> ``scaling``, ``normalize`` with
-mergekit's per-method default, ``convention="mergekit"`` for ties, dare_ties, slerp and model_stock (k = max(1,
-int(density*n)), + elected on a zero sign sum, a zero tensor kept in slerp's angle, negative Model Stock
-cosines kept), DARE's ``density`` (the keep
-fraction) -> ``drop_rate = 1 - density``; slerp's ``t`` interpolates from ``base_model`` to the other model.
+Each mergekit method runs as the soupkit method of the same name, mergekit's conventions switched on
+(``docs/methods.md`` tabulates them): ``weight`` -> ``weights``, ``lambda`` -> ``scaling``, ``normalize`` and
+``rescale`` with mergekit's per-method defaults, ``convention="mergekit"`` for ties, dare_ties, slerp and
+model_stock (k = max(1, int(density*n)), + elected on a zero sign sum, a zero tensor kept in slerp's angle, t
+outside [0, 1] extrapolating, negative Model Stock cosines kept), DARE's ``density`` (the keep fraction) ->
+``drop_rate = 1 - density``; slerp's ``t`` interpolates from ``base_model`` to the other model.
+``tests/methods/test_mergekit_golden.py`` checks all of it against mergekit 0.1.5's own output.
 
 Parameter values follow mergekit's rules (``evaluate``): a number; a list of numbers, a gradient interpolated
 linearly over the layers; or a list of ``{filter: TEXT, value: ...}`` conditions, the first whose filter occurs
 in the tensor name (or is absent or ``*``) applying. A model's own parameter wins over the slice's, which wins
 over the global one; a setting no filter matches falls through to the next. A tensor's gradient position
-(mergekit's ``t``, ``position``): layer i of L at i / (L - 1) (1 when L = 1), L = the largest index + 1 in names
-like ``model.layers.N.`` (also ``h.N.``, ``layer.N.``, ``blocks.N.``, ``block.N.``), read from the first input's
-tensor names. Tensors outside the layers sit where mergekit's architectures put them: embeddings (names holding
-``embed``, ``wte`` or ``wpe``) before the layers (t = 0: a gradient's first value), everything else (final norm,
-``lm_head``) after them (t = 1: its last value).
+(mergekit's ``t``, ``position``): layer i of L at i / (L - 1) (1 when L = 1; within a slice, over its own
+layers), L = the largest index + 1 in names like ``model.layers.N.`` (also ``h.N.``, ``layer.N.``, ``blocks.N.``,
+``block.N.``), read from the first input's tensor names. Tensors outside the layers (embeddings, and also the
+final norm and ``lm_head`` after them) take a gradient's first value (t = 0), as mergekit's planner gives its
+pre- and post-weights alike.
 
 DARE masks: mergekit draws them with ``torch.bernoulli`` from the global RNG (a new mask every run); soupkit's
 are seeded and deterministic (``seed`` 0), so DARE merges agree with mergekit in expectation, and exactly at
-density 1. mergekit rescales kept entries by 1/density (recent versions: to the task vector's L1 norm; the
-same in expectation); soupkit by 1/density.
+density 1. mergekit 0.1.5 rescales kept entries to the task vector's L1 norm (1/density in expectation); soupkit
+by 1/density.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -47,7 +51,8 @@ from soupkit.options import OutputOptions
 
 REQUIRED = ...  # a parameter mergekit requires (it has no default)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_EMBEDDING = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")
+#: tensors before the layers (embeddings): a frankenmerge takes them from its first slice, the rest from its last
+_PRE = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FIELDS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
 _NO_TOKENIZER = ("soupkit does not build tokenizers (mergekit's vocabulary merging reshapes the embeddings); "
@@ -81,11 +86,25 @@ def evaluate(setting: Any, tensor: str, t: float) -> Any:
 
 
 def position(key: str, n_layers: int) -> float:
-    """A tensor's place on a gradient: layer i at i / (n_layers - 1), embeddings at 0, other tensors at 1."""
+    """A tensor's place on a gradient: layer i at i / (n_layers - 1) (1 when there is one layer), every tensor
+    outside the layers at 0 -- embeddings, and also the final norm and ``lm_head`` after the layers: mergekit's
+    planner resolves its architectures' pre- and post-weights alike at t = 0 (its ``plan_module``)."""
     match = _LAYER.search(key)
     if match:
         return int(match.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
-    return 0.0 if _EMBEDDING.search(key) else 1.0
+    return 0.0
+
+
+def _layer_of(key: str) -> int | None:
+    match = _LAYER.search(key)
+    return int(match.group(1)) if match else None
+
+
+def _renumber(key: str, layer: int) -> str:
+    """``key`` with its layer index replaced by ``layer``."""
+    match = _LAYER.search(key)
+    assert match is not None
+    return key[:match.start(1)] + str(layer) + key[match.end(1):]
 
 
 def count_layers(keys: list[str]) -> int:
@@ -105,25 +124,18 @@ def _weights(models: list[dict[str, Any]]) -> list[float]:
     return [m["weight"] for m in models]
 
 
-def _no_rescale(g: dict[str, Any]) -> None:
-    if g["rescale"]:
-        raise _Problem("parameters.rescale", "true rescales kept entries to the task vector's L1 norm, which "
-                       "soupkit does not do for this method; remove it")
-
-
 def _linear(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     return {"weights": _weights(models), "normalize": g["normalize"]}
 
 
 def _task_arithmetic(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
-    _no_rescale(g)
+    # rescale has no effect without sparsification, as in mergekit
     return {"weights": _weights(models), "normalize": g["normalize"], "scaling": g["lambda"]}
 
 
 def _ties(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
-    _no_rescale(g)
     return {"weights": _weights(models), "density": [min(1.0, m["density"]) for m in models],
-            "normalize": g["normalize"], "scaling": g["lambda"], "convention": "mergekit"}
+            "normalize": g["normalize"], "scaling": g["lambda"], "convention": "mergekit", "rescale": g["rescale"]}
 
 
 def _dare(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
@@ -142,6 +154,43 @@ def _slerp(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     return {"t": g["t"], "convention": "mergekit"}
 
 
+def _passthrough(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"scale": 1.0 if models[0]["scale"] is None else models[0]["scale"]}
+
+
+def _sparsified(g: dict[str, Any], models: list[dict[str, Any]], extra: str) -> dict[str, Any]:
+    """breadcrumbs and della: mergekit's generalised task arithmetic with its own sparsification."""
+    return {"weights": _weights(models), "density": [min(1.0, m["density"]) for m in models],
+            extra: [m[extra] for m in models], "normalize": g["normalize"], "scaling": g["lambda"],
+            "rescale": g["rescale"]}
+
+
+def _breadcrumbs(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return _sparsified(g, models, "gamma")
+
+
+def _della(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return _sparsified(g, models, "epsilon")
+
+
+def _sce(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"select_topk": g["select_topk"]}
+
+
+def _nuslerp(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"weights": _weights(models), "nuslerp_flatten": g["nuslerp_flatten"],
+            "nuslerp_row_wise": g["nuslerp_row_wise"]}
+
+
+def _multislerp(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"weights": _weights(models), "normalize_weights": g["normalize_weights"], "eps": g["eps"]}
+
+
+def _same_names(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Methods whose global parameters keep mergekit's names (karcher, nearswap, arcee_fusion)."""
+    return dict(g)
+
+
 def _model_stock(g: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
     if g["filter_wise"]:
         raise _Problem("parameters.filter_wise", "true (one angle per row) is not supported; remove it")
@@ -157,12 +206,14 @@ class _Method:
     global_params: dict[str, Any]
     model_params: dict[str, Any]
     base: bool = True  # base_model required; its task vector is never merged
+    optional_base: bool = False  # base_model may be given (then as above) or not (nuslerp, multislerp)
 
 
-def _gta(translate: Callable[..., dict[str, Any]], normalize: bool, rescale: bool) -> _Method:
-    """One of mergekit's generalized task-arithmetic methods."""
+def _gta(translate: Callable[..., dict[str, Any]], normalize: bool, rescale: bool, **extra: float) -> _Method:
+    """One of mergekit's generalized task-arithmetic methods (``extra``: its sparsification's per-model
+    parameters and their defaults: breadcrumbs' gamma, della's epsilon)."""
     return _Method(translate, {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
-                   {"weight": REQUIRED, "density": 1.0})
+                   {"weight": REQUIRED, "density": 1.0, **extra})
 
 
 METHODS = {
@@ -173,11 +224,27 @@ METHODS = {
     "dare_ties": _gta(_dare_ties, normalize=False, rescale=True),
     "slerp": _Method(_slerp, {"t": REQUIRED}, {}),
     "model_stock": _Method(_model_stock, {"filter_wise": False}, {}),
+    "passthrough": _Method(_passthrough, {}, {"scale": None}, base=False),
+    # the methods of soupkit's files of the same names (mergekit's defaults here, their formulas there)
+    "breadcrumbs": _gta(_breadcrumbs, normalize=False, rescale=False, gamma=0.01),
+    "breadcrumbs_ties": _gta(_breadcrumbs, normalize=False, rescale=False, gamma=0.01),
+    "della": _gta(_della, normalize=True, rescale=True, epsilon=0.15),
+    "della_linear": _gta(_della, normalize=False, rescale=True, epsilon=0.15),
+    "sce": _Method(_sce, {"select_topk": 1.0, "int8_mask": False}, {}),
+    "nuslerp": _Method(_nuslerp, {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": REQUIRED},
+                       base=False, optional_base=True),
+    "multislerp": _Method(_multislerp, {"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED},
+                          base=False, optional_base=True),
+    "karcher": _Method(_same_names, {"max_iter": 10, "tol": 1e-5}, {}, base=False),
+    "nearswap": _Method(_same_names, {"t": REQUIRED}, {}),
+    "arcee_fusion": _Method(_same_names, {}, {}),
 }
 SUPPORTED = tuple(METHODS)
 #: the Python type every evaluated value of a parameter must have
 _KINDS = {"weight": float, "density": float, "lambda": float, "t": float, "normalize": bool, "rescale": bool,
-          "int8_mask": bool, "filter_wise": bool}
+          "int8_mask": bool, "filter_wise": bool, "scale": float,
+          "gamma": float, "epsilon": float, "select_topk": float, "nuslerp_flatten": bool, "nuslerp_row_wise": bool,
+          "normalize_weights": bool, "eps": float, "max_iter": int, "tol": float}
 
 
 # ------------------------------------------------------------------------------ values per tensor
@@ -224,8 +291,17 @@ class _Recipe:
             if not isinstance(value, bool):
                 raise RecipeError(f"{self.source}: {where}: must be true or false, got {value!r}")
             return value
+        if _KINDS[name] is int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value != int(value):
+                raise RecipeError(f"{self.source}: {where}: must be a whole number, got {value!r}")
+            return int(value)
+        if isinstance(value, str):  # mergekit's float fields read YAML's 1e-3 (a string in YAML 1.1) as a number
+            value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{self.source}: {where}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{self.source}: {where}: must be a finite number, got {value!r}")
         if name == "density" and value <= 0:
             raise RecipeError(f"{self.source}: {where}: must be > 0 (the fraction of each task vector kept), got "
                               f"{value!r}")
@@ -260,6 +336,8 @@ class _Reader(_Parser):
             raise self.fail("merge_method", f"{name!r} is not supported; soupkit runs mergekit's "
                             f"{', '.join(SUPPORTED)}.{suggest(str(name), SUPPORTED)}")
         method = METHODS[name]
+        if "slices" in data and not self.one_whole_slice(data["slices"]):
+            return self.frankenmerge(data, name, method)
         entries, slice_levels, slice_base = self.entries(data, method)
         global_levels = (*slice_levels, ("parameters", self.settings(data.get("parameters"), "parameters",
                                                                       {**method.global_params,
@@ -319,11 +397,14 @@ class _Reader(_Parser):
     def setting(self, value: Any, where: str, nested: bool = False) -> None:
         scalar = (int, float, str)
         if isinstance(value, scalar):
+            self.finite(value, where)
             return
         if not isinstance(value, list) or not value:
             raise self.fail(where, f"expected a number, a list of numbers or a list of {{filter, value}}, got "
                             f"{value!r}")
         if all(isinstance(v, scalar) for v in value):
+            for index, item in enumerate(value):
+                self.finite(item, f"{where}[{index}]")
             return
         for index, condition in enumerate(value):
             if nested or not isinstance(condition, Mapping) or "value" not in condition \
@@ -332,6 +413,13 @@ class _Reader(_Parser):
             if not isinstance(condition.get("filter", ""), (str, type(None))):
                 raise self.fail(f"{where}[{index}].filter", f"expected text, got {condition['filter']!r}")
             self.setting(condition["value"], f"{where}[{index}].value", nested=True)
+
+    def finite(self, value: Any, where: str) -> None:
+        """Every number of a setting (each gradient endpoint too, whether or not a tensor uses it) is finite:
+        ``.nan`` would otherwise pass every range check (``min(1, nan)`` is 1: a NaN density merged as 1)."""
+        number = _number(value) if isinstance(value, str) else value
+        if isinstance(number, float) and not math.isfinite(number):
+            raise self.fail(where, f"must be a finite number, got {value!r}")
 
     def path(self, value: Any, where: str) -> Path:
         """A local file or folder; a Hugging Face repo id or mergekit's ``MODEL+LORA`` is refused in one line."""
@@ -364,6 +452,124 @@ class _Reader(_Parser):
                             {**method.global_params, **method.model_params})
         return entries, (("slices[0].parameters", own),), slices[0].get("base_model")
 
+    def one_whole_slice(self, slices: Any) -> bool:
+        """One slice whose every source spans all of its model's layers: a plain merge, streamed as one."""
+        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping) \
+                or not isinstance(slices[0].get("sources"), list):
+            return False
+        for source in slices[0]["sources"]:
+            if not isinstance(source, Mapping) or not isinstance(source.get("model"), str):
+                return False
+            path = self.folder / Path(source["model"]).expanduser()
+            if not path.exists() or source.get("layer_range") != [0, count_layers(_keys([path]))]:
+                return False
+        return True
+
+    def frankenmerge(self, data: Mapping[str, Any], name: str, method: _Method) -> MergeConfig:
+        """``slices`` stacking or interleaving layer ranges: a ``SlicePlan`` of every output tensor."""
+        from soupkit.merging.slices import SliceGroup, SlicePlan, layer_count_updates
+
+        slices = self.listed(data["slices"], "slices")
+        global_params = ("parameters", self.settings(data.get("parameters"), "parameters",
+                                                     {**method.global_params, **method.model_params}))
+        groups: list[SliceGroup] = []
+        layers: list[tuple[Path, int]] = []  # each output layer's model and index there (for layer_types)
+        first_keys: list[str] = []
+        edges: list[tuple[list[Path], Path | None, _Recipe]] = []  # each slice's inputs, for the outer tensors
+        for number, piece in enumerate(slices):
+            where = f"slices[{number}]"
+            if not isinstance(piece, Mapping):
+                raise self.fail(where, f"expected a mapping with sources (and parameters, base_model), got {piece!r}")
+            extra = [k for k in piece if k not in ("sources", "parameters", "base_model")]
+            if extra:
+                raise self.fail(f"{where}.{extra[0]}", "not supported; a slice takes sources, parameters and "
+                                "base_model")
+            own = self.settings(piece.get("parameters"), f"{where}.parameters",
+                                {**method.global_params, **method.model_params})
+            entries, ranges = [], {}
+            for i, source in enumerate(self.listed(piece.get("sources"), f"{where}.sources")):
+                entry = self.entry(source, f"{where}.sources[{i}]", method, ("model", "layer_range", "parameters"))
+                ranges[entry[1].resolve()] = self.layer_range(source.get("layer_range"), entry[1],
+                                                              f"{where}.sources[{i}].layer_range")
+                entries.append(entry)
+            lengths = {stop - start for start, stop in ranges.values()}
+            if len(lengths) != 1:
+                raise self.fail(f"{where}.sources", f"every source of a slice spans the same number of layers; got "
+                                f"{sorted(lengths)}")
+            levels_global = ((f"{where}.parameters", own), global_params)
+            base_value = piece.get("base_model", data.get("base_model"))
+            if base_value is not None and (method.base or method.optional_base):
+                base_path = self.path(base_value, f"{where}.base_model" if "base_model" in piece else "base_model")
+                if base_path.resolve() not in ranges:
+                    raise self.fail(where, f"base_model {base_path} is not one of its sources; list it under "
+                                    f"sources with the layer_range to take")
+            paths, levels, base = self.roles(name, method, entries, base_value, levels_global)
+            spec = get_method(name)
+            if len(paths) < spec.min_models or (spec.max_models is not None and len(paths) > spec.max_models):
+                wanted = spec.min_models if spec.max_models == spec.min_models else \
+                    f"{spec.min_models} to {spec.max_models or 'any number of'}"
+                raise self.fail(f"{where}.sources", f"{name} merges {wanted} model(s) per slice (besides a base), "
+                                f"got {len(paths)}; give each slice that many sources")
+            recipe = _Recipe(self.source, name, method, levels, levels_global)
+            keys = {p.resolve(): _keys([p]) for p in {*paths, *([base] if base else [])}}
+            inputs = [*paths, *([base] if base is not None else [])]
+            starts = {p: ranges[p.resolve()][0] for p in inputs}
+            length = lengths.pop()
+            template = keys[inputs[0].resolve()]
+            for index in range(length):  # one group per output layer: the merge streams layer by layer
+                sources: dict[str, tuple[str, ...]] = {}
+                base_sources: dict[str, str] = {}
+                params: dict[str, dict[str, Any]] = {}
+                t = index / (length - 1) if length > 1 else 1.0
+                out_layer = len(layers)
+                layers.append((inputs[0], starts[inputs[0]] + index))
+                for key in template:
+                    if _layer_of(key) != starts[inputs[0]] + index:
+                        continue
+                    out = _renumber(key, out_layer)
+                    names = [_renumber(key, starts[p] + index) for p in inputs]
+                    for p, source_key in zip(inputs, names):
+                        if source_key not in keys[p.resolve()]:
+                            raise self.fail(f"{where}.sources", f"{p.name} has no tensor {source_key!r} (layer "
+                                            f"{starts[p] + index} of its range)")
+                    sources[out] = tuple(names[:len(paths)])
+                    if base is not None:
+                        base_sources[out] = names[-1]
+                    params[out] = self.validated(name, recipe.values(out, t), len(paths), out)
+                groups.append(SliceGroup(tuple(paths), base, sources, base_sources, params))
+            if number == 0:
+                first_keys = template
+            edges.append((paths, base, recipe))
+        outside = [k for k in first_keys if _layer_of(k) is None]
+        pre, post = [k for k in outside if _PRE.search(k)], [k for k in outside if not _PRE.search(k)]
+
+        def edge(at: int, names: list[str]) -> list[SliceGroup]:
+            paths, base, recipe = edges[at]
+            return [SliceGroup(tuple(paths), base, {k: (k,) * len(paths) for k in names},
+                               {k: k for k in names} if base is not None else {},
+                               {k: self.validated(name, recipe.values(k, 0.0), len(paths), k) for k in names})
+                    ] if names else []
+
+        groups = [*edge(0, pre), *groups, *edge(-1, post)]
+        template_model = self.path(data["base_model"], "base_model") if data.get("base_model") else \
+            self.path(slices[0]["sources"][0]["model"], "slices[0].sources[0].model")
+        plan = SlicePlan(self.source, name, tuple(groups), template_model,
+                         layer_count_updates(template_model, layers))
+        return MergeConfig(source=self.source, method=name, models=plan.models, options=self.options(data),
+                           slices=plan)
+
+    def layer_range(self, value: Any, path: Path, where: str) -> tuple[int, int]:
+        """``[start, stop)`` within the model's layers."""
+        n_layers = count_layers(_keys([path]))
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                      for v in value)):
+            raise self.fail(where, f"expected [start, stop], two whole numbers, got {value!r}")
+        start, stop = value
+        if not 0 <= start < stop <= n_layers:
+            raise self.fail(where, f"{value!r}: needs 0 <= start < stop <= {n_layers} ({path.name} has {n_layers} "
+                            f"layers)")
+        return start, stop
+
     def listed(self, value: Any, where: str) -> list[Any]:
         if not isinstance(value, list) or not value:
             raise self.fail(where, f"expected a non-empty list, got {value!r}")
@@ -395,7 +601,9 @@ class _Reader(_Parser):
         listed = [path.resolve() for _, path, _ in entries]
         if method.base and base is None:
             raise self.fail("base_model", f"mergekit's {name} needs a base_model")
-        if not method.base:
+        if method.optional_base:
+            merged = entries if base is None else [e for e in entries if e[1].resolve() != base.resolve()]
+        elif not method.base:
             if base is not None and base.resolve() not in listed:
                 raise self.fail("base_model", f"{name} does not use a base model unless it is one of the models; "
                                 f"remove it or list it under models")
@@ -426,6 +634,14 @@ class _Reader(_Parser):
         except SoupkitError as error:
             raise RecipeError(f"{self.source}: {error}" + (f" (tensor {key})" if key else "")) from None
         return params
+
+
+def _number(text: str) -> Any:
+    """``text`` as a float where it spells one (``1e-3``, ``.nan``), else unchanged."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _keys(paths: list[Path]) -> list[str]:

@@ -824,5 +824,6 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
     }
 
 
-# round two (issue 13): bombs, escapes, odd files and names, alias bombs; registers into CASES
-from tests.reliability import corpus_round2  # noqa: E402, F401
+# round two (issue 13): bombs, escapes, odd files and names, alias bombs; and bad mergekit configs (issue 21:
+# numbers finite and in range, layer ranges, unsupported fields). Each registers into CASES
+from tests.reliability import corpus_mergekit, corpus_round2  # noqa: E402, F401

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from soupkit._lazy import torch
+from soupkit.errors import ParameterError
 from soupkit.merging.methods.ties import CONVENTIONS, Convention
 from soupkit.merging.registry import Param, merge_method
+from soupkit.options import user_name
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -20,6 +22,12 @@ PARALLEL_COS = 0.9995
 MERGEKIT_EPS = 1e-8
 
 
+def _check(params: Any) -> None:
+    if params.convention != "mergekit" and not 0.0 <= params.t <= 1.0:  # mergekit extrapolates
+        raise ParameterError(f"slerp: {user_name('t')} must be in [0, 1], got {params.t} (outside, it extrapolates "
+                             f"along the arc: convention 'mergekit' allows it)")
+
+
 @merge_method(
     "slerp",
     pretty_name="SLERP (spherical interpolation of two models)",
@@ -27,10 +35,11 @@ MERGEKIT_EPS = 1e-8
     min_models=2,
     max_models=2,
     elementwise=False,
+    check=_check,
 )
 def slerp(tensors: Sequence[Tensor], *,
-          t: Annotated[float, Param("SLERP interpolation factor: 0 gives the first model, 1 the second.", ge=0,
-                                    le=1)] = 0.5,
+          t: Annotated[float, Param("SLERP interpolation factor in [0, 1]: 0 gives the first model, 1 the second "
+                                    "(outside it extrapolates, with convention 'mergekit' only).")] = 0.5,
           convention: Annotated[Convention, Param(
               f"{' or '.join(map(repr, CONVENTIONS))}: a zero tensor makes the interpolation linear (soupkit) or, "
               f"as in mergekit, stays unnormalised in the angle's computation.")] = "soupkit") -> Tensor:

@@ -39,6 +39,9 @@ CONVENTIONS: tuple[str, ...] = typing.get_args(Convention)
 CONVENTION = Param("Whose conventions: 'soupkit' (k = round(density*n) entries kept; where the weighted "
                    "sign sum is 0 no sign is elected and the entry stays 0) or 'mergekit' (k = max(1, "
                    "int(density*n)); a zero sum elects +), which mergekit configs use to reproduce mergekit.")
+RESCALE = Param("Scale each trimmed task vector back to its L1 norm before trimming (mergekit's rescale: true).")
+#: below this L1 norm (before or after the trim) a task vector is left unscaled, as mergekit does
+RESCALE_EPS = 1e-7
 DISJOINT_NORMALIZE = Param("Divide by the summed weights of the models agreeing with the elected sign (false: "
                            "their weighted sum, mergekit's normalize: false).")
 
@@ -77,6 +80,15 @@ def trim(delta: Tensor, density: float, convention: str = "soupkit") -> Tensor:
         at_cut = torch.nonzero(magnitude == cut).reshape(-1)[:ties_needed]
         kept[at_cut] = flat[at_cut]
     return kept.view_as(delta)
+
+
+def rescale_l1(kept: Tensor, delta: Tensor) -> Tensor:
+    """``kept`` (a sparsified ``delta``) scaled so that its L1 norm is ``delta``'s: mergekit's ``rescale: true``
+    (``RESCALE_EPS`` guards an all-zero tensor)."""
+    before, after = float(delta.abs().sum()), float(kept.abs().sum())
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
 
 
 def kth_largest(values: Tensor, k: int, *, sample: int = 1 << 16) -> Tensor:
@@ -135,6 +147,7 @@ def ties(
     scaling: Annotated[float, SCALING] = 1.0,
     normalize: Annotated[bool, DISJOINT_NORMALIZE] = True,
     convention: Annotated[Convention, CONVENTION] = "soupkit",
+    rescale: Annotated[bool, RESCALE] = False,
 ) -> Tensor:
     """base + scaling * disjoint mean of the task vectors, each trimmed to its top-density magnitudes.
 
@@ -144,6 +157,8 @@ def ties(
     """
     n = len(tensors)
     densities = per_model(density, DEFAULT_DENSITY, n)
-    deltas = [trim(tensor - base, d, convention) for tensor, d in zip(tensors, densities)]
+    deltas = [tensor - base for tensor in tensors]
+    deltas = [rescale_l1(trim(delta, d, convention), delta) if rescale else trim(delta, d, convention)
+              for delta, d in zip(deltas, densities)]
     merged = disjoint_merge(deltas, per_model(weights, 1.0, n), normalize=normalize, convention=convention)
     return base + merged.mul_(scaling)
