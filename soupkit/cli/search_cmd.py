@@ -89,8 +89,12 @@ def search(
                         early_stop=not no_early_stop, compare=not no_compare, output=output,
                         report_dir=report_dir, resume=resume, progress=show_progress(quiet), options=options,
                         **(params or {}))
-    if quiet:
-        return
+    if not quiet:
+        _report(result, started)
+
+
+def _report(result: Any, started: float) -> None:
+    """The comparison table on stdout; every file written, and the time, on stderr."""
     from rich.console import Console
 
     if result.table:

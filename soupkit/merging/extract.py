@@ -138,7 +138,7 @@ def extract_lora(finetuned: str | Path, base: str | Path, output: str | Path, ra
     not at all."""
     from soupkit.io import input_files, open_checkpoint
     from soupkit.io.hf_folder import hf_folder_of
-    from soupkit.io.lora import LoraModule, _adapter_config, _factor_tensors, _write_adapter, refactor_lora
+    from soupkit.io.lora import _write_adapter
     from soupkit.merging.engine import check_compatible, resolve_device
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -152,94 +152,128 @@ def extract_lora(finetuned: str | Path, base: str | Path, output: str | Path, ra
         keys = check_compatible([tuned], allow_missing=False, base=original)
         tied = tuned.tied_keys()  # alias -> canonical (a tied lm_head)
         folder = hf_folder_of(Path(finetuned)) if isinstance(finetuned, (str, Path)) else None
-        kinds = _module_kinds(folder)
-        infos = tuned.infos()
-        factorise_embeddings = embed_lora and not tied and not _bias_changed(tuned, original, infos, kinds)
-
-        def kind_of(module: str) -> str:
-            weight = f"{module}.weight"
-            if weight not in infos or len(infos[weight].shape) < 2:
-                return "other"
-            kind = kinds.get(module, "other") if kinds is not None else _guess_kind(weight, infos[weight].shape)
-            if kind in ("embedding", "head"):  # saved whole, as mergekit does, unless asked to factorise them
-                return "other" if not factorise_embeddings else "linear" if kind == "head" else kind
-            return kind
-
-        plan: dict[str, tuple[str, str]] = {}  # tensor key -> (module name, kind)
-        for key in keys:
-            if key in tied or not infos[key].is_float:
-                continue
-            module, _, leaf = key.rpartition(".")
-            kind = kind_of(module)
-            if leaf != "weight":
-                kind = "bias" if leaf == "bias" and kind in ("linear", "conv1d", "conv") else "other"
-            plan[key] = (module, kind)
+        plan = _extraction_plan(tuned, original, keys, tied, folder, embed_lora)
         protect = [p for r in (tuned, original) for p in input_files(r)]
-        tensors: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        errors: dict[str, float] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        modules: list[LoraModule] = []
-        saved_whole: list[str] = []
-        unchanged: list[str] = []
-        pending: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # changed biases of adaptable modules
-        num = den = 0.0
+        done = _Extraction(rank, run_on)
         for key, (module, kind) in plan.items():
-            new = tuned.get(key)
-            delta = new.to(run_on, torch.float64) - original.get(key).to(run_on, torch.float64)
-            if not bool(delta.any()):
-                unchanged.append(key)
-                continue
-            if kind == "other":
-                tensors[_PEFT_PREFIX + key] = new
-                saved_whole.append(key)
-                continue
-            if kind == "bias":
-                pending[module] = (key, delta.to("cpu", new.dtype), new)
-                continue
-            transposed = kind in ("conv1d", "embedding")  # peft computes (B @ A).T for these
-            left, right, errors[key] = refactor_lora(delta, rank)
-            energy = float(delta.square().sum())
-            num, den = num + errors[key] ** 2 * energy, den + energy
-            ranks[key] = right.shape[0]
-            shapes[key] = tuple(new.shape)
-            layout = LoraModule(key=key, module=module, a_key="", b_key="", kind="conv" if kind == "conv" else (
-                "embedding" if kind == "embedding" else "linear"), transposed=transposed, rank=ranks[key],
-                alpha=float(ranks[key]), scale=1.0, shape=tuple(delta.shape), dtype=new.dtype)
-            modules.append(layout)
-            tensors.update(_factor_tensors(layout, left.cpu(), right.cpu(), new.dtype, _PEFT_PREFIX))
-        for module, (key, delta, new) in pending.items():
-            weight = f"{module}.weight"
-            if weight in ranks:  # peft's lora_bias: the bias update rides on lora_B
-                tensors[f"{_PEFT_PREFIX}{module}.lora_B.bias"] = delta
-                continue
-            tensors[_PEFT_PREFIX + key] = new  # a bias-only change: the module is saved whole
-            saved_whole.append(key)
-            if weight in unchanged:
-                unchanged.remove(weight)
-                tensors[_PEFT_PREFIX + weight] = tuned.get(weight)
-                saved_whole.append(weight)
-        for alias, canonical in sorted(tied.items()):  # a tied head is saved with its embeddings, and tied again
-            if canonical in saved_whole:
-                tensors[_PEFT_PREFIX + alias] = tensors[_PEFT_PREFIX + canonical]
-                saved_whole.append(alias)
-        biases = any(k.endswith(".lora_B.bias") for k in tensors)
-        if not ranks and not saved_whole:
+            done.add(key, module, kind, tuned.get(key), original.get(key))
+        done.finish(tuned, tied)
+        if not done.ranks and not done.saved_whole:
             raise IncompatibleCheckpointsError(f"{tuned.name}: no tensor differs from {original.name}; there is no "
                                                f"update to extract")
-        template = {"peft_type": "LORA", "task_type": _task_type(folder), "base_model_name_or_path": str(base),
+        config = done.adapter_config(str(base), folder, plan, tied)
+        meta = {"soupkit.extract": f"rank {rank}", "soupkit.finetuned": str(finetuned), "soupkit.base": str(base)}
+        written = _write_adapter(output, done.tensors, config, meta, template=folder, protect=protect, force=force)
+        return ExtractedLora(written, done.ranks, done.errors, done.shapes, done.overall(), done.saved_whole,
+                             done.unchanged)
+    finally:
+        tuned.close()
+        original.close()
+
+
+def _extraction_plan(tuned: Any, original: Any, keys: list[str], tied: dict[str, str], folder: Path | None,
+                     embed_lora: bool) -> dict[str, tuple[str, str]]:
+    """Tensor key -> (module name, kind): how each floating tensor is extracted (``other``: saved whole)."""
+    kinds = _module_kinds(folder)
+    infos = tuned.infos()
+    factorise_embeddings = embed_lora and not tied and not _bias_changed(tuned, original, infos, kinds)
+
+    def kind_of(module: str) -> str:
+        weight = f"{module}.weight"
+        if weight not in infos or len(infos[weight].shape) < 2:
+            return "other"
+        kind = kinds.get(module, "other") if kinds is not None else _guess_kind(weight, infos[weight].shape)
+        if kind in ("embedding", "head"):  # saved whole, as mergekit does, unless asked to factorise them
+            return "other" if not factorise_embeddings else "linear" if kind == "head" else kind
+        return kind
+
+    plan: dict[str, tuple[str, str]] = {}
+    for key in keys:
+        if key in tied or not infos[key].is_float:
+            continue
+        module, _, leaf = key.rpartition(".")
+        kind = kind_of(module)
+        if leaf != "weight":
+            kind = "bias" if leaf == "bias" and kind in ("linear", "conv1d", "conv") else "other"
+        plan[key] = (module, kind)
+    return plan
+
+
+class _Extraction:
+    """The adapter being built: factors per module, tensors saved whole, unchanged ones, errors."""
+
+    def __init__(self, rank: int, device: Any):
+        self.rank, self.device = rank, device
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}
+        self.errors: dict[str, float] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.modules: list[Any] = []
+        self.saved_whole: list[str] = []
+        self.unchanged: list[str] = []
+        self.pending: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # changed biases of adaptable modules
+        self.num = self.den = 0.0
+
+    def add(self, key: str, module: str, kind: str, new: torch.Tensor, old: torch.Tensor) -> None:
+        from soupkit.io.lora import LoraModule, _factor_tensors, refactor_lora
+
+        delta = new.to(self.device, torch.float64) - old.to(self.device, torch.float64)
+        if not bool(delta.any()):
+            self.unchanged.append(key)
+            return
+        if kind == "other":
+            self.tensors[_PEFT_PREFIX + key] = new
+            self.saved_whole.append(key)
+            return
+        if kind == "bias":
+            self.pending[module] = (key, delta.to("cpu", new.dtype), new)
+            return
+        transposed = kind in ("conv1d", "embedding")  # peft computes (B @ A).T for these
+        left, right, self.errors[key] = refactor_lora(delta, self.rank)
+        energy = float(delta.square().sum())
+        self.num, self.den = self.num + self.errors[key] ** 2 * energy, self.den + energy
+        self.ranks[key] = right.shape[0]
+        self.shapes[key] = tuple(new.shape)
+        layout = LoraModule(key=key, module=module, a_key="", b_key="", kind="conv" if kind == "conv" else (
+            "embedding" if kind == "embedding" else "linear"), transposed=transposed, rank=self.ranks[key],
+            alpha=float(self.ranks[key]), scale=1.0, shape=tuple(delta.shape), dtype=new.dtype)
+        self.modules.append(layout)
+        self.tensors.update(_factor_tensors(layout, left.cpu(), right.cpu(), new.dtype, _PEFT_PREFIX))
+
+    def finish(self, tuned: Any, tied: dict[str, str]) -> None:
+        """Bias updates (on lora_B, or the module saved whole) and tied heads saved with their embeddings."""
+        for module, (key, delta, new) in self.pending.items():
+            weight = f"{module}.weight"
+            if weight in self.ranks:  # peft's lora_bias: the bias update rides on lora_B
+                self.tensors[f"{_PEFT_PREFIX}{module}.lora_B.bias"] = delta
+                continue
+            self.tensors[_PEFT_PREFIX + key] = new  # a bias-only change: the module is saved whole
+            self.saved_whole.append(key)
+            if weight in self.unchanged:
+                self.unchanged.remove(weight)
+                self.tensors[_PEFT_PREFIX + weight] = tuned.get(weight)
+                self.saved_whole.append(weight)
+        for alias, canonical in sorted(tied.items()):  # a tied head is saved with its embeddings, and tied again
+            if canonical in self.saved_whole:
+                self.tensors[_PEFT_PREFIX + alias] = self.tensors[_PEFT_PREFIX + canonical]
+                self.saved_whole.append(alias)
+
+    def adapter_config(self, base: str, folder: Path | None, plan: dict[str, tuple[str, str]],
+                       tied: dict[str, str]) -> dict[str, Any]:
+        from soupkit.io.lora import _adapter_config
+
+        biases = any(k.endswith(".lora_B.bias") for k in self.tensors)
+        template = {"peft_type": "LORA", "task_type": _task_type(folder), "base_model_name_or_path": base,
                     "bias": "none", "lora_dropout": 0.0, "inference_mode": True, "init_lora_weights": True,
                     "fan_in_fan_out": any(k == "conv1d" for _, k in plan.values()), "lora_bias": biases,
                     # a tied lm_head must follow the adapted embeddings (else it keeps the base's)
                     "ensure_weight_tying": bool(tied),
                     # full module names: peft matches them as suffixes, and a bare "norm" would take every norm
-                    "modules_to_save": sorted({k.rpartition(".")[0] for k in saved_whole}) or None}
-        config = _adapter_config(template, ranks, modules) if ranks else {
-            **template, "r": 1, "lora_alpha": 1, "target_modules": []}
-        meta = {"soupkit.extract": f"rank {rank}", "soupkit.finetuned": str(finetuned), "soupkit.base": str(base)}
-        written = _write_adapter(output, tensors, config, meta, template=folder, protect=protect, force=force)
-        return ExtractedLora(written, ranks, errors, shapes, math.sqrt(num / den) if den else 0.0, saved_whole,
-                             unchanged)
-    finally:
-        tuned.close()
-        original.close()
+                    "modules_to_save": sorted({k.rpartition(".")[0] for k in self.saved_whole}) or None}
+        if self.ranks:
+            return _adapter_config(template, self.ranks, self.modules)
+        return {**template, "r": 1, "lora_alpha": 1, "target_modules": []}
+
+    def overall(self) -> float:
+        """The relative error of the whole update (energy-weighted over the factorised modules)."""
+        return math.sqrt(self.num / self.den) if self.den else 0.0

@@ -326,6 +326,23 @@ def _varies(levels: Levels) -> bool:
 # ------------------------------------------------------------------------------ reading the file
 
 
+@dataclass
+class _Slice:
+    """One checked slice: its models, base, parameter recipe, inputs' first layers, length and tensor names."""
+
+    paths: list[Path]
+    base: Path | None
+    recipe: Any
+    inputs: list[Path]
+    starts: dict[Path, int]
+    length: int
+    keys: dict[Path, list[str]]
+
+    @property
+    def template(self) -> list[str]:
+        return self.keys[self.inputs[0].resolve()]
+
+
 class _Reader(_Parser):
     """Validation of one mergekit config; every error names the config and the field."""
 
@@ -474,89 +491,96 @@ class _Reader(_Parser):
                                                      {**method.global_params, **method.model_params}))
         groups: list[SliceGroup] = []
         layers: list[tuple[Path, int]] = []  # each output layer's model and index there (for layer_types)
-        first_keys: list[str] = []
-        edges: list[tuple[list[Path], Path | None, _Recipe]] = []  # each slice's inputs, for the outer tensors
-        for number, piece in enumerate(slices):
-            where = f"slices[{number}]"
-            if not isinstance(piece, Mapping):
-                raise self.fail(where, f"expected a mapping with sources (and parameters, base_model), got {piece!r}")
-            extra = [k for k in piece if k not in ("sources", "parameters", "base_model")]
-            if extra:
-                raise self.fail(f"{where}.{extra[0]}", "not supported; a slice takes sources, parameters and "
-                                "base_model")
-            own = self.settings(piece.get("parameters"), f"{where}.parameters",
-                                {**method.global_params, **method.model_params})
-            entries, ranges = [], {}
-            for i, source in enumerate(self.listed(piece.get("sources"), f"{where}.sources")):
-                entry = self.entry(source, f"{where}.sources[{i}]", method, ("model", "layer_range", "parameters"))
-                ranges[entry[1].resolve()] = self.layer_range(source.get("layer_range"), entry[1],
-                                                              f"{where}.sources[{i}].layer_range")
-                entries.append(entry)
-            lengths = {stop - start for start, stop in ranges.values()}
-            if len(lengths) != 1:
-                raise self.fail(f"{where}.sources", f"every source of a slice spans the same number of layers; got "
-                                f"{sorted(lengths)}")
-            levels_global = ((f"{where}.parameters", own), global_params)
-            base_value = piece.get("base_model", data.get("base_model"))
-            if base_value is not None and (method.base or method.optional_base):
-                base_path = self.path(base_value, f"{where}.base_model" if "base_model" in piece else "base_model")
-                if base_path.resolve() not in ranges:
-                    raise self.fail(where, f"base_model {base_path} is not one of its sources; list it under "
-                                    f"sources with the layer_range to take")
-            paths, levels, base = self.roles(name, method, entries, base_value, levels_global)
-            spec = get_method(name)
-            if len(paths) < spec.min_models or (spec.max_models is not None and len(paths) > spec.max_models):
-                wanted = spec.min_models if spec.max_models == spec.min_models else \
-                    f"{spec.min_models} to {spec.max_models or 'any number of'}"
-                raise self.fail(f"{where}.sources", f"{name} merges {wanted} model(s) per slice (besides a base), "
-                                f"got {len(paths)}; give each slice that many sources")
-            recipe = _Recipe(self.source, name, method, levels, levels_global)
-            keys = {p.resolve(): _keys([p]) for p in {*paths, *([base] if base else [])}}
-            inputs = [*paths, *([base] if base is not None else [])]
-            starts = {p: ranges[p.resolve()][0] for p in inputs}
-            length = lengths.pop()
-            template = keys[inputs[0].resolve()]
-            for index in range(length):  # one group per output layer: the merge streams layer by layer
-                sources: dict[str, tuple[str, ...]] = {}
-                base_sources: dict[str, str] = {}
-                params: dict[str, dict[str, Any]] = {}
-                t = index / (length - 1) if length > 1 else 1.0
-                out_layer = len(layers)
-                layers.append((inputs[0], starts[inputs[0]] + index))
-                for key in template:
-                    if _layer_of(key) != starts[inputs[0]] + index:
-                        continue
-                    out = _renumber(key, out_layer)
-                    names = [_renumber(key, starts[p] + index) for p in inputs]
-                    for p, source_key in zip(inputs, names):
-                        if source_key not in keys[p.resolve()]:
-                            raise self.fail(f"{where}.sources", f"{p.name} has no tensor {source_key!r} (layer "
-                                            f"{starts[p] + index} of its range)")
-                    sources[out] = tuple(names[:len(paths)])
-                    if base is not None:
-                        base_sources[out] = names[-1]
-                    params[out] = self.validated(name, recipe.values(out, t), len(paths), out)
-                groups.append(SliceGroup(tuple(paths), base, sources, base_sources, params))
-            if number == 0:
-                first_keys = template
-            edges.append((paths, base, recipe))
-        outside = [k for k in first_keys if _layer_of(k) is None]
+        pieces = [self.slice_of(piece, f"slices[{number}]", data, name, method, global_params)
+                  for number, piece in enumerate(slices)]
+        for number, piece in enumerate(pieces):
+            groups += self.slice_groups(piece, f"slices[{number}]", name, layers)
+        outside = [k for k in pieces[0].template if _layer_of(k) is None]
         pre, post = [k for k in outside if _PRE.search(k)], [k for k in outside if not _PRE.search(k)]
 
-        def edge(at: int, names: list[str]) -> list[SliceGroup]:
-            paths, base, recipe = edges[at]
+        def edge(piece: _Slice, names: list[str]) -> list[SliceGroup]:
+            paths, base, recipe = piece.paths, piece.base, piece.recipe
             return [SliceGroup(tuple(paths), base, {k: (k,) * len(paths) for k in names},
                                {k: k for k in names} if base is not None else {},
                                {k: self.validated(name, recipe.values(k, 0.0), len(paths), k) for k in names})
                     ] if names else []
 
-        groups = [*edge(0, pre), *groups, *edge(-1, post)]
+        groups = [*edge(pieces[0], pre), *groups, *edge(pieces[-1], post)]
         template_model = self.path(data["base_model"], "base_model") if data.get("base_model") else \
             self.path(slices[0]["sources"][0]["model"], "slices[0].sources[0].model")
         plan = SlicePlan(self.source, name, tuple(groups), template_model,
                          layer_count_updates(template_model, layers))
         return MergeConfig(source=self.source, method=name, models=plan.models, options=self.options(data),
                            slices=plan)
+
+    def slice_of(self, piece: Any, where: str, data: Mapping[str, Any], name: str, method: _Method,
+                 global_params: tuple[str, Any]) -> _Slice:
+        """One slice checked: its sources' layer ranges (of one length), base, method and parameters."""
+        if not isinstance(piece, Mapping):
+            raise self.fail(where, f"expected a mapping with sources (and parameters, base_model), got {piece!r}")
+        extra = [k for k in piece if k not in ("sources", "parameters", "base_model")]
+        if extra:
+            raise self.fail(f"{where}.{extra[0]}", "not supported; a slice takes sources, parameters and "
+                            "base_model")
+        own = self.settings(piece.get("parameters"), f"{where}.parameters",
+                            {**method.global_params, **method.model_params})
+        entries, ranges = [], {}
+        for i, source in enumerate(self.listed(piece.get("sources"), f"{where}.sources")):
+            entry = self.entry(source, f"{where}.sources[{i}]", method, ("model", "layer_range", "parameters"))
+            ranges[entry[1].resolve()] = self.layer_range(source.get("layer_range"), entry[1],
+                                                          f"{where}.sources[{i}].layer_range")
+            entries.append(entry)
+        lengths = {stop - start for start, stop in ranges.values()}
+        if len(lengths) != 1:
+            raise self.fail(f"{where}.sources", f"every source of a slice spans the same number of layers; got "
+                            f"{sorted(lengths)}")
+        levels_global = ((f"{where}.parameters", own), global_params)
+        base_value = piece.get("base_model", data.get("base_model"))
+        if base_value is not None and (method.base or method.optional_base):
+            base_path = self.path(base_value, f"{where}.base_model" if "base_model" in piece else "base_model")
+            if base_path.resolve() not in ranges:
+                raise self.fail(where, f"base_model {base_path} is not one of its sources; list it under "
+                                f"sources with the layer_range to take")
+        paths, levels, base = self.roles(name, method, entries, base_value, levels_global)
+        spec = get_method(name)
+        if len(paths) < spec.min_models or (spec.max_models is not None and len(paths) > spec.max_models):
+            wanted = spec.min_models if spec.max_models == spec.min_models else \
+                f"{spec.min_models} to {spec.max_models or 'any number of'}"
+            raise self.fail(f"{where}.sources", f"{name} merges {wanted} model(s) per slice (besides a base), "
+                            f"got {len(paths)}; give each slice that many sources")
+        recipe = _Recipe(self.source, name, method, levels, levels_global)
+        keys = {p.resolve(): _keys([p]) for p in {*paths, *([base] if base else [])}}
+        inputs = [*paths, *([base] if base is not None else [])]
+        return _Slice(paths, base, recipe, inputs, {p: ranges[p.resolve()][0] for p in inputs}, lengths.pop(), keys)
+
+    def slice_groups(self, piece: _Slice, where: str, name: str, layers: list[tuple[Path, int]]) -> list[Any]:
+        """One group per output layer of a slice (the merge streams layer by layer); appends to ``layers``."""
+        from soupkit.merging.slices import SliceGroup
+
+        inputs, starts, paths, base = piece.inputs, piece.starts, piece.paths, piece.base
+        groups = []
+        for index in range(piece.length):
+            sources: dict[str, tuple[str, ...]] = {}
+            base_sources: dict[str, str] = {}
+            params: dict[str, dict[str, Any]] = {}
+            t = index / (piece.length - 1) if piece.length > 1 else 1.0
+            out_layer = len(layers)
+            layers.append((inputs[0], starts[inputs[0]] + index))
+            for key in piece.template:
+                if _layer_of(key) != starts[inputs[0]] + index:
+                    continue
+                out = _renumber(key, out_layer)
+                names = [_renumber(key, starts[p] + index) for p in inputs]
+                for p, source_key in zip(inputs, names):
+                    if source_key not in piece.keys[p.resolve()]:
+                        raise self.fail(f"{where}.sources", f"{p.name} has no tensor {source_key!r} (layer "
+                                        f"{starts[p] + index} of its range)")
+                sources[out] = tuple(names[:len(paths)])
+                if base is not None:
+                    base_sources[out] = names[-1]
+                params[out] = self.validated(name, piece.recipe.values(out, t), len(paths), out)
+            groups.append(SliceGroup(tuple(paths), base, sources, base_sources, params))
+        return groups
 
     def layer_range(self, value: Any, path: Path, where: str) -> tuple[int, int]:
         """``[start, stop)`` within the model's layers."""

@@ -331,12 +331,7 @@ def search(
 
     spec = get_method(method)
     options, fixed = split_options(fixed_and_options)
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ParameterError(f"--budget: expected a whole number of candidates >= 1, got {budget!r}")
-    if population is not None and (not isinstance(population, int) or population < 2):
-        raise ParameterError(f"--population: expected a whole number >= 2, got {population!r}")
-    if not (isinstance(sigma, (int, float)) and 0 < sigma <= 1):
-        raise ParameterError(f"--sigma: expected a step size in (0, 1] of each range, got {sigma!r}")
+    _check_settings(budget, population, sigma)
     if spec.needs_base and base is None:
         raise ParameterError(f"method {method!r} needs a base model (--base)")
     paths = [Path(p) for p in checkpoints]
@@ -370,6 +365,15 @@ def search(
         result.table = _compare(run, judge, best, paths)
         result.stats["best_ingredient"] = run.best_ingredient
     return run.finish(result, output, log)
+
+
+def _check_settings(budget: Any, population: Any, sigma: Any) -> None:
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ParameterError(f"--budget: expected a whole number of candidates >= 1, got {budget!r}")
+    if population is not None and (not isinstance(population, int) or population < 2):
+        raise ParameterError(f"--population: expected a whole number >= 2, got {population!r}")
+    if not (isinstance(sigma, (int, float)) and 0 < sigma <= 1):
+        raise ParameterError(f"--sigma: expected a step size in (0, 1] of each range, got {sigma!r}")
 
 
 def _float_keys(paths: Sequence[Path]) -> list[str]:
@@ -482,74 +486,86 @@ def _optimise(run: _Run, judge: Any, log: SearchLog | None, budget: int, populat
     import numpy as np
     from cmaes import CMA
 
-    from soupkit.soups.greedy import hardest_first
-    from soupkit.soups.scoring import Score, Steps
+    from soupkit.soups.scoring import Steps
 
-    dims = run.dims
     logged = log.read() if resume and log is not None else []
     if log is not None and not log.writable:
         log = None if not logged else _ReplayOnly(log)
     if log is not None and not logged:
         log.start()
     # cmaes needs two dimensions or more: a one-parameter search carries an inert second coordinate
-    width = max(2, len(dims))
-    mean = np.array([d.unit(d.start) for d in dims] + [0.5] * (width - len(dims)))
+    width = max(2, len(run.dims))
+    mean = np.array([d.unit(d.start) for d in run.dims] + [0.5] * (width - len(run.dims)))
     optimiser = CMA(mean=mean, sigma=sigma, bounds=np.array([[0.0, 1.0]] * width), seed=seed,
                     population_size=population)
-    candidates: list[Candidate] = []
-    best: Any = None
-    order: Any = None
     bar = Steps(budget, progress, "search", judge=judge)
-
-    def score(point: list[float] | None) -> Candidate:
-        nonlocal best, order
-        index, mask = len(candidates), None
-        if index < len(logged):
-            candidate = _replayed(logged[index], point, log)
-            if "order_mask" in logged[index]:
-                import torch
-
-                mask = torch.tensor([c == "1" for c in logged[index]["order_mask"]])
-        else:
-            if point is None:  # the method at its defaults: only what the user fixed
-                parameters, tensors = dict(run.fixed), []
-            else:
-                parameters, tensors = parameters_at(dims, point[:len(dims)], run.fixed, len(run.paths))
-            need = None
-            if early_stop and best is not None and best.correct is not None and judge.is_evaluator:
-                need = best.correct + 1
-            result = judge.score(run.merge(parameters, tensors), need_correct=need, order=order)
-            candidate = _candidate(index, point, parameters, tensors, result)
-            if order is None and result.correct_mask is not None and not result.stopped_early:
-                mask = result.correct_mask
-            if log is not None:
-                log.append(candidate, mask)
-        candidates.append(candidate)
-        if candidate.score is not None and not candidate.stopped_early and (best is None or _beats(candidate, best)):
-            best = candidate
-        if order is None and mask is not None:
-            # what the first full evaluation got wrong first: losers stop sooner; decisions do not depend on it,
-            # an early-stopped candidate's bound does, so the mask is logged and a resumed run uses the same order
-            order = hardest_first([Score(0.0, correct_mask=torch_mask(mask))])
-        bar.advance()
-        bar.describe(f"search: best {_show(best)}")
-        return candidate
-
+    scorer = _Scorer(run, judge, log, logged, early_stop, bar)
     try:
-        score(None)
-        while len(candidates) < budget:
+        scorer.score(None)
+        while len(scorer.candidates) < budget:
             points = [optimiser.ask() for _ in range(optimiser.population_size)]
             told = []
             for point in points:
-                if len(candidates) >= budget:
+                if len(scorer.candidates) >= budget:
                     break
-                candidate = score([float(x) for x in point])
-                told.append((point, candidate.fitness))
+                told.append((point, scorer.score([float(x) for x in point]).fitness))
             if len(told) == optimiser.population_size:
                 optimiser.tell(told)
     finally:
         bar.close()
-    return candidates
+    return scorer.candidates
+
+
+class _Scorer:
+    """Scores candidates in order (or replays the logged ones), keeping the best so far and the example order."""
+
+    def __init__(self, run: _Run, judge: Any, log: Any, logged: list[dict[str, Any]], early_stop: bool, bar: Any):
+        self.run, self.judge, self.log, self.logged = run, judge, log, logged
+        self.early_stop, self.bar = early_stop, bar
+        self.candidates: list[Candidate] = []
+        self.best: Candidate | None = None
+        self.order: Any = None
+
+    def score(self, point: list[float] | None) -> Candidate:
+        index, mask = len(self.candidates), None
+        if index < len(self.logged):
+            candidate = _replayed(self.logged[index], point, self.log)
+            if "order_mask" in self.logged[index]:
+                mask = torch_mask([c == "1" for c in self.logged[index]["order_mask"]])
+        else:
+            candidate, mask = self._evaluate(index, point)
+        self.candidates.append(candidate)
+        if candidate.score is not None and not candidate.stopped_early and (
+                self.best is None or _beats(candidate, self.best)):
+            self.best = candidate
+        if self.order is None and mask is not None:
+            # what the first full evaluation got wrong first: losers stop sooner; decisions do not depend on it,
+            # an early-stopped candidate's bound does, so the mask is logged and a resumed run uses the same order
+            from soupkit.soups.greedy import hardest_first
+            from soupkit.soups.scoring import Score
+
+            self.order = hardest_first([Score(0.0, correct_mask=torch_mask(mask))])
+        self.bar.advance()
+        self.bar.describe(f"search: best {_show(self.best)}")
+        return candidate
+
+    def _evaluate(self, index: int, point: list[float] | None) -> tuple[Candidate, Any]:
+        run = self.run
+        if point is None:  # the method at its defaults: only what the user fixed
+            parameters, tensors = dict(run.fixed), []
+        else:
+            parameters, tensors = parameters_at(run.dims, point[:len(run.dims)], run.fixed, len(run.paths))
+        need = None
+        if self.early_stop and self.best is not None and self.best.correct is not None and self.judge.is_evaluator:
+            need = self.best.correct + 1
+        result = self.judge.score(run.merge(parameters, tensors), need_correct=need, order=self.order)
+        candidate = _candidate(index, point, parameters, tensors, result)
+        mask = None
+        if self.order is None and result.correct_mask is not None and not result.stopped_early:
+            mask = result.correct_mask
+        if self.log is not None:
+            self.log.append(candidate, mask)
+        return candidate, mask
 
 
 class _ReplayOnly:
