@@ -334,7 +334,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, me
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise OutputError(f"{out}: metadata must map strings to strings")
     meta = {"format": "pt", **(metadata or {})}
-    with OutputSet() as outputs:
+    with OutputSet(replace=force) as outputs:
         sink = CheckpointSink(out, plan_of(state), meta, outputs, shard_size, protect=protected, force=force)
         for key, tensor in state.items():
             sink.write(key, tensor.detach().cpu())

@@ -46,6 +46,8 @@ _SKIPPED_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "sc
 _KNOWN_SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                       "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+#: what a model folder that --force may replace holds besides weights and the files about to be written
+_REPLACEABLE = (*_KNOWN_SMALL_FILES, *_SKIPPED_FILES, ".gitattributes", "adapter_config.json")
 _HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                     "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -181,25 +183,50 @@ class FolderOutput:
         return self.folder / ("adapter_model.safetensors" if self.adapter else "model.safetensors")
 
     def check(self, inputs: Sequence[Path], *, force: bool = False) -> None:
-        """Refuse before any work: a folder that is an input's, files there that would be replaced without
-        ``force``, and other weight files there that transformers would load instead of the soup."""
+        """Refuse before any work: an output path that is a file or a symlink, a folder that holds an input or lies
+        inside an input's folder, files there that would be replaced without ``force``, other weight files there
+        that transformers would load instead of the soup, and -- since the new folder replaces the old one whole,
+        by one rename -- anything there that is not part of a model folder (a subfolder, a user's notes)."""
         from soupkit.io.atomic import check_derived_output
 
-        if self.folder.exists() and not self.folder.is_dir():
-            raise OutputError(f"{self.folder}: output folder is a file")
+        folder = self.folder
+        if folder.is_symlink():
+            raise OutputError(f"{folder}: output folder is a symlink; give the folder it points to, or a new name "
+                              f"(soupkit publishes a folder by renaming it into place, which would replace the link)")
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder}: output folder is a file")
+        where = folder.absolute().resolve()
         for source in inputs:
-            if self.folder.exists() and Path(source).parent.exists() and os.path.samefile(
-                    Path(source).parent, self.folder):
-                raise OutputError(f"{self.folder}: output folder holds the input {source}; soupkit never "
+            if folder.exists() and Path(source).parent.exists() and os.path.samefile(Path(source).parent, folder):
+                raise OutputError(f"{folder}: output folder holds the input {source}; soupkit never "
                                   f"modifies inputs: write to another folder")
-        for path in (self.weights, *self._planned_copies()):
+            home = _input_folder(source) or hf_folder_of(Path(source)) if Path(source).exists() else None
+            if home is not None and where.is_relative_to(home.resolve()):
+                raise OutputError(f"{folder}: output folder lies inside the input folder {home}; soupkit never "
+                                  f"modifies inputs: write to a folder outside it")
+        planned = self._planned_copies()
+        for path in (self.weights, *planned):
             check_derived_output(path, inputs=inputs, force=force)
-        ours = {self.weights.name, *(p.name for p in self._planned_copies())}
-        if self.folder.is_dir():
-            stale = sorted(p.name for p in self.folder.iterdir() if p.name not in ours and _is_weight_file(p))
-            if stale:
-                raise OutputError(f"{self.folder}: output folder already holds weights ({', '.join(stale[:3])}) "
-                                  f"that loaders would mix with the soup; remove them or pick an empty folder")
+        if not folder.is_dir():
+            return
+        ours = {self.weights.name, *(p.name for p in planned)}
+        entries = sorted(os.listdir(folder))
+        stale = [name for name in entries if name not in ours and _is_weight_name(name)]
+        if stale and not force:
+            raise OutputError(f"{folder}: output folder already holds weights ({', '.join(stale[:3])}) "
+                              f"that loaders would mix with the soup; remove them or pick an empty folder")
+        if entries and not force:
+            raise OutputError(f"{folder}: output folder exists and is not empty; use --force to replace it whole, "
+                              f"or pick a new folder")
+        for name in entries:
+            kind = entry_kind(folder, name)
+            if kind == "dir":
+                raise OutputError(f"{folder}: output folder holds the subfolder {name!r}; --force replaces a model "
+                                  f"folder whole, so soupkit refuses one holding folders: remove it or pick another")
+            if name not in ours and not _is_weight_name(name) and name not in _REPLACEABLE and not name.endswith(
+                    (".soupkit-lock", ".soupkit-tmp")):
+                raise OutputError(f"{folder}: output folder holds {name!r}, which soupkit did not write; --force "
+                                  f"replaces a model folder whole: move it out or pick another folder")
 
     def omitted_keys(self, keys: Sequence[str]) -> set[str]:
         """Tied keys to leave out of the weights, as ``save_pretrained`` does (the copied config ties them, so
@@ -296,7 +323,9 @@ def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (),
     omitted = folder.omitted_keys(list(state_dict))
     state = {k: v for k, v in state_dict.items() if k not in omitted}
     folder.check([Path(p) for p in protect], force=force)
-    with OutputSet() as files:
+    with OutputSet(replace=force) as files:
+        files.watch(protect)
+        files.folder(folder.folder)
         sink = CheckpointSink(folder.weights, plan_of(state), {"format": "pt", **(metadata or {})}, files,
                               folder.shard_size, protect=[Path(p) for p in protect], force=force)
         for key, tensor in state.items():

@@ -161,9 +161,12 @@ def merge_variants(
         select_keys(keys, options.include, options.exclude)  # pattern errors before any work
         plan = output_plan(readers, keys, run.dtype)
         ingredients = [ingredient_record(r.name, r.path, r.nbytes) for r in readers]
-        with OutputSet() as files:
+        with OutputSet(replace=options.force) as files:
+            files.watch(protected)  # an input rewritten while merged is named, never published from
             sinks = []
             for params, (out, folder) in zip(bound, outputs):
+                if folder is not None:
+                    files.folder(folder.folder)  # built beside its name, published by one rename
                 recorded = {"per_layer": True} if callable(params) else params
                 meta = provenance_metadata(record_as or method, recorded, ingredients,
                                            _extra(metadata, base_reader, options))
