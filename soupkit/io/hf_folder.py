@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from soupkit.errors import OutputError
 from soupkit.io.base import CheckpointReader
 from soupkit.io.small_files import MAX_COPY_BYTES, check_small_file, copy_small_file, entry_kind, read_json_file
@@ -102,6 +104,33 @@ def _ties_word_embeddings(config: dict[str, Any]) -> bool:
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get("tie_word_embeddings")
     return value is not False
+
+
+def _tied_pairs(config: dict[str, Any], keys: set[str]) -> dict[str, str]:
+    """``tied key -> partner`` for every pair in ``keys`` that transformers may tie when it loads a folder with
+    this config: word-embedding ties unless ``tie_word_embeddings`` is false (whatever ``architectures`` says:
+    ``AutoModelForCausalLM`` ties by default), and the ties inside base models always."""
+    value = config.get("tie_word_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("tie_word_embeddings")
+    pairs: dict[str, str] = {}
+    for tied, partners, needs_word_tie in TIE_RULES:
+        if tied not in keys or tied in pairs or (needs_word_tie and value is False):
+            continue
+        partner = next((p for p in partners if p in keys), None)
+        if partner is not None:
+            pairs[tied] = partner
+    return pairs
+
+
+def _same_values(reader: CheckpointReader, key: str, other: str, chunk: int = 1 << 22) -> bool:
+    """Whether two tensors of ``reader`` hold the same shape, dtype and values (read in bounded chunks)."""
+    a, b = reader.info(key), reader.info(other)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return all(torch.equal(reader.read_flat(key, start, min(start + chunk, a.numel)),
+                           reader.read_flat(other, start, min(start + chunk, a.numel)))
+               for start in range(0, a.numel, chunk))
 
 
 def tie_aliases(config: dict[str, Any], keys: Sequence[str] | CheckpointReader, *,
@@ -228,12 +257,25 @@ class FolderOutput:
                 raise OutputError(f"{folder}: output folder holds {name!r}, which soupkit did not write; --force "
                                   f"replaces a model folder whole: move it out or pick another folder")
 
-    def omitted_keys(self, keys: Sequence[str]) -> set[str]:
+    def omitted_keys(self, keys: Sequence[str], readers: Sequence[CheckpointReader] = ()) -> set[str]:
         """Tied keys to leave out of the weights, as ``save_pretrained`` does (the copied config ties them, so
-        loaders rebuild them from their partner; a GPT-2 soup saves one vocabulary-sized matrix, not two)."""
+        loaders rebuild them from their partner; a GPT-2 soup saves one vocabulary-sized matrix, not two).
+
+        A config that ties what an input stores untied (``tie_word_embeddings`` beside a trained ``lm_head``) would
+        make transformers load the soup's head as its embeddings, not as the mean of the heads: every input that
+        holds both keys is compared, and one that differs refuses the folder output, naming config and input."""
         if self.template is None or self.adapter:
             return set()
-        return set(tie_aliases(read_config(self.template), set(keys), present=True))
+        config = read_config(self.template)
+        for omitted, partner in _tied_pairs(config, set(keys)).items():
+            for reader in readers:
+                if omitted in reader and partner in reader and not _same_values(reader, omitted, partner):
+                    raise OutputError(
+                        f"{self.template / 'config.json'}: ties {omitted} to {partner} (tie_word_embeddings), but "
+                        f"{reader.name} stores a different {omitted}; transformers would load the soup's {omitted} "
+                        f"as its {partner}, not as their mean. Set \"tie_word_embeddings\": false in that config if "
+                        f"the head is trained apart, or write a .safetensors file")
+        return set(tie_aliases(config, set(keys), present=True))
 
     def _planned_copies(self) -> list[Path]:
         """The template's small files to copy, each checked (``soupkit.io.small_files``): one that is a link out of
@@ -261,8 +303,9 @@ class FolderOutput:
             handle = outputs.open(target)
             if target.name == "config.json" and dtype is not None:
                 config = read_config(self.template)
-                config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
-                handle.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
+                config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype  # order kept: a faithful copy
+                handle.write(json.dumps(config, indent=2, ensure_ascii=False).encode() + b"\n")
+                _no_wider_than(handle, stat.S_IMODE(os.stat(self.template / "config.json").st_mode))
             else:
                 try:
                     source_mode = copy_small_file(self.template, target.name, handle)
@@ -320,7 +363,9 @@ def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (),
     folder = plan_folder_output(output if os.fspath(output).endswith(("/", os.sep)) else f"{output}{os.sep}",
                                 inputs, shard_size=shard_size)
     assert folder is not None
-    omitted = folder.omitted_keys(list(state_dict))
+    from soupkit.io import StateDictReader
+
+    omitted = folder.omitted_keys(list(state_dict), [StateDictReader(state_dict)])
     state = {k: v for k, v in state_dict.items() if k not in omitted}
     folder.check([Path(p) for p in protect], force=force)
     with OutputSet(replace=force) as files:

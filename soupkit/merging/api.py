@@ -157,7 +157,7 @@ def merge_variants(
         protected += [Path(p) for params in bound if not callable(params) for p in params.get("fishers") or ()]
         templates = [base, *checkpoints] if adapters and base is not None else list(checkpoints)
         outputs = _outputs([out for _, out in variants], templates, protected, options)
-        keys = _without_tied_copies(keys, outputs)
+        keys = _without_tied_copies(keys, outputs, readers)
         select_keys(keys, options.include, options.exclude)  # pattern errors before any work
         plan = output_plan(readers, keys, run.dtype)
         ingredients = [ingredient_record(r.name, r.path, r.nbytes) for r in readers]
@@ -203,9 +203,11 @@ def _outputs(outputs: Sequence[str | Path | None], templates: Sequence[Any], pro
     return checked
 
 
-def _without_tied_copies(keys: list[str], outputs: Sequence[tuple[Path | None, FolderOutput | None]]) -> list[str]:
-    """A folder output leaves out tied copies (``lm_head.weight``), as ``save_pretrained`` does."""
-    omitted = {k for _, folder in outputs if folder is not None for k in folder.omitted_keys(keys)}
+def _without_tied_copies(keys: list[str], outputs: Sequence[tuple[Path | None, FolderOutput | None]],
+                         readers: Sequence[CheckpointReader] = ()) -> list[str]:
+    """A folder output leaves out tied copies (``lm_head.weight``), as ``save_pretrained`` does; a config that
+    ties what an input stores untied is refused (``FolderOutput.omitted_keys``)."""
+    omitted = {k for _, folder in outputs if folder is not None for k in folder.omitted_keys(keys, readers)}
     return [k for k in keys if k not in omitted] if omitted else keys
 
 

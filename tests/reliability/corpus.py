@@ -824,5 +824,8 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
     }
 
 
+# round three (issues 22 and 26): Hugging Face folders, small files and output folders; registers into CASES
+import tests.reliability.corpus_folders  # noqa: E402, F401
+
 # round two (issue 13): bombs, escapes, odd files and names, alias bombs; registers into CASES
 from tests.reliability import corpus_round2  # noqa: E402, F401
