@@ -249,6 +249,7 @@ class CheckpointSink:
             writer = SafetensorsWriter(handle, plan, self._metadata, str(output))
             self._writers = {info.key: writer for info in plan}
             return
+        outputs.lock(output)  # two sharded writers of one name exclude each other, whatever their shard counts
         names = shard_names(output, len(groups))
         self._result = index_path(output)
         for derived in (*names, self._result):  # named only now: checked like the output itself

@@ -18,8 +18,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -249,18 +248,39 @@ def _rename2(source: Path, target: Path, flags: int) -> bool:
     raise OSError(error, os.strerror(error), str(target))
 
 
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held pending for the few renames that publish a set of files, so that Ctrl-C cannot
-    leave half of them published; the signal is delivered (and handled) right after."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main and hasattr(signal, "pthread_sigmask") else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+class _SignalsHeld:
+    """SIGINT and SIGTERM recorded, not acted on, for the few renames that publish a set of files, so that Ctrl-C
+    cannot leave half of them published; ``deliver()`` then raises them as they came. (Blocking the signals with
+    ``pthread_sigmask`` would not do: a signal sent to the process is taken by any thread that does not block it,
+    such as the read-ahead threads, and Python then acts on it in the main thread anyway.)"""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.caught: list[int] = []
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self._SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous is None:  # a handler installed from C: left alone
+                continue
+            self._previous[signum] = previous
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.caught.append(signum)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def deliver(self) -> None:
+        self.restore()
+        for signum in dict.fromkeys(self.caught):
+            signal.raise_signal(signum)
+        self.caught = []
 
 
 def _publish_file(tmp: Path, target: Path, replace: bool) -> None:
@@ -338,6 +358,15 @@ class OutputSet:
                 raise OutputError(f"{made}: cannot create output folder: {err.strerror}") from None
             self._made_dirs.append(made)
 
+    def lock(self, path: str | Path) -> None:
+        """Hold ``path``'s output lock until the set is published or aborted, for an output written under other
+        names (a sharded ``soup.safetensors`` is written as shards + index)."""
+        target = Path(path)
+        if any(target.is_relative_to(known.target) for known in self._folders):
+            return  # inside a folder output: its folder's lock covers it
+        self._make_parents(target.parent)
+        self._lock(target)
+
     def _lock(self, target: Path) -> OutputLock:
         key = target.absolute()
         if key not in self._locks:
@@ -411,31 +440,35 @@ class OutputSet:
         loose = [(t, tmp) for t, tmp, _ in self._files if not any(tmp.is_relative_to(f.staging) for f in
                                                                   self._folders)]
         published: list[Path] = []
+        held = _SignalsHeld()
         try:
-            with _signals_held():
-                for target, tmp in loose:  # in open order: shards before their index
-                    _publish_file(tmp, target, self.replace)
-                    published.append(target)
-                for known in self._folders:
-                    self._publish_folder(known)
-                    published.append(known.target)
+            for target, tmp in loose:  # in open order: shards before their index
+                _publish_file(tmp, target, self.replace)
+                published.append(target)
+            for known in self._folders:
+                self._publish_folder(known)
+                published.append(known.target)
         except OSError as err:
+            held.restore()
             failed = next((t for t, _ in loose if t not in published), None) or next(
                 (f.target for f in self._folders if f.target not in published), Path("output"))
             for target in published:
                 if target in {t for t, _ in loose}:
                     _remove(target)  # all or nothing: the files this commit published go again
             self.abort()
-            if err.errno == errno.EEXIST or err.errno == errno.ENOTEMPTY:
+            held.deliver()
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise OutputError(f"{failed}: output appeared while this one was written (another process?); "
                                   f"nothing was published; use --force to replace it") from None
             raise OutputError(f"{failed}: cannot publish output: {err.strerror}") from None
+        held.restore()
         for directory in {t.parent.absolute() for t in published}:
             _fsync_dir(directory)
         self._files = []
         self._folders = []
         self._made_dirs = []
         self._release()
+        held.deliver()  # a Ctrl-C during the renames acts now, on a whole published output
         return published
 
     def _publish_folder(self, known: _Folder) -> None:
