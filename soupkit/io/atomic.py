@@ -283,6 +283,46 @@ class _SignalsHeld:
         self.caught = []
 
 
+class _InterruptWitness:
+    """Remembers every SIGINT / SIGTERM that arrives while an ``OutputSet`` is open, then lets the handler that was
+    there act as before. Python runs a signal's handler wherever the main thread is, and an exception raised in
+    a ``weakref.finalize`` callback (the engine's buffer pool returns buffers that way) is swallowed as
+    "Exception ignored": the Ctrl-C would be lost and the output published. ``commit`` asks ``raise_missed()``
+    first, which replays a signal whose exception never arrived."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.delivered = 0
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                self._previous[signum] = previous
+                signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen.append(signum)
+        self._previous[signum](signum, frame)  # raises (KeyboardInterrupt, the CLI's Terminated)
+
+    def raise_missed(self) -> None:
+        if self.seen and not self._unwinding():
+            signum = self.seen[-1]
+            self.seen = []
+            self._previous[signum](signum, None)
+
+    @staticmethod
+    def _unwinding() -> bool:
+        return sys.exc_info()[0] is not None
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, previous)
+        self._previous = {}
+
+
 def _publish_file(tmp: Path, target: Path, replace: bool) -> None:
     """Rename ``tmp`` to ``target``; without ``replace`` never over a file that appeared meanwhile."""
     if replace:
@@ -322,6 +362,7 @@ class OutputSet:
         self._folders: list[_Folder] = []
         self._locks: dict[Path, OutputLock] = {}
         self._watched: dict[Path, tuple[int, int, int]] = {}
+        self._witness = _InterruptWitness()
 
     def watch(self, inputs: Iterable[str | Path]) -> None:
         """Record the inputs' size, mtime and inode now; ``commit`` refuses to publish when one has changed (an
@@ -421,6 +462,7 @@ class OutputSet:
 
     def commit(self) -> list[Path]:
         try:
+            self._witness.raise_missed()  # a Ctrl-C swallowed on its way (see _InterruptWitness) stops us here
             for _, _, handle in self._files:
                 check_interrupt()
                 handle.flush()
@@ -497,6 +539,7 @@ class OutputSet:
         for lock in self._locks.values():
             lock.release()
         self._locks = {}
+        self._witness.restore()
 
     def abort(self) -> None:
         for _, tmp, handle in self._files:
