@@ -1,8 +1,12 @@
 """Safe outputs: validate output paths before any work, write to temporary files, publish atomically.
 
 A merge's outputs (one file, several shards + an index, or one file per WiSE-FT alpha) are written to hidden
-temporary files in the target directory, flushed and fsync'ed, and only then renamed into place together. A
-crash, Ctrl-C, SIGTERM or a full disk leaves no partial output and no temporary file behind.
+temporary files in the target directory (``.<name>.<pid>-<hex>.soupkit-tmp``), flushed and fsync'ed, and only
+then renamed into place together; a folder output is built in a staging folder beside its name and published by
+one rename. Each output is locked (``OutputLock``) so two processes never both write it; an output never lands
+over one that appeared meanwhile unless ``--force`` asked for it; inputs found changed before publishing stop it.
+An error, Ctrl-C, SIGTERM or a full disk leaves no partial output and no temporary file behind; a SIGKILL leaves
+only temporaries, which the next run beside them removes once their pid is gone.
 """
 
 from __future__ import annotations
