@@ -37,6 +37,9 @@ __all__ = ["DEFAULT_SHARD_SIZE", "FolderOutput", "hf_folder_of", "is_folder_outp
 DEFAULT_SHARD_SIZE = 5 * 10**9
 #: the largest non-weight file copied into an output folder (``soupkit.io.small_files``); a larger one is refused
 MAX_COPIED_BYTES = MAX_COPY_BYTES
+#: bounds on what one folder output copies in all (a model folder holds a few dozen small files, ~50 MB)
+MAX_COPIED_FILES = 10_000
+MAX_COPIED_TOTAL = 2 * 2**30
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl",
                     ".npz", ".ot")
 #: never copied: a Trainer checkpoint's run state, the model card (it describes the input, not the soup), and
@@ -285,7 +288,7 @@ class FolderOutput:
         the folder, a FIFO, a device, or over ``MAX_COPY_BYTES`` refuses the output in one line naming it."""
         if self.template is None:
             return []
-        planned = []
+        planned, total = [], 0
         for name in sorted(os.listdir(self.template)):
             if not _copyable_name(name, self.adapter):
                 continue
@@ -293,16 +296,23 @@ class FolderOutput:
             subfolder = kind == "dir" or (kind == "link" and (self.template / name).is_dir())
             if name not in _KNOWN_SMALL_FILES and subfolder:
                 continue  # a subfolder (a Trainer's checkpoint-500/, runs/), or a link to one, is never entered
-            check_small_file(self.template, name)
+            total += check_small_file(self.template, name)
             planned.append(self.folder / name)
+            if len(planned) > MAX_COPIED_FILES or total > MAX_COPIED_TOTAL:
+                raise OutputError(f"{self.template}: holds more than {MAX_COPIED_FILES:,} small files or "
+                                  f"{MAX_COPIED_TOTAL:,} bytes of them to copy into the output folder; a model "
+                                  f"folder holds a few dozen: move the others out of it")
         return planned
 
     def add_files(self, outputs: Any, *, dtype: str | None = None) -> list[Path]:
         """Copy the template folder's small non-weight files into ``outputs`` (an ``OutputSet``): published
         with the weights or not at all. ``dtype`` (e.g. "bfloat16") is recorded in config.json's ``dtype``."""
         written = []
+        from soupkit.io.atomic import check_interrupt
+
         for target in self._planned_copies():
             assert self.template is not None
+            check_interrupt()  # between files: a Ctrl-C stops a copy of thousands of files here
             handle = outputs.open(target)
             if target.name == "config.json" and dtype is not None:
                 config = read_config(self.template)

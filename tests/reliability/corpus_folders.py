@@ -404,3 +404,12 @@ def _tie_file(w: Workspace) -> Expect:
     save_file(tensors(1, distinct_head=True), str(loose))
     return Expect(["merge", str(first), str(loose), "-o", f"{w.root / 'soup'}/"],
                   (str(first / "config.json"), str(loose), "lm_head.weight"), w.canary)
+
+
+@case("folder output: a template holding 10,001 small files")
+def _many_files(w: Workspace) -> Expect:
+    expect, first, _ = folder_merge(w)
+    for number in range(10_001):
+        (first / f"note-{number:05d}.txt").write_bytes(b"")
+    expect.needles = (str(first), "more than 10,000 small files")
+    return expect
