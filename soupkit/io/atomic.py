@@ -344,7 +344,7 @@ class _Folder:
 
     target: Path
     staging: Path
-    lock: OutputLock
+    lock: OutputLock | None
 
 
 class OutputSet:
@@ -359,8 +359,11 @@ class OutputSet:
     this one was written. OS errors while writing become one-line ``OutputError``s.
     """
 
-    def __init__(self, *, replace: bool = True) -> None:
+    def __init__(self, *, replace: bool = True, exclusive: bool = True) -> None:
         self.replace = replace
+        #: lock each output (``OutputLock``); off for small files where the last writer may win (cache entries,
+        #: reports), so that processes sharing a cache never fail on each other
+        self.exclusive = exclusive
         self._files: list[tuple[Path, Path, BinaryIO]] = []
         self._made_dirs: list[Path] = []
         self._folders: list[_Folder] = []
@@ -412,7 +415,9 @@ class OutputSet:
         self._make_parents(target.parent)
         self._lock(target)
 
-    def _lock(self, target: Path) -> OutputLock:
+    def _lock(self, target: Path) -> OutputLock | None:
+        if not self.exclusive:
+            return None
         key = target.absolute()
         if key not in self._locks:
             self._locks[key] = OutputLock(target)
@@ -595,7 +600,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     leaves the old one. OS errors become one-line ``OutputError``s naming ``path``."""
     target = Path(path)
     try:
-        with OutputSet() as outputs:
+        with OutputSet(exclusive=False) as outputs:
             outputs.open(target).write(data)
     except OSError as err:
         raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None
