@@ -350,3 +350,18 @@ def test_watch_names_a_removed_input(tmp_path: Path) -> None:
             files.open(tmp_path / "out.safetensors").write(b"y")
             source.unlink()
     assert leftovers(tmp_path) == []
+
+
+def test_small_atomic_writes_never_fail_on_each_other(tmp_path: Path) -> None:
+    """Cache entries and reports: two writers at once both succeed, the last one wins whole (no lock)."""
+    from soupkit.io.atomic import atomic_write_bytes
+
+    target = tmp_path / "entry.json"
+    held = OutputLock(tmp_path / "entry.json")  # even a merge-style lock on the same name does not block them
+    try:
+        with OutputSet(exclusive=False) as first:
+            first.open(target).write(b"first")
+            atomic_write_bytes(target, b"second")
+    finally:
+        held.release()
+    assert target.read_bytes() == b"first" and leftovers(tmp_path) == ["entry.json"]
