@@ -402,6 +402,10 @@ class OutputSet:
         for made in reversed(missing):
             try:
                 made.mkdir()
+            except FileExistsError:
+                if made.is_dir():
+                    continue  # another writer made it meanwhile: not ours to remove
+                raise OutputError(f"{made}: cannot create output folder: a file of that name appeared") from None
             except OSError as err:
                 raise OutputError(f"{made}: cannot create output folder: {err.strerror}") from None
             self._made_dirs.append(made)
