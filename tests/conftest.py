@@ -60,8 +60,19 @@ def digest(path: Path) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Name -> sha256 of every file under ``folder`` (to prove inputs were not touched and nothing was left)."""
-    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Name -> sha256 of every file under ``folder`` (to prove inputs were not touched and nothing was left).
+    Symlinks are recorded by their target, never followed (a hostile case links to /proc/self/pagemap), and
+    empty folders are recorded too (an output folder left behind must show)."""
+    state = {}
+    for p in sorted(folder.rglob("*")):
+        name = str(p.relative_to(folder))
+        if p.is_symlink():
+            state[name] = f"link -> {os.readlink(p)}"
+        elif p.is_file():
+            state[name] = digest(p)
+        elif p.is_dir() and not any(p.iterdir()):
+            state[name] = "empty folder"
+    return state
 
 
 @dataclass

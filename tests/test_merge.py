@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -253,9 +252,9 @@ def test_uniform_of_identical_inputs_is_exact(make_ckpt) -> None:
 
 
 def test_mapped_and_copied_inputs_give_identical_outputs(tmp_path: Path, monkeypatch) -> None:
-    """Large chunks are read through short-lived memory maps, small ones copied; both paths, and sharded,
-    half-precision and whole-tensor (TIES) inputs, give the same bytes, and no input changes."""
-    from soupkit.io import safetensors_io
+    """Readers that map chunks (none of soupkit's own since inputs must not SIGBUS when truncated) and readers
+    that copy them give the same bytes, for sharded, half-precision and whole-tensor (TIES) inputs; no input
+    changes."""
     from soupkit.merging.engine import ReadAhead
 
     def state(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -273,15 +272,6 @@ def test_mapped_and_copied_inputs_give_identical_outputs(tmp_path: Path, monkeyp
     base = folder / "base.safetensors"
     soupkit.save_checkpoint(state(9, torch.float32), base)
     before = snapshot(folder)
-    mapped = []
-    original = safetensors_io.map_range
-
-    def spy(*args):
-        result = original(*args)
-        mapped.append(result is not None)
-        return result
-
-    monkeypatch.setattr(safetensors_io, "map_range", spy)
     outputs = {}
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # the outputs' creation time must not differ either
     for label, threshold in [("mapped", 64 << 10), ("copied", 1 << 62)]:
@@ -290,10 +280,6 @@ def test_mapped_and_copied_inputs_give_identical_outputs(tmp_path: Path, monkeyp
             out = tmp_path / f"{method}-{label}.safetensors"
             soupkit.merge(paths, method, out, chunk_elements=50_000, **extra)
             outputs[method, label] = out.read_bytes()
-        if label == "mapped" and sys.platform == "linux" and not safetensors_io._mapping_works:
-            pytest.skip("memory-mapped reads need Linux >= 5.14 (MADV_POPULATE_READ)")
-        if label == "mapped" and sys.platform == "linux":
-            assert mapped and all(mapped), "large chunks were not memory-mapped"
     assert outputs["uniform", "mapped"] == outputs["uniform", "copied"]
     assert outputs["ties", "mapped"] == outputs["ties", "copied"]
     assert snapshot(folder) == before

@@ -249,6 +249,7 @@ class CheckpointSink:
             writer = SafetensorsWriter(handle, plan, self._metadata, str(output))
             self._writers = {info.key: writer for info in plan}
             return
+        outputs.lock(output)  # two sharded writers of one name exclude each other, whatever their shard counts
         names = shard_names(output, len(groups))
         self._result = index_path(output)
         for derived in (*names, self._result):  # named only now: checked like the output itself
@@ -334,7 +335,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, me
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise OutputError(f"{out}: metadata must map strings to strings")
     meta = {"format": "pt", **(metadata or {})}
-    with OutputSet() as outputs:
+    with OutputSet(replace=force) as outputs:
         sink = CheckpointSink(out, plan_of(state), meta, outputs, shard_size, protect=protected, force=force)
         for key, tensor in state.items():
             sink.write(key, tensor.detach().cpu())

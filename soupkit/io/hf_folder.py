@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from soupkit.errors import OutputError
 from soupkit.io.base import CheckpointReader
 from soupkit.io.small_files import MAX_COPY_BYTES, check_small_file, copy_small_file, entry_kind, read_json_file
@@ -35,6 +37,9 @@ __all__ = ["DEFAULT_SHARD_SIZE", "FolderOutput", "hf_folder_of", "is_folder_outp
 DEFAULT_SHARD_SIZE = 5 * 10**9
 #: the largest non-weight file copied into an output folder (``soupkit.io.small_files``); a larger one is refused
 MAX_COPIED_BYTES = MAX_COPY_BYTES
+#: bounds on what one folder output copies in all (a model folder holds a few dozen small files, ~50 MB)
+MAX_COPIED_FILES = 10_000
+MAX_COPIED_TOTAL = 2 * 2**30
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl",
                     ".npz", ".ot")
 #: never copied: a Trainer checkpoint's run state, the model card (it describes the input, not the soup), and
@@ -46,6 +51,8 @@ _SKIPPED_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "sc
 _KNOWN_SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                       "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+#: what a model folder that --force may replace holds besides weights and the files about to be written
+_REPLACEABLE = (*_KNOWN_SMALL_FILES, *_SKIPPED_FILES, ".gitattributes", "adapter_config.json")
 _HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                     "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -100,6 +107,36 @@ def _ties_word_embeddings(config: dict[str, Any]) -> bool:
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get("tie_word_embeddings")
     return value is not False
+
+
+def _tied_pairs(config: dict[str, Any], keys: set[str]) -> dict[str, str]:
+    """``tied key -> partner`` for every pair in ``keys`` that transformers may tie when it loads a folder with
+    this config: word-embedding ties unless ``tie_word_embeddings`` is false (whatever ``architectures`` says:
+    ``AutoModelForCausalLM`` ties by default), and the ties inside base models always."""
+    value = config.get("tie_word_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("tie_word_embeddings")
+    pairs: dict[str, str] = {}
+    for tied, partners, needs_word_tie in TIE_RULES:
+        if tied not in keys or tied in pairs or (needs_word_tie and value is False):
+            continue
+        partner = next((p for p in partners if p in keys), None)
+        if partner is not None:
+            pairs[tied] = partner
+    return pairs
+
+
+def _same_values(reader: CheckpointReader, key: str, other: str, chunk: int = 1 << 22) -> bool:
+    """Whether two tensors of ``reader`` hold the same shape, dtype and values (read in bounded chunks)."""
+    mapping = getattr(reader, "_map", None)  # a folder's reader aliases an omitted tied key to its partner
+    if isinstance(mapping, dict) and key in mapping and mapping.get(key) == mapping.get(other):
+        return True
+    a, b = reader.info(key), reader.info(other)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return all(torch.equal(reader.read_flat(key, start, min(start + chunk, a.numel)),
+                           reader.read_flat(other, start, min(start + chunk, a.numel)))
+               for start in range(0, a.numel, chunk))
 
 
 def tie_aliases(config: dict[str, Any], keys: Sequence[str] | CheckpointReader, *,
@@ -183,39 +220,77 @@ class FolderOutput:
         return self.folder / ("adapter_model.safetensors" if self.adapter else "model.safetensors")
 
     def check(self, inputs: Sequence[Path], *, force: bool = False) -> None:
-        """Refuse before any work: a folder that is an input's, files there that would be replaced without
-        ``force``, and other weight files there that transformers would load instead of the soup."""
+        """Refuse before any work: an output path that is a file or a symlink, a folder that holds an input or lies
+        inside an input's folder, files there that would be replaced without ``force``, other weight files there
+        that transformers would load instead of the soup, and -- since the new folder replaces the old one whole,
+        by one rename -- anything there that is not part of a model folder (a subfolder, a user's notes)."""
         from soupkit.io.atomic import check_derived_output
 
-        if self.folder.exists() and not self.folder.is_dir():
-            raise OutputError(f"{self.folder}: output folder is a file")
+        folder = self.folder
+        if folder.is_symlink():
+            raise OutputError(f"{folder}: output folder is a symlink; give the folder it points to, or a new name "
+                              f"(soupkit publishes a folder by renaming it into place, which would replace the link)")
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder}: output folder is a file")
+        where = folder.absolute().resolve()
         for source in inputs:
-            if self.folder.exists() and Path(source).parent.exists() and os.path.samefile(
-                    Path(source).parent, self.folder):
-                raise OutputError(f"{self.folder}: output folder holds the input {source}; soupkit never "
+            if folder.exists() and Path(source).parent.exists() and os.path.samefile(Path(source).parent, folder):
+                raise OutputError(f"{folder}: output folder holds the input {source}; soupkit never "
                                   f"modifies inputs: write to another folder")
-        for path in (self.weights, *self._planned_copies()):
+            home = _input_folder(source) or hf_folder_of(Path(source)) if Path(source).exists() else None
+            if home is not None and where.is_relative_to(home.resolve()):
+                raise OutputError(f"{folder}: output folder lies inside the input folder {home}; soupkit never "
+                                  f"modifies inputs: write to a folder outside it")
+        planned = self._planned_copies()
+        for path in (self.weights, *planned):
             check_derived_output(path, inputs=inputs, force=force)
-        ours = {self.weights.name, *(p.name for p in self._planned_copies())}
-        if self.folder.is_dir():
-            stale = sorted(p.name for p in self.folder.iterdir() if p.name not in ours and _is_weight_file(p))
-            if stale:
-                raise OutputError(f"{self.folder}: output folder already holds weights ({', '.join(stale[:3])}) "
-                                  f"that loaders would mix with the soup; remove them or pick an empty folder")
+        if not folder.is_dir():
+            return
+        ours = {self.weights.name, *(p.name for p in planned)}
+        entries = sorted(os.listdir(folder))
+        stale = [name for name in entries if name not in ours and _is_weight_name(name)]
+        if stale and not force:
+            raise OutputError(f"{folder}: output folder already holds weights ({', '.join(stale[:3])}) "
+                              f"that loaders would mix with the soup; remove them or pick an empty folder")
+        if entries and not force:
+            raise OutputError(f"{folder}: output folder exists and is not empty; use --force to replace it whole, "
+                              f"or pick a new folder")
+        for name in entries:
+            kind = entry_kind(folder, name)
+            if kind == "dir":
+                raise OutputError(f"{folder}: output folder holds the subfolder {name!r}; --force replaces a model "
+                                  f"folder whole, so soupkit refuses one holding folders: remove it or pick another")
+            if name not in ours and not _is_weight_name(name) and name not in _REPLACEABLE and not name.endswith(
+                    (".soupkit-lock", ".soupkit-tmp")):
+                raise OutputError(f"{folder}: output folder holds {name!r}, which soupkit did not write; --force "
+                                  f"replaces a model folder whole: move it out or pick another folder")
 
-    def omitted_keys(self, keys: Sequence[str]) -> set[str]:
+    def omitted_keys(self, keys: Sequence[str], readers: Sequence[CheckpointReader] = ()) -> set[str]:
         """Tied keys to leave out of the weights, as ``save_pretrained`` does (the copied config ties them, so
-        loaders rebuild them from their partner; a GPT-2 soup saves one vocabulary-sized matrix, not two)."""
+        loaders rebuild them from their partner; a GPT-2 soup saves one vocabulary-sized matrix, not two).
+
+        A config that ties what an input stores untied (``tie_word_embeddings`` beside a trained ``lm_head``) would
+        make transformers load the soup's head as its embeddings, not as the mean of the heads: every input that
+        holds both keys is compared, and one that differs refuses the folder output, naming config and input."""
         if self.template is None or self.adapter:
             return set()
-        return set(tie_aliases(read_config(self.template), set(keys), present=True))
+        config = read_config(self.template)
+        for omitted, partner in _tied_pairs(config, set(keys)).items():
+            for reader in readers:
+                if omitted in reader and partner in reader and not _same_values(reader, omitted, partner):
+                    raise OutputError(
+                        f"{self.template / 'config.json'}: ties {omitted} to {partner} (tie_word_embeddings), but "
+                        f"{reader.name} stores a different {omitted}; transformers would load the soup's {omitted} "
+                        f"as its {partner}, not as their mean. Set \"tie_word_embeddings\": false in that config if "
+                        f"the head is trained apart, or write a .safetensors file")
+        return set(tie_aliases(config, set(keys), present=True))
 
     def _planned_copies(self) -> list[Path]:
         """The template's small files to copy, each checked (``soupkit.io.small_files``): one that is a link out of
         the folder, a FIFO, a device, or over ``MAX_COPY_BYTES`` refuses the output in one line naming it."""
         if self.template is None:
             return []
-        planned = []
+        planned, total = [], 0
         for name in sorted(os.listdir(self.template)):
             if not _copyable_name(name, self.adapter):
                 continue
@@ -223,22 +298,30 @@ class FolderOutput:
             subfolder = kind == "dir" or (kind == "link" and (self.template / name).is_dir())
             if name not in _KNOWN_SMALL_FILES and subfolder:
                 continue  # a subfolder (a Trainer's checkpoint-500/, runs/), or a link to one, is never entered
-            check_small_file(self.template, name)
+            total += check_small_file(self.template, name)
             planned.append(self.folder / name)
+            if len(planned) > MAX_COPIED_FILES or total > MAX_COPIED_TOTAL:
+                raise OutputError(f"{self.template}: holds more than {MAX_COPIED_FILES:,} small files or "
+                                  f"{MAX_COPIED_TOTAL:,} bytes of them to copy into the output folder; a model "
+                                  f"folder holds a few dozen: move the others out of it")
         return planned
 
     def add_files(self, outputs: Any, *, dtype: str | None = None) -> list[Path]:
         """Copy the template folder's small non-weight files into ``outputs`` (an ``OutputSet``): published
         with the weights or not at all. ``dtype`` (e.g. "bfloat16") is recorded in config.json's ``dtype``."""
         written = []
+        from soupkit.io.atomic import check_interrupt
+
         for target in self._planned_copies():
             assert self.template is not None
+            check_interrupt()  # between files: a Ctrl-C stops a copy of thousands of files here
             handle = outputs.open(target)
             if target.name == "config.json" and (dtype is not None or self.config_updates):
-                config = {**read_config(self.template), **self.config_updates}
+                config = {**read_config(self.template), **self.config_updates}  # order kept: a faithful copy
                 if dtype is not None:
                     config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
-                handle.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
+                handle.write(json.dumps(config, indent=2, ensure_ascii=False).encode() + b"\n")
+                _no_wider_than(handle, stat.S_IMODE(os.stat(self.template / "config.json").st_mode))
             else:
                 try:
                     source_mode = copy_small_file(self.template, target.name, handle)
@@ -296,10 +379,14 @@ def save_folder(state_dict: Any, output: str | Path, inputs: Sequence[Any] = (),
     folder = plan_folder_output(output if os.fspath(output).endswith(("/", os.sep)) else f"{output}{os.sep}",
                                 inputs, shard_size=shard_size)
     assert folder is not None
-    omitted = folder.omitted_keys(list(state_dict))
+    from soupkit.io import StateDictReader
+
+    omitted = folder.omitted_keys(list(state_dict), [StateDictReader(state_dict)])
     state = {k: v for k, v in state_dict.items() if k not in omitted}
     folder.check([Path(p) for p in protect], force=force)
-    with OutputSet() as files:
+    with OutputSet(replace=force) as files:
+        files.watch(protect)
+        files.folder(folder.folder)
         sink = CheckpointSink(folder.weights, plan_of(state), {"format": "pt", **(metadata or {})}, files,
                               folder.shard_size, protect=[Path(p) for p in protect], force=force)
         for key, tensor in state.items():

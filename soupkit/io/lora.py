@@ -522,7 +522,9 @@ def _write_adapter(output: str | Path, tensors: Mapping[str, torch.Tensor], conf
     planned.check(protect, force=force)
     config_path = folder / ADAPTER_CONFIG
     check_derived_output(config_path, inputs=protect, force=force)
-    with OutputSet() as files:
+    with OutputSet(replace=force) as files:
+        files.watch(protect)
+        files.folder(folder)  # built beside its name, published by one rename
         sink = CheckpointSink(planned.weights, plan_of(tensors), {"format": "pt", **metadata}, files)
         for key, tensor in tensors.items():
             sink.write(key, tensor.reshape(-1))

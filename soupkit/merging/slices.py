@@ -131,7 +131,11 @@ def merge_slices(plan: SlicePlan, output: str | Path | None, *, options: Any, pr
         for group in plan.groups:
             state.update(_merge_group(plan.method, group, options, overrides))
         return state
-    with OutputSet() as files:
+    files = OutputSet(replace=options.force)
+    files.watch(protected)  # an input rewritten while merged is named, never published from
+    if folder is not None:
+        files.folder(folder.folder)  # built beside its name, published by one rename
+    with files:
         sink = CheckpointSink(target, infos, _provenance(plan, metadata), files,
                               folder.shard_size if folder is not None else options.shard_size, protect=protected,
                               force=options.force)

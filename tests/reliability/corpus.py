@@ -824,6 +824,9 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
     }
 
 
+# round three (issues 22 and 26): Hugging Face folders, small files and output folders; registers into CASES
+import tests.reliability.corpus_folders  # noqa: E402, F401
+
 # round two (issue 13): bombs, escapes, odd files and names, alias bombs; and bad mergekit configs (issue 21:
 # numbers finite and in range, layer ranges, unsupported fields). Each registers into CASES
 from tests.reliability import corpus_mergekit, corpus_round2  # noqa: E402, F401

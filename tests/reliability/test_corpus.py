@@ -50,6 +50,9 @@ def test_corpus_is_large_enough() -> None:
     from tests.reliability.corpus_round2 import ROUND2
 
     assert len(ROUND2) >= 60
+    from tests.reliability.corpus_folders import FOLDERS
+
+    assert len(FOLDERS) >= 30
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
