@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soupkit.errors import RecipeError
+from soupkit.eval.data.text import parse_index, shown
 from soupkit.eval.recipe import DatasetSpec
 
 #: with an explicit example order, batches are length-sorted within windows of this many batches: small enough
@@ -40,6 +41,15 @@ ORDER_WINDOW = 4
 #: the score of an absent choice (an example with fewer choices than the batch's widest): finite, because a
 #: learned soup's temperature gradient multiplies it by its zero gradient, and -inf * 0 is NaN
 ABSENT = -1e9
+#: choices of one multiple-choice example: every example is padded to the widest one, so one example with 10^6
+#: choices would make the packed tensor (N, 10^6, 3, L); benchmarks ask 2-10, lm-eval-harness tasks at most ~100
+MAX_CHOICES = 1024
+#: a packed dataset may be padded to at most this many times its tokens once it is bigger than PADDED_BYTES
+PADDING_RATIO = 16
+PADDED_BYTES = 1 << 30
+#: a prompt is tokenised once per choice; beyond this many characters per kept token its start cannot reach the
+#: last ``max_length`` tokens (BPE tokens average ~4 characters), so it is cut before being copied C times
+PROMPT_CHARS_PER_TOKEN = 64
 
 
 class TextTaskModel(nn.Module):
@@ -213,8 +223,20 @@ def _tokenise(spec: DatasetSpec, records: Any, info: Any, mode: str, rank: int, 
     return packed, lengths, labels, total, start
 
 
+def _tokens_checksum(packed: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor | None, total: int,
+                     start: int) -> str:
+    import hashlib
+
+    from soupkit.eval.cache import state_fingerprint
+
+    tensors = {"packed": packed, "lengths": lengths, **({"labels": labels} if labels is not None else {})}
+    return hashlib.blake2b(f"{state_fingerprint(tensors)}|{total}|{start}".encode(), digest_size=16).hexdigest()
+
+
 def _read_tokens(path: Path) -> tuple[Any, ...] | None:
-    """A token-cache file's tensors, or None when absent or unreadable (then the data is tokenised again)."""
+    """A token-cache file's tensors, or None when absent, unreadable or failing a check (then the data is
+    tokenised again, the file rewritten, and a bad file said once): like a score-cache entry it carries a
+    checksum, and its shapes and dtypes must be those ``_tokenise`` writes."""
     if not path.is_file():
         return None
     try:
@@ -223,25 +245,36 @@ def _read_tokens(path: Path) -> tuple[Any, ...] | None:
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
             labels = handle.get_tensor("labels") if "labels" in handle.keys() else None
-            return (handle.get_tensor("packed"), handle.get_tensor("lengths"), labels, int(meta["total"]),
-                    int(meta["start"]))
-    except (OSError, KeyError, ValueError, RuntimeError):
+            packed, lengths = handle.get_tensor("packed"), handle.get_tensor("lengths")
+            total, start = int(meta["total"]), int(meta["start"])
+        ok = (packed.dtype == torch.int32 and packed.dim() in (3, 4) and lengths.dtype == torch.int64
+              and lengths.shape == (len(packed),) and (labels is None or labels.shape == lengths.shape)
+              and 0 <= start <= start + len(packed) <= total
+              and meta.get("checksum") == _tokens_checksum(packed, lengths, labels, total, start))
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError):
+        ok = False
+    if not ok:
+        from soupkit.eval.cache import say_once
+
+        say_once("corrupt tokens", f"token cache: {path}: ignored (truncated or edited); tokenising again")
         return None
+    return packed, lengths, labels, total, start
 
 
 def _write_tokens(path: Path, tokens: tuple[Any, ...]) -> None:
-    import warnings
-
     from soupkit.errors import SoupkitError
+    from soupkit.eval.cache import say_once
     from soupkit.io import save_checkpoint
 
     packed, lengths, labels, total, start = tokens
     state = {"packed": packed, "lengths": lengths, **({"labels": labels} if labels is not None else {})}
+    meta = {"total": str(total), "start": str(start),
+            "checksum": _tokens_checksum(packed, lengths, labels, total, start)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(state, path, {"total": str(total), "start": str(start)}, force=True)
+        save_checkpoint(state, path, meta, force=True)
     except (OSError, SoupkitError) as error:  # a read-only or full cache disk must not fail an evaluation
-        warnings.warn(f"token cache: cannot write {path}: {error}", stacklevel=3)
+        say_once("unwritable", f"score cache: cannot write {path}: {error}; scores are computed but not stored")
 
 
 #: per scoring mode: the fields it needs and those it may also take
@@ -251,7 +284,12 @@ _FIELDS = {"classification": (("text_field", "label_field"), ("text_pair_field",
 
 
 def _mode(spec: DatasetSpec, fields: dict[str, str | None], task: str) -> str:
-    """classification | choice | text, from the model's task and the fields the dataset names."""
+    return scoring_mode(spec.where, fields, task)
+
+
+def scoring_mode(where: str, fields: dict[str, str | None], task: str) -> str:
+    """classification | choice | text, from the model's task and the fields the dataset names (checked: the
+    data readers call it before reading a row, so a recipe naming the wrong fields fails first)."""
     given = sorted(k for k, v in fields.items() if v is not None)
     if task == "sequence-classification":
         mode = "classification"
@@ -266,26 +304,23 @@ def _mode(spec: DatasetSpec, fields: dict[str, str | None], task: str) -> str:
         usage = ("text_field and label_field (text_pair_field optional)" if task == "sequence-classification"
                  else "prompt_field, choices_field and answer_field (multiple choice) or text_field alone "
                       "(log-likelihood)")
-        raise RecipeError(f"{spec.where}.{missing[0]}: missing; a {task} model scores {usage}")
+        raise RecipeError(f"{where}.{missing[0]}: missing; a {task} model scores {usage}")
     extra = [k for k in given if k not in allowed]
     if extra:
-        raise RecipeError(f"{spec.where}.{extra[0]}: not used with a {task} model and {', '.join(need)}; "
+        raise RecipeError(f"{where}.{extra[0]}: not used with a {task} model and {', '.join(need)}; "
                           "remove it")
     return mode
 
 
 def _field(records: Any, i: int, key: str) -> Any:
-    name = records.fields[key]
-    row = records.rows[i]
-    if name not in row:
-        raise RecipeError(f"{records.at(i)}: no field {name!r} ({key}); the row has {sorted(row)[:8]}")
-    return row[name]
+    """Row ``i``'s value of field ``key`` (the data reader checked that it is there and of a plain type)."""
+    return records.value(i, key)
 
 
 def _text(records: Any, i: int, key: str) -> str:
     value = _field(records, i, key)
     if not isinstance(value, str):
-        raise RecipeError(f"{records.at(i)}: field {records.fields[key]!r} must be text, got {value!r}")
+        raise RecipeError(f"{records.at(i)}: field {records.fields[key]!r} must be text, got {shown(value)}")
     return value
 
 
@@ -295,22 +330,33 @@ def _class_id(records: Any, i: int, info: Any) -> int:
     name = records.fields["label_field"]
     if isinstance(value, str) and value in (info.label2id or {}):
         value = info.label2id[value]
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    index = parse_index(value)
+    if index is None:
         known = ", ".join(sorted(info.label2id or {})) or "none"
-        raise RecipeError(f"{records.at(i)}: label {value!r} in {name!r} is neither a class id nor a label of "
-                          f"the model config's label2id ({known})")
-    if not 0 <= value < info.num_labels:
-        raise RecipeError(f"{records.at(i)}: label {value} in {name!r} is outside the model's {info.num_labels} "
+        raise RecipeError(f"{records.at(i)}: label {shown(value)} in {name!r} is neither a class id nor a label "
+                          f"of the model config's label2id ({shown(known, 120)[1:-1]})")
+    if not 0 <= index < info.num_labels:
+        raise RecipeError(f"{records.at(i)}: label {index} in {name!r} is outside the model's {info.num_labels} "
                           "classes")
-    return value
+    return index
 
 
-def _pack(rows: list[list[list[int]]], pad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples of F token rows each -> (N, F, L) int32 padded with ``pad[f]`` per row, and their lengths."""
+def _check_padding(padded: int, content: int, where: Any, lengths: torch.Tensor) -> None:
+    """Refuse a packing whose padding would dwarf its tokens: every example is padded to the longest, so one
+    long example among many short ones would make memory grow with N x the longest, not with the data."""
+    if padded * 4 > PADDED_BYTES and padded > PADDING_RATIO * content:
+        longest = int(torch.argmax(lengths))
+        raise RecipeError(f"{where(longest)}: this example ({int(lengths[longest])} tokens) is so much longer than "
+                          f"the others that padding every example to it would take {padded * 4 >> 20} MiB; "
+                          "set the dataset's max_length lower, or drop the outlier")
+
+
+def _pack(rows: list[list[list[int]]], pad: list[int], rows_at: Any = str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples of F token rows each -> (N, F, L) int32 padded with ``pad[f]`` per row, and their lengths
+    (``rows_at(j)``: where example ``j`` comes from, for errors)."""
     lengths = torch.tensor([len(r[0]) for r in rows], dtype=torch.int64)
     width = int(lengths.max()) if len(rows) else 1
+    _check_padding(len(rows) * len(pad) * width, int(lengths.sum()) * len(pad), rows_at, lengths)
     packed = torch.tensor(pad, dtype=torch.int32).view(1, -1, 1).repeat(len(rows), 1, width)
     for i, example in enumerate(rows):
         for f, values in enumerate(example):
@@ -326,7 +372,7 @@ def _classification(records: Any, chosen: list[int], info: Any, max_length: int,
     enc = info.tokenizer(texts, pairs, truncation=True, max_length=max_length) if texts else {"input_ids": []}
     keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
     rows = [[enc[k][j] for k in keys] for j in range(len(texts))]
-    packed, lengths = _pack(rows, [info.pad_id, 0, 0][: len(keys)])
+    packed, lengths = _pack(rows, [info.pad_id, 0, 0][: len(keys)], lambda j: records.at(chosen[j]))
     return packed, lengths, labels
 
 
@@ -345,6 +391,8 @@ def _multiple_choice(records: Any, chosen: list[int], info: Any, max_length: int
         prompt = _text(records, i, "prompt_field")
         choices = _choices(records, i)
         answers.append(_answer(records, i, choices))
+        if len(prompt) > max_length * PROMPT_CHARS_PER_TOKEN:  # only its last max_length tokens are kept
+            prompt = prompt[-max_length * PROMPT_CHARS_PER_TOKEN:]
         context = prompt.rstrip()  # trailing spaces belong to the choice (lm-eval-harness)
         whole = encode([prompt + c for c in choices], add_special_tokens=False)["input_ids"]
         context_ids = encode(context, add_special_tokens=False)["input_ids"] if context else []
@@ -359,12 +407,16 @@ def _multiple_choice(records: Any, chosen: list[int], info: Any, max_length: int
             scored = min(len(tail), len(sequence) - 1)
             rows.append([sequence, [1] * len(sequence), [0] * (len(sequence) - scored) + [1] * scored])
         examples.append(rows)
-    return (*_pack_choices(examples, info.pad_id), torch.tensor(answers, dtype=torch.int64))
+    return (*_pack_choices(examples, info.pad_id, lambda j: records.at(chosen[j])),
+            torch.tensor(answers, dtype=torch.int64))
 
 
-def _pack_choices(examples: list[list[list[list[int]]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_choices(examples: list[list[list[list[int]]]], pad: int, rows_at: Any = str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     choices = max(len(e) for e in examples)
     width = max(len(row[0]) for e in examples for row in e)
+    sizes = torch.tensor([sum(len(row[0]) for row in e) for e in examples], dtype=torch.int64)
+    _check_padding(len(examples) * choices * 3 * width, int(sizes.sum()) * 3, rows_at, sizes)
     packed = torch.zeros(len(examples), choices, 3, width, dtype=torch.int32)
     packed[:, :, 0] = pad
     lengths = torch.zeros(len(examples), dtype=torch.int64)
@@ -383,11 +435,14 @@ def _choices(records: Any, i: int) -> list[str]:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a 5,000-digit number, nested too deeply
             pass
     if not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value)):
         raise RecipeError(f"{records.at(i)}: field {records.fields['choices_field']!r} must be a non-empty list "
-                          f"of strings (in CSV, a JSON list), got {value!r}")
+                          f"of strings (in CSV, a JSON list), got {shown(value)}")
+    if len(value) > MAX_CHOICES:
+        raise RecipeError(f"{records.at(i)}: field {records.fields['choices_field']!r} has {len(value)} choices "
+                          f"(at most {MAX_CHOICES})")
     return list(value)
 
 
@@ -395,12 +450,11 @@ def _answer(records: Any, i: int, choices: list[str]) -> int:
     value = _field(records, i, "answer_field")
     if isinstance(value, str) and value in choices:
         return choices.index(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
-        raise RecipeError(f"{records.at(i)}: answer {value!r} in {records.fields['answer_field']!r} is neither a "
-                          f"choice index (0..{len(choices) - 1}) nor one of the choices")
-    return value
+    index = parse_index(value)
+    if index is None or not 0 <= index < len(choices):
+        raise RecipeError(f"{records.at(i)}: answer {shown(value)} in {records.fields['answer_field']!r} is "
+                          f"neither a choice index (0..{len(choices) - 1}) nor one of the choices")
+    return index
 
 
 def _plain_text(records: Any, chosen: list[int], info: Any, max_length: int
@@ -415,5 +469,5 @@ def _plain_text(records: Any, chosen: list[int], info: Any, max_length: int
             raise RecipeError(f"{records.at(i)}: the text gives no token to score (empty, or a single token "
                               "and a tokenizer with neither BOS nor EOS)")
         rows.append([sequence, [1] * len(sequence)])
-    packed, lengths = _pack(rows, [info.pad_id, 0])
+    packed, lengths = _pack(rows, [info.pad_id, 0], lambda j: records.at(chosen[j]))
     return packed, lengths, None
