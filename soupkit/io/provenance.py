@@ -1,10 +1,10 @@
 """Content fingerprints and the provenance metadata soupkit writes into every output.
 
 ``fingerprint`` hashes the full content (sha256) and is what caches key on: two checkpoints that differ in a
-single weight must never share a score. It is memoised per process on (device, inode, size, mtime, ctime): a file rewritten in place keeping its size and
-mtime (``os.utime``) still gets a new ctime, which no user can set back; and a hash is memoised only once the
-file's ctime is ``_SETTLED_NS`` old, so a rewrite within the file system's timestamp granularity (coarse clocks
-tick every few ms) cannot reuse it ("racy git" timestamps).
+single weight must never share a score. It is memoised per process on (device, inode, size, mtime, ctime): a
+file rewritten in place keeping its size and mtime (``os.utime``) still gets a new ctime, which no user can set
+back; and a hash is memoised only once the file's ctime is ``_SETTLED_NS`` old, so a rewrite within the file
+system's timestamp granularity (coarse clocks tick every few ms) cannot reuse it ("racy git" timestamps).
 ``quick_fingerprint`` samples the file (header, head, tail and evenly spaced blocks) so recording provenance for
 a 30 GB soup costs milliseconds; it identifies an ingredient, it does not prove its integrity.
 """
