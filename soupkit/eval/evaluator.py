@@ -100,6 +100,10 @@ class Evaluator:
 
         adapter = registry.models.get(recipe.model.kind)
         where = f"{recipe.source}: model"
+        if recipe.model.kind == "transformers":  # before tokenizers parses them (the lead may move this there)
+            from soupkit.eval.tokenizer_check import check_tokenizer_files
+
+            check_tokenizer_files(recipe.model.params["path"], f"{where}.path")
         built = adapter.fn(**recipe.model.params, context=BuildContext(recipe.folder, self.device, where))
         model = built.module.to(self.device).eval()
         self.memory_format = _memory_format(recipe.memory_format, self.device, model)
