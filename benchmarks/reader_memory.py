@@ -13,7 +13,6 @@ table gives the file size, that peak, their ratio and whether the reader accepte
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import subprocess
