@@ -824,7 +824,6 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
     }
 
 
-# round two (issue 13): bombs, escapes, odd files and names, alias bombs; registers into CASES
-from tests.reliability import corpus_round2  # noqa: E402, F401
-# issues 22/26 (data, text recipes, tokenizer files): registers into CASES
-from tests.reliability import corpus_data  # noqa: E402, F401
+# round two (issue 13): bombs, escapes, odd files and names, alias bombs; and issues 22/26's data, text recipe
+# and tokenizer-file cases (corpus_data): each registers into CASES
+from tests.reliability import corpus_data, corpus_round2  # noqa: E402, F401
