@@ -48,6 +48,7 @@ MAX_INT_DIGITS = 18
 _TEXT_KEYS = ("text_field", "text_pair_field", "prompt_field")
 #: an integer written as text (a CSV cell): ASCII digits only ("²".isdigit() is true, int("²") fails)
 _DIGITS = re.compile(r"\s*-?[0-9]{1,18}\s*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def shown(value: Any, width: int = 60) -> str:
@@ -159,6 +160,11 @@ def _checked(value: Any, key: str, name: str, where: str) -> Any:
         expected = {"choices_field": "a list of strings", "label_field": "a class id or label name",
                     "answer_field": "a choice index or the choice's text"}.get(key, "text")
         raise RecipeError(f"{where}: field {name!r} must be {expected}, got {shown(value)}")
+    for text in (value if isinstance(value, list) else [value]):
+        if isinstance(text, str) and not text.isascii() and _SURROGATE.search(text):
+            # JSON's "\ud800" escape gives a lone surrogate: not text, and the tokenizer's Rust side refuses it
+            raise RecipeError(f"{where}: field {name!r} holds a lone surrogate "
+                              f"({_SURROGATE.search(text).group()!a}), which is not text")
     return value
 
 
