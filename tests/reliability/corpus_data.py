@@ -167,6 +167,17 @@ def _bad_utf8(w: Workspace) -> Expect:
     return classify(w, rows(GOOD).encode() + b'{"text": "caf\xe9", "label": 0}\n', "data.jsonl:2", "not UTF-8")
 
 
+@case("jsonl text holding a lone surrogate (JSON escape \\ud800)")
+def _surrogate(w: Workspace) -> Expect:
+    return classify(w, rows(GOOD) + '{"text": "caf\\ud800", "label": 0}\n', "data.jsonl:2", "lone surrogate")
+
+
+@case("jsonl choice holding a lone surrogate")
+def _surrogate_choice(w: Workspace) -> Expect:
+    return choice(w, rows(GOOD_CHOICE) + '{"q": "one ", "c": ["two", "\\udfff"], "a": 0}\n', "data.jsonl:2",
+                  "lone surrogate")
+
+
 @case("jsonl raw NUL byte")
 def _nul(w: Workspace) -> Expect:
     return classify(w, rows(GOOD).encode() + b'{"text": "a\x00b", "label": 0}\n', "data.jsonl:2", "NUL byte")
@@ -493,3 +504,48 @@ def _huge_tokenizer_config(w: Workspace) -> Expect:
     with open(path, "r+b") as handle:
         handle.truncate(40 << 20)
     return tokenizer_case(w, str(path), "larger than")
+
+
+# --- doctor ----------------------------------------------------------------------------------------------------------
+
+
+def _weights(w: Workspace, name: str, scale: float = 1.0, poison: float | None = None, seed: int = 0) -> Path:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {"layer.weight": torch.randn(8, 8, generator=g) * scale, "layer.bias": torch.randn(8, generator=g)}
+    if poison is not None:
+        state["layer.weight"][3, 4] = poison
+    return w.good(name, state=state)
+
+
+def doctor_with(w: Workspace, *paths: Path, needle: str, base: Path | None = None) -> Expect:
+    argv = ["doctor", *map(str, paths), *(["--base", str(base)] if base else []), "--json",
+            str(w.root / "report.json")]
+    return Expect(argv, (needle,), w.canary)
+
+
+@case("doctor one input")
+def _doctor_one(w: Workspace) -> Expect:
+    return doctor_with(w, _weights(w, "a.safetensors"), needle="at least two")
+
+
+@case("doctor the same file twice")
+def _doctor_twice(w: Workspace) -> Expect:
+    a = _weights(w, "a.safetensors")
+    return doctor_with(w, a, a, needle="given twice")
+
+
+for _label_, _value in (("NaN", float("nan")), ("+Inf", float("inf")), ("-Inf", float("-inf"))):
+    def _doctor_nonfinite(w: Workspace, value: float = _value) -> Expect:
+        bad = _weights(w, "bad.safetensors", poison=value, seed=1)
+        return doctor_with(w, _weights(w, "a.safetensors"), bad, needle=f"{bad}: holds NaN or Inf")
+
+    case(f"doctor an input holding {_label_}")(_doctor_nonfinite)
+
+    def _doctor_nonfinite_base(w: Workspace, value: float = _value) -> Expect:
+        base = _weights(w, "base.safetensors", poison=value, seed=2)
+        return doctor_with(w, _weights(w, "a.safetensors"), _weights(w, "b.safetensors", seed=1), base=base,
+                           needle=f"{base}: the base holds NaN or Inf")
+
+    case(f"doctor a base holding {_label_}")(_doctor_nonfinite_base)
