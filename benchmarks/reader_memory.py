@@ -93,8 +93,9 @@ def inputs(folder: Path, scale: float) -> list[tuple[str, str, Path]]:
 
     row = json.dumps({"text": "the film was very good and the plot " * 2, "label": 1}) + "\n"
     made.append(("jsonl", "ordinary rows (~100 B each)", write("rows.jsonl", row * rows_n)))
-    made.append(("jsonl", "one 100 MB line (a text)", write("line.jsonl", '{"text": "' + "a" * big + '"}\n')))
-    made.append(("jsonl", "one 100 MB line of [0,0,...]", write("list.jsonl", '{"text": [' + "0," * (big // 2)
+    mb = f"{big / 1e6:.0f} MB"
+    made.append(("jsonl", f"one {mb} line (a text)", write("line.jsonl", '{"text": "' + "a" * big + '"}\n')))
+    made.append(("jsonl", f"one {mb} line of [0,0,...]", write("list.jsonl", '{"text": [' + "0," * (big // 2)
                                                                    + '0], "label": 1}\n')))
     made.append(("jsonl", "1 MB lines of {} objects", write("objects.jsonl", ('{"x": [' + "{}," * 300_000
                                                                               + '{}], "text": "a", "label": 1}\n')
@@ -105,17 +106,19 @@ def inputs(folder: Path, scale: float) -> list[tuple[str, str, Path]]:
     made.append(("jsonl", "10 KB: a 5,000-digit label", write("digits.jsonl", '{"text": "a", "label": '
                                                                 + "9" * 5000 + "}\n")))
     made.append(("csv", "ordinary rows", write("rows.csv", "text,label\n" + "the film was very good,1\n" * rows_n)))
-    made.append(("csv", "one 100 MB quoted cell", write("cell.csv", 'text,label\n"' + ("a" * 1000 + "\n")
+    made.append(("csv", f"one {mb} quoted cell", write("cell.csv", 'text,label\n"' + ("a" * 1000 + "\n")
                                                          * (big // 1001) + '",1\n')))
     made.append(("csv", "one line of 1M empty cells", write("cells.csv", "text,label\n" + "," * 1_000_000 + "\n")))
-    made.append(("cache", "valid entry, 10M examples", _cache_entry(folder / "cache_big", int(10e6 * scale))))
+    examples = int(10e6 * scale)
+    made.append(("cache", f"valid entry, {examples:,} examples", _cache_entry(folder / "cache_big", examples)))
     made.append(("cache", "<10 KB entry claiming n = 10^9", _cache_entry(folder / "cache_claim", 64, 10**9)))
     tokenizer = folder / "tok" / "tokenizer.json"
     tokenizer.parent.mkdir()
-    vocab = {f"w{i}": i for i in range(int(500_000 * scale))}
+    words = int(500_000 * scale)
+    vocab = {f"w{i}": i for i in range(words)}
     tokenizer.write_text(json.dumps({"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
                                      "pre_tokenizer": {"type": "Whitespace"}}))
-    made.append(("tokenizer", "tokenizer.json, 500k-word vocabulary", tokenizer))
+    made.append(("tokenizer", f"tokenizer.json, {words:,}-word vocabulary", tokenizer))
     bomb = folder / "tokbomb" / "tokenizer.json"
     bomb.parent.mkdir()
     bomb.write_text(json.dumps({"pre_tokenizer": {"type": "Split", "pattern": {"Regex": "([\\w.]+)+!"}}}))

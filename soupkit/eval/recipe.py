@@ -130,7 +130,27 @@ def _stable(params: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
         out[key] = path_content(value) if isinstance(value, Path) else value
+        if key == "factory" and isinstance(value, str) and ":" in value:
+            source = _module_file(value.partition(":")[0])  # kind: python: the code that builds model or data
+            if source is not None:
+                out["factory_source"] = path_content(source)
     return out
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of module ``name`` (already imported, or found without importing it), else None."""
+    import importlib.util
+    import sys
+
+    module = sys.modules.get(name)
+    origin = getattr(module, "__file__", None) if module is not None else None
+    if origin is None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and os.path.isfile(origin) else None
 
 
 def path_content(path: Path) -> list[Any]:

@@ -261,3 +261,16 @@ def test_two_processes_share_one_cache_at_once(trained, tmp_path):
         result = ev(path)
         assert all(result[name].cached for name in ev.dataset_names) and result["heldout"].correct == correct
     assert not [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".json")]
+
+
+def test_a_python_factory_key_covers_its_source_file(tmp_path, monkeypatch):
+    from soupkit.eval.recipe import load_recipe
+
+    module = tmp_path / "my_factory_mod.py"
+    module.write_text("def build():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = load_recipe({"model": {"kind": "python", "factory": "my_factory_mod:build"},
+                          "data": {"heldout": {"kind": "digits", "split": "heldout"}}})
+    key = recipe.dataset_key("heldout", precision="fp32", device_type="cpu")
+    module.write_text("def build():\n    return 2\n")
+    assert recipe.dataset_key("heldout", precision="fp32", device_type="cpu") != key
