@@ -47,8 +47,9 @@ MAX_CHOICES = 1024
 #: a packed dataset may be padded to at most this many times its tokens once it is bigger than PADDED_BYTES
 PADDING_RATIO = 16
 PADDED_BYTES = 1 << 30
-#: a prompt is tokenised once per choice; beyond this many characters per kept token its start cannot reach the
-#: last ``max_length`` tokens (BPE tokens average ~4 characters), so it is cut before being copied C times
+#: texts are cut to this many characters per kept token before tokenising (BPE tokens average ~4 characters):
+#: a prompt's start beyond it cannot reach its last ``max_length`` tokens, a text's end its first ones; so a
+#: 16 MB line is never tokenised whole (and a prompt never copied once per choice whole)
 PROMPT_CHARS_PER_TOKEN = 64
 
 
@@ -366,8 +367,13 @@ def _pack(rows: list[list[list[int]]], pad: list[int], rows_at: Any = str) -> tu
 
 def _classification(records: Any, chosen: list[int], info: Any, max_length: int, spec: DatasetSpec
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    texts = [_text(records, i, "text_field") for i in chosen]
-    pairs = [_text(records, i, "text_pair_field") for i in chosen] if records.fields["text_pair_field"] else None
+    # only max_length tokens are kept (the first, or the last when the tokenizer truncates on the left): a
+    # 16 MB text is never tokenised whole
+    cut = max_length * PROMPT_CHARS_PER_TOKEN
+    keep = slice(-cut, None) if getattr(info.tokenizer, "truncation_side", "right") == "left" else slice(cut)
+    texts = [_text(records, i, "text_field")[keep] for i in chosen]
+    pairs = ([_text(records, i, "text_pair_field")[keep] for i in chosen] if records.fields["text_pair_field"]
+             else None)
     labels = torch.tensor([_class_id(records, i, info) for i in chosen], dtype=torch.int64)
     enc = info.tokenizer(texts, pairs, truncation=True, max_length=max_length) if texts else {"input_ids": []}
     keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
@@ -459,7 +465,8 @@ def _answer(records: Any, i: int, choices: list[str]) -> int:
 
 def _plain_text(records: Any, chosen: list[int], info: Any, max_length: int
                 ) -> tuple[torch.Tensor, torch.Tensor, None]:
-    texts = [_text(records, i, "text_field") for i in chosen]
+    cut = max_length * PROMPT_CHARS_PER_TOKEN  # the start is kept: its first max_length tokens
+    texts = [_text(records, i, "text_field")[:cut] for i in chosen]
     encoded = info.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     prefix = _prefix(info)
     rows = []
