@@ -7,7 +7,9 @@ Batches are bucketed by length: examples are sorted longest first (a stable sort
 deterministic) and each batch is cut to its own longest example, so padding stays small. An explicit example
 order (greedy soup's hardest-first) is honoured in windows of ``ORDER_WINDOW`` batches, each sorted by length.
 
-Packed layouts (int32 on the device, int64 per batch), one row per field:
+Tokens are stored end to end (``Ragged``: int32 on the device or pinned, never padded at rest, so memory follows
+the tokens and not N x the longest example); each batch is padded to its own longest. Batch layouts (int64),
+one row per field:
 
 - sequence classification and plain text: (N, F, L): input ids, attention mask, token type ids (when the
   tokenizer gives them);
@@ -44,9 +46,6 @@ ABSENT = -1e9
 #: choices of one multiple-choice example: every example is padded to the widest one, so one example with 10^6
 #: choices would make the packed tensor (N, 10^6, 3, L); benchmarks ask 2-10, lm-eval-harness tasks at most ~100
 MAX_CHOICES = 1024
-#: a packed dataset may be padded to at most this many times its tokens once it is bigger than PADDED_BYTES
-PADDING_RATIO = 16
-PADDED_BYTES = 1 << 30
 #: texts are cut to this many characters per kept token before tokenising (BPE tokens average ~4 characters):
 #: a prompt's start beyond it cannot reach its last ``max_length`` tokens, a text's end its first ones; so a
 #: 16 MB line is never tokenised whole (and a prompt never copied once per choice whole)
@@ -133,11 +132,43 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
 
 
 @dataclass
+class Ragged:
+    """Token rows of every example stored end to end, never padded at rest: ``tokens[f, starts[i, c] :
+    starts[i, c] + widths[i, c]]`` is row ``f`` of example ``i`` (choice ``c``; absent choices have width 0).
+    Memory follows the tokens, not N x the longest example: one 100k-token outlier among short examples costs
+    its own tokens only (a padded (N, F, L) block would cost N x 100k). ``gather`` pads one batch."""
+
+    tokens: torch.Tensor  # (F, T) int32, on the device or pinned
+    starts: torch.Tensor  # (n, C) int64, beside tokens
+    widths: torch.Tensor  # (n, C) int64, beside tokens
+    pad: tuple[int, ...]  # per row f: the value of padding
+    choice: bool  # batches are (B, C, F, L) when True, else (B, F, L)
+
+    def gather(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """Examples ``rows`` padded to ``width`` tokens, int64, on the tokens' device."""
+        rows = rows.to(self.tokens.device)
+        widths = self.widths[rows]  # (B, C)
+        position = torch.arange(width, device=self.tokens.device)
+        valid = position < widths[..., None]  # (B, C, W)
+        index = torch.where(valid, self.starts[rows][..., None] + position, 0)
+        x = self.tokens[:, index].permute(1, 2, 0, 3).long()  # (B, C, F, W)
+        pad = torch.tensor(self.pad, dtype=torch.int64, device=x.device).view(1, 1, -1, 1)
+        x = torch.where(valid[:, :, None, :], x, pad)
+        return x if self.choice else x[:, 0]
+
+    def to(self, device: torch.device) -> Ragged:
+        from soupkit.eval.prepare import place
+
+        tokens = place(self.tokens, device)
+        return Ragged(tokens, self.starts.to(tokens.device), self.widths.to(tokens.device), self.pad, self.choice)
+
+
+@dataclass
 class TextData:
-    """A tokenised dataset: this process's shard, packed once (see the module docstring)."""
+    """A tokenised dataset: this process's shard, stored once (see the module docstring)."""
 
     name: str
-    packed: torch.Tensor  # int32, on the device or pinned
+    packed: Ragged
     lengths: torch.Tensor  # (n,) int64 on the CPU: tokens of each example (longest choice for multiple choice)
     labels: torch.Tensor | None  # (n,) int64 on the device; None for plain text (targets come from the tokens)
     total: int
@@ -160,13 +191,17 @@ class TextData:
             parts.append(part[torch.sort(self.lengths[part], descending=True, stable=True).indices])
         return torch.cat(parts) if parts else order
 
+    def inputs(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The int64 batch of examples ``rows``, cut to its longest example, on ``device``."""
+        width = int(self.lengths[rows].max())
+        return self.packed.gather(rows, width).to(device, non_blocking=True)
+
     def batches(self, batch_size: int, order: torch.Tensor, device: torch.device
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(packed int64 batch cut to its longest example, labels or shifted target tokens) on ``device``."""
+        """(int64 batch cut to its longest example, labels or shifted target tokens) on ``device``."""
         for begin in range(0, self.n, batch_size):
             rows = order[begin:begin + batch_size]
-            width = int(self.lengths[rows].max())
-            x = self.packed[rows.to(self.packed.device)][..., :width].to(device, non_blocking=True).long()
+            x = self.inputs(rows, device)
             if self.labels is not None:
                 yield x, self.labels[rows.to(self.labels.device)]
             else:
@@ -182,8 +217,6 @@ def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.devic
     the model folder's config and tokenizer files) holding this shard's tokens from an earlier run; written
     when absent, so the next process (``soupkit eval`` after ``soupkit merge --method greedy``) skips
     tokenising."""
-    from soupkit.eval.prepare import place
-
     mode = _mode(spec, records.fields, info.task)
     cached = _read_tokens(token_cache) if token_cache is not None else None
     if cached is None:
@@ -199,7 +232,7 @@ def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.devic
             raise RecipeError(f"{spec.where}.class_subset: lists {len(spec.class_subset)} classes but a label is "
                               f"{int(labels.max())}")
         subset = torch.tensor(spec.class_subset, device=device)
-    return TextData(spec.name, place(packed, device), lengths,
+    return TextData(spec.name, packed.to(device), lengths,
                     None if labels is None else labels.to(device), total, start, subset,
                     "log_likelihood" if mode == "text" else "accuracy")
 
@@ -224,20 +257,20 @@ def _tokenise(spec: DatasetSpec, records: Any, info: Any, mode: str, rank: int, 
     return packed, lengths, labels, total, start
 
 
-def _tokens_checksum(packed: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor | None, total: int,
-                     start: int) -> str:
+def _tokens_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     import hashlib
 
     from soupkit.eval.cache import state_fingerprint
 
-    tensors = {"packed": packed, "lengths": lengths, **({"labels": labels} if labels is not None else {})}
-    return hashlib.blake2b(f"{state_fingerprint(tensors)}|{total}|{start}".encode(), digest_size=16).hexdigest()
+    fields = "|".join(f"{k}={meta[k]}" for k in ("total", "start", "pad", "choice"))  # not the provenance
+    return hashlib.blake2b(f"{state_fingerprint(tensors)}|{fields}".encode(), digest_size=16).hexdigest()
 
 
 def _read_tokens(path: Path) -> tuple[Any, ...] | None:
     """A token-cache file's tensors, or None when absent, unreadable or failing a check (then the data is
     tokenised again, the file rewritten, and a bad file said once): like a score-cache entry it carries a
-    checksum, and its shapes and dtypes must be those ``_tokenise`` writes."""
+    checksum, and its layout must be one ``_tokenise`` writes (every segment inside the tokens: a re-signed
+    file cannot make a batch index past them)."""
     if not path.is_file():
         return None
     try:
@@ -245,13 +278,21 @@ def _read_tokens(path: Path) -> tuple[Any, ...] | None:
 
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-            labels = handle.get_tensor("labels") if "labels" in handle.keys() else None
-            packed, lengths = handle.get_tensor("packed"), handle.get_tensor("lengths")
-            total, start = int(meta["total"]), int(meta["start"])
-        ok = (packed.dtype == torch.int32 and packed.dim() in (3, 4) and lengths.dtype == torch.int64
-              and lengths.shape == (len(packed),) and (labels is None or labels.shape == lengths.shape)
-              and 0 <= start <= start + len(packed) <= total
-              and meta.get("checksum") == _tokens_checksum(packed, lengths, labels, total, start))
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        tokens, starts, widths, lengths = tensors["tokens"], tensors["starts"], tensors["widths"], tensors["lengths"]
+        labels = tensors.get("labels")
+        total, start = int(meta["total"]), int(meta["start"])
+        pad = tuple(int(v) for v in json_list(meta["pad"]))
+        ok = (meta.get("checksum") == _tokens_checksum(tensors, meta)
+              and tokens.dtype == torch.int32 and tokens.dim() == 2 and len(pad) == tokens.shape[0]
+              and starts.dtype == widths.dtype == lengths.dtype == torch.int64 and starts.dim() == 2
+              and starts.shape == widths.shape and lengths.shape == (len(starts),)
+              and (labels is None or labels.shape == lengths.shape)
+              and bool((starts >= 0).all() and (widths >= 0).all())
+              and bool((starts + widths <= tokens.shape[1]).all())
+              and torch.equal(widths.amax(1) if widths.numel() else lengths, lengths)
+              and 0 <= start <= start + len(lengths) <= total)
+        packed = Ragged(tokens, starts, widths, pad, meta["choice"] == "1")
     except (OSError, KeyError, ValueError, RuntimeError, TypeError):
         ok = False
     if not ok:
@@ -262,15 +303,28 @@ def _read_tokens(path: Path) -> tuple[Any, ...] | None:
     return packed, lengths, labels, total, start
 
 
+def json_list(text: str) -> list[Any]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError("not a list")
+    return value
+
+
 def _write_tokens(path: Path, tokens: tuple[Any, ...]) -> None:
+    import json
+
     from soupkit.errors import SoupkitError
     from soupkit.eval.cache import say_once
     from soupkit.io import save_checkpoint
 
     packed, lengths, labels, total, start = tokens
-    state = {"packed": packed, "lengths": lengths, **({"labels": labels} if labels is not None else {})}
-    meta = {"total": str(total), "start": str(start),
-            "checksum": _tokens_checksum(packed, lengths, labels, total, start)}
+    state = {"tokens": packed.tokens, "starts": packed.starts, "widths": packed.widths, "lengths": lengths,
+             **({"labels": labels} if labels is not None else {})}
+    meta = {"total": str(total), "start": str(start), "pad": json.dumps(list(packed.pad)),
+            "choice": "1" if packed.choice else "0"}
+    meta["checksum"] = _tokens_checksum(state, meta)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(state, path, meta, force=True)
@@ -342,27 +396,28 @@ def _class_id(records: Any, i: int, info: Any) -> int:
     return index
 
 
-def _check_padding(padded: int, content: int, where: Any, lengths: torch.Tensor) -> None:
-    """Refuse a packing whose padding would dwarf its tokens: every example is padded to the longest, so one
-    long example among many short ones would make memory grow with N x the longest, not with the data."""
-    if padded * 4 > PADDED_BYTES and padded > PADDING_RATIO * content:
-        longest = int(torch.argmax(lengths))
-        raise RecipeError(f"{where(longest)}: this example ({int(lengths[longest])} tokens) is so much longer than "
-                          f"the others that padding every example to it would take {padded * 4 >> 20} MiB; "
-                          "set the dataset's max_length lower, or drop the outlier")
+def _ragged(examples: list[list[list[list[int]]]], pad: list[int], choice: bool) -> tuple[Ragged, torch.Tensor]:
+    """Examples (each a list of choices, each F token rows) stored end to end, and each example's length (its
+    longest choice)."""
+    choices = max((len(e) for e in examples), default=1)
+    starts = torch.zeros(len(examples), choices, dtype=torch.int64)
+    widths = torch.zeros(len(examples), choices, dtype=torch.int64)
+    position = 0
+    for i, example in enumerate(examples):
+        for c, rows in enumerate(example):
+            starts[i, c], widths[i, c] = position, len(rows[0])
+            position += len(rows[0])
+    tokens = torch.empty(len(pad), position, dtype=torch.int32)
+    for f in range(len(pad)):
+        flat = [value for example in examples for rows in example for value in rows[f]]
+        tokens[f] = torch.tensor(flat, dtype=torch.int32) if flat else tokens[f]
+    lengths = widths.amax(1) if len(examples) else torch.zeros(0, dtype=torch.int64)
+    return Ragged(tokens, starts, widths, tuple(pad), choice), lengths
 
 
-def _pack(rows: list[list[list[int]]], pad: list[int], rows_at: Any = str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples of F token rows each -> (N, F, L) int32 padded with ``pad[f]`` per row, and their lengths
-    (``rows_at(j)``: where example ``j`` comes from, for errors)."""
-    lengths = torch.tensor([len(r[0]) for r in rows], dtype=torch.int64)
-    width = int(lengths.max()) if len(rows) else 1
-    _check_padding(len(rows) * len(pad) * width, int(lengths.sum()) * len(pad), rows_at, lengths)
-    packed = torch.tensor(pad, dtype=torch.int32).view(1, -1, 1).repeat(len(rows), 1, width)
-    for i, example in enumerate(rows):
-        for f, values in enumerate(example):
-            packed[i, f, : len(values)] = torch.tensor(values, dtype=torch.int32)
-    return packed, lengths
+def _pack(rows: list[list[list[int]]], pad: list[int]) -> tuple[Ragged, torch.Tensor]:
+    """Examples of F token rows each, padded with ``pad[f]`` per row when batched, and their lengths."""
+    return _ragged([[example] for example in rows], pad, choice=False)
 
 
 def _classification(records: Any, chosen: list[int], info: Any, max_length: int, spec: DatasetSpec
@@ -378,7 +433,7 @@ def _classification(records: Any, chosen: list[int], info: Any, max_length: int,
     enc = info.tokenizer(texts, pairs, truncation=True, max_length=max_length) if texts else {"input_ids": []}
     keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
     rows = [[enc[k][j] for k in keys] for j in range(len(texts))]
-    packed, lengths = _pack(rows, [info.pad_id, 0, 0][: len(keys)], lambda j: records.at(chosen[j]))
+    packed, lengths = _pack(rows, [info.pad_id, 0, 0][: len(keys)])
     return packed, lengths, labels
 
 
@@ -413,25 +468,11 @@ def _multiple_choice(records: Any, chosen: list[int], info: Any, max_length: int
             scored = min(len(tail), len(sequence) - 1)
             rows.append([sequence, [1] * len(sequence), [0] * (len(sequence) - scored) + [1] * scored])
         examples.append(rows)
-    return (*_pack_choices(examples, info.pad_id, lambda j: records.at(chosen[j])),
-            torch.tensor(answers, dtype=torch.int64))
+    return (*_pack_choices(examples, info.pad_id), torch.tensor(answers, dtype=torch.int64))
 
 
-def _pack_choices(examples: list[list[list[list[int]]]], pad: int, rows_at: Any = str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    choices = max(len(e) for e in examples)
-    width = max(len(row[0]) for e in examples for row in e)
-    sizes = torch.tensor([sum(len(row[0]) for row in e) for e in examples], dtype=torch.int64)
-    _check_padding(len(examples) * choices * 3 * width, int(sizes.sum()) * 3, rows_at, sizes)
-    packed = torch.zeros(len(examples), choices, 3, width, dtype=torch.int32)
-    packed[:, :, 0] = pad
-    lengths = torch.zeros(len(examples), dtype=torch.int64)
-    for i, example in enumerate(examples):
-        for c, rows in enumerate(example):
-            for f, values in enumerate(rows):
-                packed[i, c, f, : len(values)] = torch.tensor(values, dtype=torch.int32)
-        lengths[i] = max(len(rows[0]) for rows in example)
-    return packed, lengths
+def _pack_choices(examples: list[list[list[list[int]]]], pad: int) -> tuple[Ragged, torch.Tensor]:
+    return _ragged(examples, [pad, 0, 0], choice=True)
 
 
 def _choices(records: Any, i: int) -> list[str]:
@@ -476,5 +517,5 @@ def _plain_text(records: Any, chosen: list[int], info: Any, max_length: int
             raise RecipeError(f"{records.at(i)}: the text gives no token to score (empty, or a single token "
                               "and a tokenizer with neither BOS nor EOS)")
         rows.append([sequence, [1] * len(sequence)])
-    packed, lengths = _pack(rows, [info.pad_id, 0], lambda j: records.at(chosen[j]))
+    packed, lengths = _pack(rows, [info.pad_id, 0])
     return packed, lengths, None

@@ -110,3 +110,40 @@ def test_csv_cells_round_trip_or_are_refused_naming_the_line(cells, tmp_path_fac
         return
     kept = [(t, lab) for t, lab in cells if (t.strip() or lab.strip())]  # blank rows are skipped
     assert list(zip(records.columns["text_field"], records.columns["label_field"])) == kept
+
+
+TOKEN_ROWS = st.lists(st.lists(st.integers(0, 50), min_size=1, max_size=12), min_size=1, max_size=4)
+
+
+@PROPERTY
+@given(examples=st.lists(TOKEN_ROWS, min_size=1, max_size=8), choice=st.booleans(), data=st.data())
+def test_ragged_storage_holds_only_the_tokens_and_batches_as_a_padded_block(examples, choice, data) -> None:
+    """Stored end to end (memory = the tokens, whatever the longest example), a batch is exactly the block the
+    old padded layout gave: each row's tokens, then its pad value."""
+    from soupkit.eval.text import _ragged
+
+    fields = 3 if choice else 2
+    examples = [[[row] * fields for row in (e if choice else e[:1])] for e in examples]
+    pad = [99, 0, 0][:fields]
+    packed, lengths = _ragged(examples, pad, choice)
+    assert packed.tokens.shape == (fields, sum(len(rows[0]) for e in examples for rows in e))
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, len(examples) - 1), min_size=1, max_size=5)))
+    width = int(lengths[rows].max())
+    batch = packed.gather(rows, width)
+    choices = max(len(e) for e in examples)
+    for b, i in enumerate(rows.tolist()):
+        for c in range(choices if choice else 1):
+            got = batch[b, c] if choice else batch[b]
+            rows_c = examples[i][c] if c < len(examples[i]) else [[] for _ in range(fields)]
+            for f in range(fields):
+                expected = rows_c[f] + [pad[f]] * (width - len(rows_c[f]))
+                assert got[f].tolist() == expected
+
+
+def test_one_long_outlier_costs_its_own_tokens_only() -> None:
+    from soupkit.eval.text import _pack
+
+    rows = [[[1] * 4, [1] * 4] for _ in range(10_000)] + [[[2] * 100_000, [1] * 100_000]]
+    packed, lengths = _pack(rows, [0, 0])
+    assert packed.tokens.numel() == 2 * (10_000 * 4 + 100_000)  # a padded block: 2 x 10,001 x 100,000
+    assert int(lengths.max()) == 100_000 and packed.gather(torch.tensor([0, 1]), 4).shape == (2, 2, 4)
