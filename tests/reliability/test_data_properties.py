@@ -126,7 +126,7 @@ def test_ragged_storage_holds_only_the_tokens_and_batches_as_a_padded_block(exam
     examples = [[[row] * fields for row in (e if choice else e[:1])] for e in examples]
     pad = [99, 0, 0][:fields]
     packed, lengths = _ragged(examples, pad, choice)
-    assert packed.tokens.shape == (fields, sum(len(rows[0]) for e in examples for rows in e))
+    assert packed.tokens.shape == (sum(len(rows[0]) for e in examples for rows in e) + 1, fields)  # + the pad row
     rows = torch.tensor(data.draw(st.lists(st.integers(0, len(examples) - 1), min_size=1, max_size=5)))
     width = int(lengths[rows].max())
     batch = packed.gather(rows, width)
@@ -145,5 +145,5 @@ def test_one_long_outlier_costs_its_own_tokens_only() -> None:
 
     rows = [[[1] * 4, [1] * 4] for _ in range(10_000)] + [[[2] * 100_000, [1] * 100_000]]
     packed, lengths = _pack(rows, [0, 0])
-    assert packed.tokens.numel() == 2 * (10_000 * 4 + 100_000)  # a padded block: 2 x 10,001 x 100,000
+    assert packed.tokens.numel() == 2 * (10_000 * 4 + 100_000 + 1)  # a padded block: 2 x 10,001 x 100,000
     assert int(lengths.max()) == 100_000 and packed.gather(torch.tensor([0, 1]), 4).shape == (2, 2, 4)
