@@ -131,8 +131,7 @@ def unbucketed(data: object, batch_size: int) -> list[torch.Tensor]:
     out = []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = int(data.lengths[rows].max())  # type: ignore[attr-defined]
-        out.append(data.packed[rows][..., :width].long())  # type: ignore[attr-defined]
+        out.append(data.inputs(rows, torch.device("cpu")))  # type: ignore[attr-defined]
     return out
 
 

@@ -184,6 +184,12 @@ def _judge(report: DoctorReport, rows: list[int], stats: GramStats, incompatible
     for a, (b, why) in copies.items():
         report.verdict[names[rows[a]]] = "duplicate"
         report.reason[names[rows[a]]] = f"of {names[rows[b]]}: {why}"
+    if not stats.centred:  # the base again: its cosines are 0/0, and it would only dilute a soup
+        for a, why in rules.zero_task_vectors(norms, weight).items():
+            if a not in copies:
+                copies[a] = (a, why)
+                report.verdict[names[rows[a]]] = "duplicate"
+                report.reason[names[rows[a]]] = why
     keep = [a for a in range(len(rows)) if a not in copies]
     dist, norm = distance[keep][:, keep], weight[keep]
     cos = None if stats.centred else cosine[keep][:, keep]

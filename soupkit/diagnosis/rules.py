@@ -6,6 +6,8 @@ Per ingredient, checked in this order (the first that applies wins):
 - ``incompatible``: its keys or shapes differ from the majority's (``check_compatible``'s message says where).
 - ``duplicate``: bit-identical floating tensors to an earlier input, or L2 distance ≤ ``DUPLICATE_REL`` × its
   weight norm, or cosine ≥ ``DUPLICATE_COSINE`` between the two task vectors. The later input is the duplicate.
+  With a base, an ingredient whose task vector is zero (‖τ‖ ≤ ``DUPLICATE_REL`` × its weight norm: it is the base
+  again, and its cosines are 0/0) is a duplicate of the base.
 - ``different_init``: single-linkage grouping of the ingredients (and the base, when given) by L2 distance. An
   edge of the minimum spanning tree is cut when it is longer than ``GAP_FACTOR`` × the median edge, or longer
   than ``FAR_REL`` × the weight norm (fine-tuning moves weights by a few percent of their norm; two independent
@@ -59,6 +61,17 @@ def duplicates(distance: torch.Tensor, cosine: torch.Tensor, identical: torch.Te
                 found[j] = (i, f"cosine {c:.6f} ≥ {DUPLICATE_COSINE}")
             if j in found:
                 break
+    return found
+
+
+def zero_task_vectors(task_norm: torch.Tensor, weight_norm: torch.Tensor) -> dict[int, str]:
+    """Row -> why, for every ingredient whose task vector is zero (it equals the base)."""
+    found = {}
+    for i in range(task_norm.shape[0]):
+        tau, weight = float(task_norm[i]), float(weight_norm[i])
+        if tau <= DUPLICATE_REL * weight:
+            found[i] = (f"of the base: its task vector is zero (‖τ‖ {tau:.3g} ≤ {DUPLICATE_REL:g} × its norm "
+                        f"{weight:.4g}); it adds nothing to a soup")
     return found
 
 

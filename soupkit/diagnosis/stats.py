@@ -25,6 +25,8 @@ from soupkit.io import CheckpointReader
 #: product is memory-bound, and for 8 ViT-B-32-shaped inputs a 32 MB buffer cost 1.3-1.5 CPU-s vs 0.8 for this one
 #: (64K-256K elements measured no better on this 2-core machine)
 BUDGET_ELEMENTS = 1 << 20
+#: modules the per-module Grams are kept for (the rest are pooled): a report reads ~30 at most
+MAX_MODULES = 32
 #: chunks at least this big are memory-mapped (no copy) where the reader can; smaller ones are read
 MAP_MIN_BYTES = 256 << 10
 
@@ -59,7 +61,21 @@ def module_of(keys: Sequence[str], sizes: dict[str, int]) -> dict[str, str]:
         for key in members:
             parts = key.split(".")
             modules[key] = ".".join(parts[:2]) if split and len(parts) >= 3 else name
-    return modules
+    return _capped(modules, sizes)
+
+
+def _capped(modules: dict[str, str], sizes: dict[str, int], limit: int | None = None) -> dict[str, str]:
+    """At most ``MAX_MODULES`` modules: the largest keep their names, the rest share one ("N others"). A
+    checkpoint of 10k tiny top-level tensors would otherwise give 10k N×N Grams and a report line per module."""
+    limit = MAX_MODULES if limit is None else limit
+    weight: dict[str, int] = {}
+    for key, module in modules.items():
+        weight[module] = weight.get(module, 0) + sizes[key]
+    if len(weight) <= limit:
+        return modules
+    kept = set(sorted(weight, key=lambda m: (-weight[m], m))[: limit - 1])
+    rest = f"({len(weight) - len(kept)} others)"
+    return {key: module if module in kept else rest for key, module in modules.items()}
 
 
 def gram_pass(readers: Sequence[CheckpointReader], keys: Sequence[str], base: CheckpointReader | None = None,

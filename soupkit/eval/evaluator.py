@@ -254,6 +254,12 @@ class Evaluator:
             with open_checkpoint(source, name=label, base=base) as reader:
                 self._load_reader(reader)
 
+    def _base_of(self, source: Any) -> Any:
+        """The base weights ``source`` is applied to when it is a LoRA adapter (part of its score's key)."""
+        from soupkit.io.lora import is_adapter
+
+        return self.adapter_base if isinstance(source, (str, Path)) and is_adapter(source) else None
+
     @property
     def adapter_base(self) -> Any:
         """The weights LoRA adapters are applied to when scored (None: the recipe's model has none)."""
@@ -291,8 +297,8 @@ class Evaluator:
         if caching:
             if isinstance(state_or_path, (str, Path)) and not Path(state_or_path).exists():
                 raise CheckpointError(f"{state_or_path}: no such file")
-            fingerprint = source_fingerprint(state_or_path) if isinstance(state_or_path, (str, Path, Mapping)) \
-                else None
+            fingerprint = source_fingerprint(state_or_path, self._base_of(state_or_path)) \
+                if isinstance(state_or_path, (str, Path, Mapping)) else None
         results: dict[str, DatasetResult] = {}
         if fingerprint is not None:
             hits = {name: self.cache.get(fingerprint, self._keys[name]) for name in names}

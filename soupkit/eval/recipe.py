@@ -47,7 +47,7 @@ HELDOUT = "heldout"
 COMMON_DATA_KEYS = ("class_subset", "holdout_fraction", "holdout_seed", "limit", "role")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: bump when the meaning of a cached score changes
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,10 @@ class Recipe:
     def dataset_key(self, name: str, *, precision: str, device_type: str, memory_format: str = "contiguous",
                     model_fingerprint: str | None = None) -> str:
         """What a cached score of ``name`` depends on besides the checkpoint: the model's architecture, the
-        dataset definition (and the size/mtime of its files), the numeric precision, the device type, the
-        memory format (channels_last convolutions may round differently) and ``model_fingerprint``, the content
-        of files the model adapter read (a transformers folder's config and tokenizer)."""
+        dataset definition (and the content of its files: ``_stable``), the numeric precision, the device type,
+        the memory format (channels_last convolutions may round differently), ``model_fingerprint`` (the content
+        of files the model adapter read: a transformers folder's config and tokenizer) and the versions of
+        soupkit and torch (the code that scores)."""
         spec = self.datasets[name]
         payload = {
             "schema": CACHE_SCHEMA,
@@ -115,6 +116,7 @@ class Recipe:
             "precision": precision,
             "device": device_type,
             "memory_format": memory_format,
+            "code": _code_version(),
         }
         if model_fingerprint is not None:  # absent for image models: their existing cache entries stay valid
             payload["model_files"] = model_fingerprint
@@ -123,18 +125,69 @@ class Recipe:
 
 
 def _stable(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Parameters as JSON-able values; paths carry their size and modification time so edited data is rescored."""
+    """Parameters as JSON-able values; a path carries its content so that edited data is rescored."""
     out: dict[str, Any] = {}
     for key, value in params.items():
-        if isinstance(value, Path):
-            try:
-                st = value.stat()
-                out[key] = [str(value.resolve()), st.st_size, st.st_mtime_ns]
-            except OSError:
-                out[key] = [str(value), None, None]
-        else:
-            out[key] = value
+        out[key] = path_content(value) if isinstance(value, Path) else value
+        if key == "factory" and isinstance(value, str) and ":" in value:
+            source = _module_file(value.partition(":")[0])  # kind: python: the code that builds model or data
+            if source is not None:
+                out["factory_source"] = path_content(source)
     return out
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of module ``name`` (already imported, or found without importing it), else None."""
+    import importlib.util
+    import sys
+
+    module = sys.modules.get(name)
+    origin = getattr(module, "__file__", None) if module is not None else None
+    if origin is None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and os.path.isfile(origin) else None
+
+
+def path_content(path: Path) -> list[Any]:
+    """[path, what it holds]: a file's sha256 (streamed, memoised by soupkit.io.fingerprint on its device,
+    inode, size, mtime and ctime); for a folder (an image folder: hashing 6 GB of ImageNet on every start would
+    cost more than scoring) each file's relative name, size, mtime and ctime, which a rewrite in place changes
+    even when it keeps size and mtime (no user can set ctime back)."""
+    from soupkit.io import fingerprint
+
+    try:
+        if path.is_file():
+            if path.stat().st_size == 0:  # empty, or a /proc file (size 0, endless): never read here
+                return [str(path.resolve()), "empty"]
+            return [str(path.resolve()), fingerprint(path)]
+        if path.is_dir():
+            digest = hashlib.blake2b(digest_size=20)
+            for folder, subfolders, files in os.walk(path):
+                subfolders.sort()
+                for name in sorted(files):
+                    file = os.path.join(folder, name)
+                    try:
+                        st = os.stat(file)
+                        stamp = f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n"
+                    except OSError:  # a dangling link
+                        stamp = "|missing\n"
+                    digest.update(os.fsencode(os.path.relpath(file, path)) + stamp.encode())
+            return [str(path.resolve()), "tree:" + digest.hexdigest()]
+    except OSError:
+        pass
+    return [str(path), None]
+
+
+def _code_version() -> str:
+    import torch
+
+    from soupkit import __version__
+
+    return f"soupkit {__version__}, torch {torch.__version__}"
 
 
 # ------------------------------------------------------------------------------------------- finding recipes

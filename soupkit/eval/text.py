@@ -7,7 +7,9 @@ Batches are bucketed by length: examples are sorted longest first (a stable sort
 deterministic) and each batch is cut to its own longest example, so padding stays small. An explicit example
 order (greedy soup's hardest-first) is honoured in windows of ``ORDER_WINDOW`` batches, each sorted by length.
 
-Packed layouts (int32 on the device, int64 per batch), one row per field:
+Tokens are stored end to end (``Ragged``: int32 on the device or pinned, never padded at rest, so memory follows
+the tokens and not N x the longest example); each batch is padded to its own longest. Batch layouts (int64),
+one row per field:
 
 - sequence classification and plain text: (N, F, L): input ids, attention mask, token type ids (when the
   tokenizer gives them);
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soupkit.errors import RecipeError
+from soupkit.eval.data.text import parse_index, shown
 from soupkit.eval.recipe import DatasetSpec
 
 #: with an explicit example order, batches are length-sorted within windows of this many batches: small enough
@@ -40,6 +43,13 @@ ORDER_WINDOW = 4
 #: the score of an absent choice (an example with fewer choices than the batch's widest): finite, because a
 #: learned soup's temperature gradient multiplies it by its zero gradient, and -inf * 0 is NaN
 ABSENT = -1e9
+#: choices of one multiple-choice example: every example is padded to the widest one, so one example with 10^6
+#: choices would make the packed tensor (N, 10^6, 3, L); benchmarks ask 2-10, lm-eval-harness tasks at most ~100
+MAX_CHOICES = 1024
+#: texts are cut to this many characters per kept token before tokenising (BPE tokens average ~4 characters):
+#: a prompt's start beyond it cannot reach its last ``max_length`` tokens, a text's end its first ones; so a
+#: 16 MB line is never tokenised whole (and a prompt never copied once per choice whole)
+PROMPT_CHARS_PER_TOKEN = 64
 
 
 class TextTaskModel(nn.Module):
@@ -122,11 +132,42 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
 
 
 @dataclass
+class Ragged:
+    """Token rows of every example stored end to end, never padded at rest: ``tokens[starts[i, c] + t, f]`` is
+    token ``t`` of row ``f`` of example ``i`` (choice ``c``) for ``t < widths[i, c]`` (absent choices have width
+    0); the last row of ``tokens`` holds each row's pad value. Memory follows the tokens, not N x the longest
+    example: one 100k-token outlier among short examples costs its own tokens only (a padded (N, F, L) block
+    would cost N x 100k). ``gather`` pads one batch (one gather: ~3 ms for 32 x 4 choices x 256 tokens on one
+    CPU thread, 3x the old slice of a padded block and far below a forward pass over those tokens)."""
+
+    tokens: torch.Tensor  # (T + 1, F) int32, on the device or pinned; row T is the padding
+    starts: torch.Tensor  # (n, C) int64, beside tokens
+    widths: torch.Tensor  # (n, C) int64, beside tokens
+    pad: tuple[int, ...]  # per row f: the value of padding
+    choice: bool  # batches are (B, C, F, L) when True, else (B, F, L)
+
+    def gather(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """Examples ``rows`` padded to ``width`` tokens, int64, on the tokens' device."""
+        rows = rows.to(self.tokens.device)
+        position = torch.arange(width, device=self.tokens.device)
+        index = self.starts[rows][..., None] + position  # (B, C, W)
+        index.masked_fill_(position >= self.widths[rows][..., None], len(self.tokens) - 1)
+        x = self.tokens[index].long().permute(0, 1, 3, 2)  # (B, C, F, W)
+        return x if self.choice else x[:, 0]
+
+    def to(self, device: torch.device) -> Ragged:
+        from soupkit.eval.prepare import place
+
+        tokens = place(self.tokens, device)
+        return Ragged(tokens, self.starts.to(tokens.device), self.widths.to(tokens.device), self.pad, self.choice)
+
+
+@dataclass
 class TextData:
-    """A tokenised dataset: this process's shard, packed once (see the module docstring)."""
+    """A tokenised dataset: this process's shard, stored once (see the module docstring)."""
 
     name: str
-    packed: torch.Tensor  # int32, on the device or pinned
+    packed: Ragged
     lengths: torch.Tensor  # (n,) int64 on the CPU: tokens of each example (longest choice for multiple choice)
     labels: torch.Tensor | None  # (n,) int64 on the device; None for plain text (targets come from the tokens)
     total: int
@@ -149,13 +190,17 @@ class TextData:
             parts.append(part[torch.sort(self.lengths[part], descending=True, stable=True).indices])
         return torch.cat(parts) if parts else order
 
+    def inputs(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The int64 batch of examples ``rows``, cut to its longest example, on ``device``."""
+        width = int(self.lengths[rows].max())
+        return self.packed.gather(rows, width).to(device, non_blocking=True)
+
     def batches(self, batch_size: int, order: torch.Tensor, device: torch.device
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(packed int64 batch cut to its longest example, labels or shifted target tokens) on ``device``."""
+        """(int64 batch cut to its longest example, labels or shifted target tokens) on ``device``."""
         for begin in range(0, self.n, batch_size):
             rows = order[begin:begin + batch_size]
-            width = int(self.lengths[rows].max())
-            x = self.packed[rows.to(self.packed.device)][..., :width].to(device, non_blocking=True).long()
+            x = self.inputs(rows, device)
             if self.labels is not None:
                 yield x, self.labels[rows.to(self.labels.device)]
             else:
@@ -171,8 +216,6 @@ def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.devic
     the model folder's config and tokenizer files) holding this shard's tokens from an earlier run; written
     when absent, so the next process (``soupkit eval`` after ``soupkit merge --method greedy``) skips
     tokenising."""
-    from soupkit.eval.prepare import place
-
     mode = _mode(spec, records.fields, info.task)
     cached = _read_tokens(token_cache) if token_cache is not None else None
     if cached is None:
@@ -188,7 +231,7 @@ def prepare_text(spec: DatasetSpec, records: Any, info: Any, device: torch.devic
             raise RecipeError(f"{spec.where}.class_subset: lists {len(spec.class_subset)} classes but a label is "
                               f"{int(labels.max())}")
         subset = torch.tensor(spec.class_subset, device=device)
-    return TextData(spec.name, place(packed, device), lengths,
+    return TextData(spec.name, packed.to(device), lengths,
                     None if labels is None else labels.to(device), total, start, subset,
                     "log_likelihood" if mode == "text" else "accuracy")
 
@@ -213,8 +256,20 @@ def _tokenise(spec: DatasetSpec, records: Any, info: Any, mode: str, rank: int, 
     return packed, lengths, labels, total, start
 
 
+def _tokens_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    import hashlib
+
+    from soupkit.eval.cache import state_fingerprint
+
+    fields = "|".join(f"{k}={meta[k]}" for k in ("total", "start", "pad", "choice"))  # not the provenance
+    return hashlib.blake2b(f"{state_fingerprint(tensors)}|{fields}".encode(), digest_size=16).hexdigest()
+
+
 def _read_tokens(path: Path) -> tuple[Any, ...] | None:
-    """A token-cache file's tensors, or None when absent or unreadable (then the data is tokenised again)."""
+    """A token-cache file's tensors, or None when absent, unreadable or failing a check (then the data is
+    tokenised again, the file rewritten, and a bad file said once): like a score-cache entry it carries a
+    checksum, and its layout must be one ``_tokenise`` writes (every segment inside the tokens: a re-signed
+    file cannot make a batch index past them)."""
     if not path.is_file():
         return None
     try:
@@ -222,26 +277,59 @@ def _read_tokens(path: Path) -> tuple[Any, ...] | None:
 
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-            labels = handle.get_tensor("labels") if "labels" in handle.keys() else None
-            return (handle.get_tensor("packed"), handle.get_tensor("lengths"), labels, int(meta["total"]),
-                    int(meta["start"]))
-    except (OSError, KeyError, ValueError, RuntimeError):
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        tokens, starts, widths, lengths = tensors["tokens"], tensors["starts"], tensors["widths"], tensors["lengths"]
+        labels = tensors.get("labels")
+        total, start = int(meta["total"]), int(meta["start"])
+        pad = tuple(int(v) for v in json_list(meta["pad"]))
+        ok = (meta.get("checksum") == _tokens_checksum(tensors, meta)
+              and tokens.dtype == torch.int32 and tokens.dim() == 2 and len(pad) == tokens.shape[1]
+              and tokens[-1].tolist() == list(pad)
+              and starts.dtype == widths.dtype == lengths.dtype == torch.int64 and starts.dim() == 2
+              and starts.shape == widths.shape and lengths.shape == (len(starts),)
+              and (labels is None or labels.shape == lengths.shape)
+              and bool((starts >= 0).all() and (widths >= 0).all())
+              and bool((starts + widths <= len(tokens) - 1).all())
+              and torch.equal(widths.amax(1) if widths.numel() else lengths, lengths)
+              and 0 <= start <= start + len(lengths) <= total)
+        packed = Ragged(tokens, starts, widths, pad, meta["choice"] == "1")
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError):
+        ok = False
+    if not ok:
+        from soupkit.eval.cache import say_once
+
+        say_once("corrupt tokens", f"token cache: {path}: ignored (truncated or edited); tokenising again")
         return None
+    return packed, lengths, labels, total, start
+
+
+def json_list(text: str) -> list[Any]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError("not a list")
+    return value
 
 
 def _write_tokens(path: Path, tokens: tuple[Any, ...]) -> None:
-    import warnings
+    import json
 
     from soupkit.errors import SoupkitError
+    from soupkit.eval.cache import say_once
     from soupkit.io import save_checkpoint
 
     packed, lengths, labels, total, start = tokens
-    state = {"packed": packed, "lengths": lengths, **({"labels": labels} if labels is not None else {})}
+    state = {"tokens": packed.tokens, "starts": packed.starts, "widths": packed.widths, "lengths": lengths,
+             **({"labels": labels} if labels is not None else {})}
+    meta = {"total": str(total), "start": str(start), "pad": json.dumps(list(packed.pad)),
+            "choice": "1" if packed.choice else "0"}
+    meta["checksum"] = _tokens_checksum(state, meta)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(state, path, {"total": str(total), "start": str(start)}, force=True)
+        save_checkpoint(state, path, meta, force=True)
     except (OSError, SoupkitError) as error:  # a read-only or full cache disk must not fail an evaluation
-        warnings.warn(f"token cache: cannot write {path}: {error}", stacklevel=3)
+        say_once("unwritable", f"score cache: cannot write {path}: {error}; scores are computed but not stored")
 
 
 #: per scoring mode: the fields it needs and those it may also take
@@ -251,7 +339,12 @@ _FIELDS = {"classification": (("text_field", "label_field"), ("text_pair_field",
 
 
 def _mode(spec: DatasetSpec, fields: dict[str, str | None], task: str) -> str:
-    """classification | choice | text, from the model's task and the fields the dataset names."""
+    return scoring_mode(spec.where, fields, task)
+
+
+def scoring_mode(where: str, fields: dict[str, str | None], task: str) -> str:
+    """classification | choice | text, from the model's task and the fields the dataset names (checked: the
+    data readers call it before reading a row, so a recipe naming the wrong fields fails first)."""
     given = sorted(k for k, v in fields.items() if v is not None)
     if task == "sequence-classification":
         mode = "classification"
@@ -266,26 +359,23 @@ def _mode(spec: DatasetSpec, fields: dict[str, str | None], task: str) -> str:
         usage = ("text_field and label_field (text_pair_field optional)" if task == "sequence-classification"
                  else "prompt_field, choices_field and answer_field (multiple choice) or text_field alone "
                       "(log-likelihood)")
-        raise RecipeError(f"{spec.where}.{missing[0]}: missing; a {task} model scores {usage}")
+        raise RecipeError(f"{where}.{missing[0]}: missing; a {task} model scores {usage}")
     extra = [k for k in given if k not in allowed]
     if extra:
-        raise RecipeError(f"{spec.where}.{extra[0]}: not used with a {task} model and {', '.join(need)}; "
+        raise RecipeError(f"{where}.{extra[0]}: not used with a {task} model and {', '.join(need)}; "
                           "remove it")
     return mode
 
 
 def _field(records: Any, i: int, key: str) -> Any:
-    name = records.fields[key]
-    row = records.rows[i]
-    if name not in row:
-        raise RecipeError(f"{records.at(i)}: no field {name!r} ({key}); the row has {sorted(row)[:8]}")
-    return row[name]
+    """Row ``i``'s value of field ``key`` (the data reader checked that it is there and of a plain type)."""
+    return records.value(i, key)
 
 
 def _text(records: Any, i: int, key: str) -> str:
     value = _field(records, i, key)
     if not isinstance(value, str):
-        raise RecipeError(f"{records.at(i)}: field {records.fields[key]!r} must be text, got {value!r}")
+        raise RecipeError(f"{records.at(i)}: field {records.fields[key]!r} must be text, got {shown(value)}")
     return value
 
 
@@ -295,33 +385,51 @@ def _class_id(records: Any, i: int, info: Any) -> int:
     name = records.fields["label_field"]
     if isinstance(value, str) and value in (info.label2id or {}):
         value = info.label2id[value]
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    index = parse_index(value)
+    if index is None:
         known = ", ".join(sorted(info.label2id or {})) or "none"
-        raise RecipeError(f"{records.at(i)}: label {value!r} in {name!r} is neither a class id nor a label of "
-                          f"the model config's label2id ({known})")
-    if not 0 <= value < info.num_labels:
-        raise RecipeError(f"{records.at(i)}: label {value} in {name!r} is outside the model's {info.num_labels} "
+        raise RecipeError(f"{records.at(i)}: label {shown(value)} in {name!r} is neither a class id nor a label "
+                          f"of the model config's label2id ({shown(known, 120)[1:-1]})")
+    if not 0 <= index < info.num_labels:
+        raise RecipeError(f"{records.at(i)}: label {index} in {name!r} is outside the model's {info.num_labels} "
                           "classes")
-    return value
+    return index
 
 
-def _pack(rows: list[list[list[int]]], pad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples of F token rows each -> (N, F, L) int32 padded with ``pad[f]`` per row, and their lengths."""
-    lengths = torch.tensor([len(r[0]) for r in rows], dtype=torch.int64)
-    width = int(lengths.max()) if len(rows) else 1
-    packed = torch.tensor(pad, dtype=torch.int32).view(1, -1, 1).repeat(len(rows), 1, width)
-    for i, example in enumerate(rows):
-        for f, values in enumerate(example):
-            packed[i, f, : len(values)] = torch.tensor(values, dtype=torch.int32)
-    return packed, lengths
+def _ragged(examples: list[list[list[list[int]]]], pad: list[int], choice: bool) -> tuple[Ragged, torch.Tensor]:
+    """Examples (each a list of choices, each F token rows) stored end to end, and each example's length (its
+    longest choice)."""
+    choices = max((len(e) for e in examples), default=1)
+    starts = torch.zeros(len(examples), choices, dtype=torch.int64)
+    widths = torch.zeros(len(examples), choices, dtype=torch.int64)
+    position = 0
+    for i, example in enumerate(examples):
+        for c, rows in enumerate(example):
+            starts[i, c], widths[i, c] = position, len(rows[0])
+            position += len(rows[0])
+    tokens = torch.empty(position + 1, len(pad), dtype=torch.int32)
+    for f in range(len(pad)):
+        flat = [value for example in examples for rows in example for value in rows[f]]
+        tokens[:position, f] = torch.tensor(flat, dtype=torch.int32)
+    tokens[position] = torch.tensor(pad, dtype=torch.int32)
+    lengths = widths.amax(1) if len(examples) else torch.zeros(0, dtype=torch.int64)
+    return Ragged(tokens, starts, widths, tuple(pad), choice), lengths
+
+
+def _pack(rows: list[list[list[int]]], pad: list[int]) -> tuple[Ragged, torch.Tensor]:
+    """Examples of F token rows each, padded with ``pad[f]`` per row when batched, and their lengths."""
+    return _ragged([[example] for example in rows], pad, choice=False)
 
 
 def _classification(records: Any, chosen: list[int], info: Any, max_length: int, spec: DatasetSpec
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    texts = [_text(records, i, "text_field") for i in chosen]
-    pairs = [_text(records, i, "text_pair_field") for i in chosen] if records.fields["text_pair_field"] else None
+    # only max_length tokens are kept (the first, or the last when the tokenizer truncates on the left): a
+    # 16 MB text is never tokenised whole
+    cut = max_length * PROMPT_CHARS_PER_TOKEN
+    keep = slice(-cut, None) if getattr(info.tokenizer, "truncation_side", "right") == "left" else slice(cut)
+    texts = [_text(records, i, "text_field")[keep] for i in chosen]
+    pairs = ([_text(records, i, "text_pair_field")[keep] for i in chosen] if records.fields["text_pair_field"]
+             else None)
     labels = torch.tensor([_class_id(records, i, info) for i in chosen], dtype=torch.int64)
     enc = info.tokenizer(texts, pairs, truncation=True, max_length=max_length) if texts else {"input_ids": []}
     keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
@@ -345,6 +453,8 @@ def _multiple_choice(records: Any, chosen: list[int], info: Any, max_length: int
         prompt = _text(records, i, "prompt_field")
         choices = _choices(records, i)
         answers.append(_answer(records, i, choices))
+        if len(prompt) > max_length * PROMPT_CHARS_PER_TOKEN:  # only its last max_length tokens are kept
+            prompt = prompt[-max_length * PROMPT_CHARS_PER_TOKEN:]
         context = prompt.rstrip()  # trailing spaces belong to the choice (lm-eval-harness)
         whole = encode([prompt + c for c in choices], add_special_tokens=False)["input_ids"]
         context_ids = encode(context, add_special_tokens=False)["input_ids"] if context else []
@@ -362,18 +472,8 @@ def _multiple_choice(records: Any, chosen: list[int], info: Any, max_length: int
     return (*_pack_choices(examples, info.pad_id), torch.tensor(answers, dtype=torch.int64))
 
 
-def _pack_choices(examples: list[list[list[list[int]]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    choices = max(len(e) for e in examples)
-    width = max(len(row[0]) for e in examples for row in e)
-    packed = torch.zeros(len(examples), choices, 3, width, dtype=torch.int32)
-    packed[:, :, 0] = pad
-    lengths = torch.zeros(len(examples), dtype=torch.int64)
-    for i, example in enumerate(examples):
-        for c, rows in enumerate(example):
-            for f, values in enumerate(rows):
-                packed[i, c, f, : len(values)] = torch.tensor(values, dtype=torch.int32)
-        lengths[i] = max(len(rows[0]) for rows in example)
-    return packed, lengths
+def _pack_choices(examples: list[list[list[list[int]]]], pad: int) -> tuple[Ragged, torch.Tensor]:
+    return _ragged(examples, [pad, 0, 0], choice=True)
 
 
 def _choices(records: Any, i: int) -> list[str]:
@@ -383,11 +483,14 @@ def _choices(records: Any, i: int) -> list[str]:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a 5,000-digit number, nested too deeply
             pass
     if not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value)):
         raise RecipeError(f"{records.at(i)}: field {records.fields['choices_field']!r} must be a non-empty list "
-                          f"of strings (in CSV, a JSON list), got {value!r}")
+                          f"of strings (in CSV, a JSON list), got {shown(value)}")
+    if len(value) > MAX_CHOICES:
+        raise RecipeError(f"{records.at(i)}: field {records.fields['choices_field']!r} has {len(value)} choices "
+                          f"(at most {MAX_CHOICES})")
     return list(value)
 
 
@@ -395,17 +498,17 @@ def _answer(records: Any, i: int, choices: list[str]) -> int:
     value = _field(records, i, "answer_field")
     if isinstance(value, str) and value in choices:
         return choices.index(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
-        raise RecipeError(f"{records.at(i)}: answer {value!r} in {records.fields['answer_field']!r} is neither a "
-                          f"choice index (0..{len(choices) - 1}) nor one of the choices")
-    return value
+    index = parse_index(value)
+    if index is None or not 0 <= index < len(choices):
+        raise RecipeError(f"{records.at(i)}: answer {shown(value)} in {records.fields['answer_field']!r} is "
+                          f"neither a choice index (0..{len(choices) - 1}) nor one of the choices")
+    return index
 
 
 def _plain_text(records: Any, chosen: list[int], info: Any, max_length: int
                 ) -> tuple[torch.Tensor, torch.Tensor, None]:
-    texts = [_text(records, i, "text_field") for i in chosen]
+    cut = max_length * PROMPT_CHARS_PER_TOKEN  # the start is kept: its first max_length tokens
+    texts = [_text(records, i, "text_field")[:cut] for i in chosen]
     encoded = info.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     prefix = _prefix(info)
     rows = []

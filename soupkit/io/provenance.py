@@ -1,7 +1,10 @@
 """Content fingerprints and the provenance metadata soupkit writes into every output.
 
 ``fingerprint`` hashes the full content (sha256) and is what caches key on: two checkpoints that differ in a
-single weight must never share a score. It is memoised per process on (path, size, mtime, inode).
+single weight must never share a score. It is memoised per process on (device, inode, size, mtime, ctime): a
+file rewritten in place keeping its size and mtime (``os.utime``) still gets a new ctime, which no user can set
+back; and a hash is memoised only once the file's ctime is ``_SETTLED_NS`` old, so a rewrite within the file
+system's timestamp granularity (coarse clocks tick every few ms) cannot reuse it ("racy git" timestamps).
 ``quick_fingerprint`` samples the file (header, head, tail and evenly spaced blocks) so recording provenance for
 a 30 GB soup costs milliseconds; it identifies an ingredient, it does not prove its integrity.
 """
@@ -22,12 +25,15 @@ from soupkit import __version__
 
 _BLOCK = 1 << 20
 _SAMPLES = 32
-_memo: dict[tuple[str, int, int, int], str] = {}
+_memo: dict[tuple[int, int, int, int, int], str] = {}
+#: a hash is memoised only for a file whose last change is at least this old (2 s: every file system's ctime
+#: granularity is finer, FAT's mtime is 2 s)
+_SETTLED_NS = 2_000_000_000
 
 
-def _stat_key(path: Path) -> tuple[str, int, int, int]:
+def _stat_key(path: Path) -> tuple[int, int, int, int, int]:
     st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -72,13 +78,19 @@ def fingerprint(source: str | Path | Mapping[str, torch.Tensor]) -> str:
         digest = hashlib.sha256("".join(fingerprint(f) for f in files).encode())
         return "sha256:" + digest.hexdigest()
     key = _stat_key(path)
-    if key not in _memo:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(8 * _BLOCK):
-                digest.update(block)
-        _memo[key] = "sha256:" + digest.hexdigest()
-    return _memo[key]
+    if key in _memo:
+        return _memo[key]
+    import time
+
+    started = time.time_ns()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(8 * _BLOCK):
+            digest.update(block)
+    value = "sha256:" + digest.hexdigest()
+    if key[4] < started - _SETTLED_NS and _stat_key(path) == key:  # settled, and unchanged while it was read
+        _memo[key] = value
+    return value
 
 
 def quick_fingerprint(path: str | Path) -> str:

@@ -415,6 +415,8 @@ class _Merger:
 
     def _merge(self, step: Step, reads: Sequence[Future[torch.Tensor]]
                ) -> Iterator[tuple[CheckpointSink, torch.Tensor]]:
+        from soupkit.merging.checks import call_method
+
         method, key, run = self.method, step.key, self.run
         shape = (step.stop - step.start,) if method.elementwise else self.infos[key].shape
         offset = 1 if len(step.reads) > len(step.sources) else 0  # the base's read comes first
@@ -432,7 +434,8 @@ class _Merger:
                                                                    shape, run)
                              for r in (per_input[self.position[id(s)]] for s in step.sources)]
                       for name, per_input in files.items()}
-            result = method.fn(inputs, **{**variant.params_for(key), **chunks}, **context)
+            result = call_method(method, inputs, {**variant.params_for(key), **chunks}, context, key=key,
+                                 shape=shape, allow_nonfinite=run.options.allow_nonfinite)  # checked: merging.checks
             if not run.options.allow_nonfinite:
                 _check_output(result, step, method.name)
             yield variant.sink, result.reshape(-1).to(device="cpu", dtype=variant.sink.dtype_of(key))

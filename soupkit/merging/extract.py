@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from soupkit.errors import IncompatibleCheckpointsError, ParameterError
+from soupkit.errors import IncompatibleCheckpointsError, ParameterError, SoupkitError
+from soupkit.io.small_files import read_json_file
 
 __all__ = ["ExtractedLora", "extract_lora"]
 
@@ -67,7 +68,11 @@ def _module_kinds(folder: Path | None) -> dict[str, str] | None:
     import transformers
     from torch import nn
 
-    config = transformers.AutoConfig.from_pretrained(folder)
+    from soupkit.io.foreign_code import NO_REMOTE_CODE, forbid_remote_code_prompts, refuse_foreign_code
+
+    refuse_foreign_code(folder, "extract-lora")  # the folder's config names no code of its own
+    forbid_remote_code_prompts()
+    config = transformers.AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE)
     names = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, names[0], None) if names else None
     if model_class is None:
@@ -119,11 +124,10 @@ def _bias_changed(tuned: Any, original: Any, infos: dict[str, Any], kinds: dict[
 
 
 def _task_type(folder: Path | None) -> str | None:
-    import json
 
     try:
-        names = json.loads((folder / "config.json").read_text()).get("architectures") or [] if folder else []
-    except (OSError, ValueError):
+        names = (read_json_file(folder, "config.json") or {}).get("architectures") or [] if folder else []
+    except (OSError, ValueError, SoupkitError):
         return None
     return next((task for suffix, task in _TASK_TYPES for n in names if str(n).endswith(suffix)), None)
 

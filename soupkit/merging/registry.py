@@ -411,6 +411,8 @@ def merge_method(
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not fn.__module__.startswith("soupkit.merging.methods"):
+            METHODS.load()  # built-ins first: a plugin named like one is refused, never the built-in after it
         parameters, schema, context = _signature(name, fn)
         doc = inspect.getdoc(fn)
         METHODS.add(name, MergeMethod(

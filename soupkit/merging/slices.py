@@ -14,7 +14,6 @@ whole model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +84,10 @@ def _provenance(plan: SlicePlan, metadata: Mapping[str, Any] | None) -> dict[str
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    """The model folder's config.json (read as every small file is: ``soupkit.io.small_files``), {} without one."""
+    from soupkit.io.small_files import read_json_file
+
+    return read_json_file(folder if folder.is_dir() else folder.parent, "config.json") or {}
 
 
 def merge_slices(plan: SlicePlan, output: str | Path | None, *, options: Any, progress: bool = False,

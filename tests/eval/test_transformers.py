@@ -277,7 +277,7 @@ def test_data_errors_name_file_and_line(bert, tmp_path):
     ev = Evaluator.from_recipe(recipe, use_cache=False)
     assert ev(bert.finetunes[0], ["heldout"])["heldout"].n == 2
     recipe["data"]["heldout"]["text_field"] = "text"
-    with pytest.raises(RecipeError, match=rf"^{table}:2: no field 'text' \(text_field\)"):
+    with pytest.raises(RecipeError, match=rf"^{table}:1: no field 'text' \(text_field\)"):
         Evaluator.from_recipe(recipe, use_cache=False)(bert.finetunes[0], ["heldout"])
 
 

@@ -827,6 +827,7 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
 # round three (issues 22 and 26): Hugging Face folders, small files and output folders; registers into CASES
 import tests.reliability.corpus_folders  # noqa: E402, F401
 
-# round two (issue 13): bombs, escapes, odd files and names, alias bombs; and bad mergekit configs (issue 21:
-# numbers finite and in range, layer ranges, unsupported fields). Each registers into CASES
-from tests.reliability import corpus_mergekit, corpus_round2  # noqa: E402, F401
+# round two (issue 13): bombs, escapes, odd files and names, alias bombs; bad mergekit configs (issue 21: numbers
+# finite and in range, layer ranges, unsupported fields); issues 22/26's data, text recipe and tokenizer-file
+# cases. Each registers into CASES
+from tests.reliability import corpus_data, corpus_mergekit, corpus_round2  # noqa: E402, F401

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from soupkit.errors import RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter
+from soupkit.eval.tokenizer_check import check_tokenizer_files
 from soupkit.io.foreign_code import NO_REMOTE_CODE, forbid_remote_code_prompts, refuse_foreign_code
 
 #: files of a model folder whose bytes define the architecture and the tokenisation (part of the score-cache key)
@@ -88,6 +89,7 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
         raise RecipeError(f"{where}.path: {path} has no config.json (a transformers model folder: config.json "
                           "and tokenizer files, e.g. written by save_pretrained)")
     refuse_foreign_code(path, f"{where}.path")
+    check_tokenizer_files(path, f"{where}.path")  # sizes and regexes, before the tokenizers library parses them
     fingerprint = folder_fingerprint(path)  # before transformers opens any of the folder's files
     import transformers
 
