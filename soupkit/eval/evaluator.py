@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from soupkit import interrupt
 from soupkit.errors import CheckpointError, ParameterError, SoupkitError, unknown_choice
 from soupkit.eval import registry
 from soupkit.eval.cache import ScoreCache, source_fingerprint
@@ -182,9 +183,12 @@ class Evaluator:
         from soupkit.eval.text import TextData
 
         if isinstance(data, TextData):
-            yield from data.batches(batch_size, order, self.device)
+            for batch in data.batches(batch_size, order, self.device):
+                interrupt.check()  # between two batches: a Ctrl-C stops a long evaluation here
+                yield batch
             return
         for start in range(0, data.n, batch_size):
+            interrupt.check()
             rows: slice | torch.Tensor = slice(start, start + batch_size)
             if order is not None:
                 rows = order[start:start + batch_size].to(data.images.device)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from soupkit import interrupt
 from soupkit.errors import OutputError
 
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -135,6 +136,11 @@ class OutputSet:
         return [tmp for _, tmp, _ in self._files]
 
     def commit(self) -> list[Path]:
+        try:
+            interrupt.check()  # the last moment a Ctrl-C / SIGTERM can stop the outputs from being published
+        except BaseException:
+            self.abort()
+            raise
         try:
             for _, _, handle in self._files:
                 handle.flush()

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import ParameterError, SoupkitError, unknown_choice
 from soupkit.io import CheckpointReader, CheckpointSource
 from soupkit.merging.methods.linear import mean_step
@@ -185,6 +186,7 @@ def _search(run: SoupRun, scores: list[Score], order: list[int], accept: str, pr
     bar = Steps(len(order) - 1, progress, judge=judge)
     try:
         for position in order[1:]:
+            interrupt.check()  # between two candidates (the evaluator also checks between batches)
             own = scores[position]
             if prescreen is not None and own.accuracy < prescreen:  # type: ignore[operator]
                 history.append(GreedyStep(len(history), position, names[position], own.accuracy, None, False,

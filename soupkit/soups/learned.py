@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError, SoupkitError
 from soupkit.io import CheckpointSource
 from soupkit.merging.registry import get_method
@@ -228,6 +229,7 @@ def _train(model: torch.nn.Module, stacks: Mapping[str, torch.Tensor], layout: C
     bar = Steps(steps, progress, "learned soup")
     try:
         for _ in range(steps):
+            interrupt.check()  # between two optimiser steps
             x, y = next(batches)
             weights = torch.softmax(logits, dim=0)
             mixed = {k: torch.tensordot(weights[:, column[k]], stacks[k], dims=1) for k in stacks}

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError, suggest, unknown_choice
 from soupkit.io import CheckpointSource, open_checkpoint
 from soupkit.merging.engine import SoupkitWarning
@@ -187,6 +188,7 @@ def _sweep(run: SoupRun, model_at: Interpolation, alphas: Sequence[float], progr
     bar = Steps(len(alphas), progress, "WiSE-FT sweep", judge=judge)
     try:
         for alpha in alphas:
+            interrupt.check()  # between two points of the sweep
             accuracies = judge.accuracies(model_at(alpha), use_cache=False)
             points.append(SweepPoint(alpha, accuracies, accuracies.get(judge.heldout),
                                      test=mean_accuracy(accuracies, tests), shift=mean_accuracy(accuracies, shifts)))
