@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 
-__all__ = ["Interrupted", "Terminated", "check", "clear", "cooperative", "install", "pending", "raised", "restore"]
+__all__ = ["Interrupted", "Terminated", "check", "clear", "cooperative", "install", "pending", "published", "raised", "restore"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -49,6 +49,7 @@ _RAISES = {signal.SIGINT: Interrupted, signal.SIGTERM: Terminated}
 #: the recorded signal, or None; a plain global read is all ``check()`` costs (it runs once per merge step)
 _pending: int | None = None
 _raised: int | None = None  # the last signal ``check()`` raised (what a CLI run exits by, once caught)
+_published = False  # this run's outputs are in place: from here on it finishes (see ``published``)
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
@@ -71,9 +72,18 @@ def check() -> None:
     on, so cleanup code that calls ``check()`` again is not interrupted a second time)."""
     global _pending, _raised
     signum = _pending
-    if signum is not None:
+    if signum is not None and not _published:
         _pending, _raised = None, signum
         raise _RAISES[signum]()
+
+
+def published() -> None:
+    """Called once a run's output is in place (``OutputSet.commit``). A signal from then on does not stop the
+    run: its output is complete, and stopping it now would leave an output behind an "interrupted" exit; what
+    remains (reports, a summary) is short, and the run exits 0. So an exit of 130 / 143 always means that
+    nothing was written under the output's name."""
+    global _published
+    _published = True
 
 
 def raised() -> int | None:
@@ -81,10 +91,13 @@ def raised() -> int | None:
     return _raised
 
 
-def clear() -> None:
-    """Forget recorded and raised signals (a new command run in the same process starts clean)."""
-    global _pending, _raised
-    _pending = _raised = None
+def clear(*, pending: bool = True) -> None:
+    """Start a new run: forget the last raised signal, that outputs were published, and, with ``pending``, a
+    recorded signal not yet raised."""
+    global _pending, _raised, _published
+    _raised, _published = None, False
+    if pending:
+        _pending = None
 
 
 def _takes_over(signum: int) -> bool:
@@ -124,12 +137,14 @@ def cooperative() -> Iterator[None]:
         yield
         return
     taken = install()
+    if taken:
+        clear(pending=False)  # the outermost call is one run
     if signal.SIGTERM in taken:
         _hook_uncaught_terminated()
     try:
         yield
         if taken:
-            check()  # a signal after the last step's check: the work is done, the signal is still answered
+            check()  # a signal after the last step's check and before any output was published
     finally:
         restore(taken)
 

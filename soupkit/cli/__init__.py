@@ -71,7 +71,9 @@ def _prepare_process(*, standalone: bool) -> dict[int, object]:
     """Signals and streams for a CLI run: Ctrl-C and SIGTERM are recorded and stop the work at its next step
     (temporary files are removed), a closed pipe (``soupkit --help | head``) stops quietly as Unix tools do, odd
     names print escaped."""
-    interrupt.clear()  # a signal of an earlier in-process run must not stop this one
+    # an earlier in-process run's SIGTERM must not turn this run's Ctrl-C into "terminated"; a signal recorded
+    # but not yet answered stays: it was sent to stop this process
+    interrupt.clear(pending=False)
     if hasattr(sys.stdout, "reconfigure"):  # a tensor name from a pickle may hold a lone surrogate: print it escaped
         sys.stdout.reconfigure(errors="backslashreplace")
     if signal.getsignal(signal.SIGINT) is _interrupted_at_start:

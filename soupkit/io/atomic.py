@@ -107,9 +107,14 @@ class OutputSet:
     ``open(path)`` returns a binary file on a temporary name next to ``path``. ``commit()`` fsyncs and renames
     them all into place; ``abort()`` (or leaving the ``with`` block by an exception, including
     KeyboardInterrupt) deletes every temporary file. OS errors while writing become one-line ``OutputError``s.
+
+    A recorded Ctrl-C / SIGTERM (``soupkit.interrupt``) stops ``commit()`` before the first rename. Once a
+    command's ``output`` set is published the command finishes (``interrupt.published``); small files
+    (``output=False``: reports, cache entries) do not mark that.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, output: bool = True) -> None:
+        self._output = output
         self._files: list[tuple[Path, Path, BinaryIO]] = []
         self._made_dirs: list[Path] = []
 
@@ -137,21 +142,23 @@ class OutputSet:
 
     def commit(self) -> list[Path]:
         try:
-            interrupt.check()  # the last moment a Ctrl-C / SIGTERM can stop the outputs from being published
-        except BaseException:
-            self.abort()
-            raise
-        try:
             for _, _, handle in self._files:
+                interrupt.check()  # fsync can take a while on a busy disk: a signal stops the commit here...
                 handle.flush()
                 os.fsync(handle.fileno())
                 handle.close()
+            interrupt.check()  # ...or here, the last moment before the outputs are published
         except OSError as err:
             target = next((t for t, _, h in self._files if not h.closed), self._files[-1][0])
             self.abort()
             raise OutputError(f"{target}: cannot write output: {err.strerror}") from None
+        except BaseException:
+            self.abort()
+            raise
         for target, tmp, _ in self._files:
             os.replace(tmp, target)
+        if self._output:
+            interrupt.published()
         for directory in {t.parent.absolute() for t, _, _ in self._files}:
             _fsync_dir(directory)
         published = [t for t, _, _ in self._files]
@@ -198,7 +205,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     leaves the old one. OS errors become one-line ``OutputError``s naming ``path``."""
     target = Path(path)
     try:
-        with OutputSet() as outputs:
+        with OutputSet(output=False) as outputs:
             outputs.open(target).write(data)
     except OSError as err:
         raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None

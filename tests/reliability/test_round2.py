@@ -278,8 +278,7 @@ class _SignalOnWrite:
         size = memoryview(data).nbytes
         if self._left is not None and size > self._left:
             self._left = None
-            os.kill(os.getpid(), self._signum)
-            time.sleep(0.5)  # the handler runs at the next bytecode boundary, here
+            os.kill(os.getpid(), self._signum)  # the handler records it at the next bytecode boundary, here
         elif self._left is not None:
             self._left -= size
         return self._handle.write(data)
