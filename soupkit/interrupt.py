@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 
-__all__ = ["Interrupted", "Terminated", "check", "clear", "cooperative", "install", "pending", "published", "raised", "restore"]
+__all__ = ["Interrupted", "Terminated", "check", "clear", "cooperative", "install", "pending", "published", "raised",
+           "restore"]
 
 
 class Interrupted(KeyboardInterrupt):
