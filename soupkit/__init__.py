@@ -9,19 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from soupkit._lazy import lazy_exports
-
-
-def _version() -> str:
-    """The installed distribution's version (one source: pyproject.toml), read without importing torch."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("soupkit")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
-
-
-__version__ = _version()
+from soupkit._version import __version__
 
 # public name -> module that defines it
 _LAZY = {

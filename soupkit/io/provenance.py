@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from soupkit import __version__
+from soupkit._version import __version__
+from soupkit.io.safetensors_io import tensor_bytes
 
 _BLOCK = 1 << 20
 _SAMPLES = 32
@@ -52,8 +53,6 @@ def fingerprint(source: str | Path | Mapping[str, torch.Tensor]) -> str:
             # surrogatepass: a key may hold a lone surrogate (from a pickle); it still hashes, and distinctly
             digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8", "surrogatepass"))
             if tensor.numel():
-                from soupkit.io.safetensors_io import tensor_bytes
-
                 digest.update(tensor_bytes(tensor.cpu()))
         return "sha256:" + digest.hexdigest()
     path = Path(source)

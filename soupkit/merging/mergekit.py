@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import RecipeError, SoupkitError, suggest
-from soupkit.merging.config import MergeConfig, _Parser
+from soupkit.merging.config_schema import MergeConfig, _Parser
 from soupkit.merging.registry import get_method
 from soupkit.options import OutputOptions
 
