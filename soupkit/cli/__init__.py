@@ -12,6 +12,9 @@ import os
 import signal
 import sys
 
+from soupkit.errors import SoupkitError
+from soupkit.registry import PluginWarning
+
 
 def _interrupted_at_start(signum: int, frame: object) -> None:
     """Ctrl-C while the CLI is still importing (typer, rich: a few hundred ms): one line, no traceback. Nothing
@@ -50,7 +53,6 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 def _plugin_warnings() -> list[warnings.WarningMessage]:
     """The plugin warnings raised while the commands were built (shown once, by the first ``main()``)."""
-    from soupkit.registry import PluginWarning
 
     found = [w for w in _import_warnings if issubclass(w.category, PluginWarning)]
     _import_warnings.clear()
@@ -96,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: list[str]) -> None:
-    from soupkit.errors import SoupkitError
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         # one line per warning, like errors; library code raises them with warnings.warn

@@ -28,9 +28,9 @@ def fisher(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Diagonal Fisher information of a checkpoint on the recipe's held-out data (for --method fisher)."""
-    # lazy: torch loads here, not at CLI start-up (``soupkit --help`` stays torch-free)
     from functools import partial
 
+    # lazy: torch loads here, not at CLI start-up (``soupkit --help`` stays torch-free)
     from soupkit.eval import Evaluator
     from soupkit.merging.fisher_info import compute_fisher
 

@@ -47,6 +47,7 @@ def show_progress(quiet: bool) -> bool:
 
 def evaluator(recipe: str, *, no_cache: bool, cache_dir: Path | None) -> Any:
     """The evaluator a command's ``--eval``, ``--no-cache`` and ``--cache-dir`` describe (imports torch)."""
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.eval import Evaluator
 
     return Evaluator.from_recipe(recipe, cache_dir=cache_dir, use_cache=not no_cache)
@@ -85,6 +86,7 @@ def _metavar(kind: type, per_model: bool, files: bool) -> str:
 
 def method_flags() -> dict[str, dict[str, Any]]:
     """Every method parameter name -> its help, metavar and the methods that take it (for the CLI and docs)."""
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.merging.registry import METHODS
 
     flags: dict[str, dict[str, Any]] = {}

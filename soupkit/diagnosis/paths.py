@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from soupkit.diagnosis import rules
-from soupkit.merging.api import uniform_soup, wise_ft
 from soupkit.diagnosis.report import DoctorReport
+from soupkit.merging.api import uniform_soup, wise_ft
 
 ALPHAS = (0.25, 0.5, 0.75)
 

@@ -32,11 +32,17 @@ import torch
 import torch.nn.functional as F
 
 from soupkit import interrupt
-from soupkit.errors import CheckpointError, ParameterError, SoupkitError, unknown_choice
+from soupkit.errors import CheckpointError, ParameterError, RecipeError, SoupkitError, unknown_choice
 from soupkit.eval import registry
 from soupkit.eval.cache import ScoreCache, source_fingerprint
+from soupkit.eval.data import DataContext
+from soupkit.eval.models import BuildContext
+from soupkit.eval.prepare import prepare
 from soupkit.eval.recipe import HELDOUT, Recipe, load_recipe
 from soupkit.eval.result import DatasetResult, EvalResult
+from soupkit.eval.text import TextData, token_nll
+from soupkit.io import CheckpointReader, open_checkpoint
+from soupkit.io.lora import is_adapter
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -76,7 +82,6 @@ class Evaluator:
 
     def __init__(self, recipe: Recipe, *, device: str | torch.device | None = None,
                  cache_dir: str | Path | None = None, use_cache: bool = True):
-        from soupkit.eval.models import BuildContext
 
         self.recipe = recipe
         _check_paths(recipe)  # a typo in a data path fails now, not after the model is built
@@ -145,8 +150,6 @@ class Evaluator:
         """The dataset's ready tensors, decoded on first use."""
         self._check_name(name)
         if name not in self._data:
-            from soupkit.eval.data import DataContext
-            from soupkit.eval.prepare import prepare
 
             spec = self.recipe.datasets[name]
             adapter = registry.data.get(spec.kind)
@@ -180,7 +183,6 @@ class Evaluator:
 
     def _batches(self, data: Any, batch_size: int, order: torch.Tensor | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from soupkit.eval.text import TextData
 
         if isinstance(data, TextData):
             for batch in data.batches(batch_size, order, self.device):
@@ -207,7 +209,6 @@ class Evaluator:
         """Copy weights into the model in place. Keys and shapes must match the model exactly; tensors already
         on the evaluator's device are copied device to device."""
         if not all(torch.is_tensor(v) for v in state_dict.values()):
-            from soupkit.io import open_checkpoint
 
             with open_checkpoint(state_dict, name=name) as reader:
                 self._load_reader(reader)
@@ -222,7 +223,6 @@ class Evaluator:
         """Raise the one-line "does not fit the recipe's model" error naming ``source`` (a checkpoint path or
         reader) if its keys or shapes do not match the model; reads the header only. Soup algorithms call it on
         their inputs so a mismatch names the file, not the in-memory soup made from it."""
-        from soupkit.io import CheckpointReader, open_checkpoint
 
         if isinstance(source, CheckpointReader):
             self._targets({k: tuple(source.info(k).shape) for k in source.keys()}, source.name)
@@ -261,8 +261,6 @@ class Evaluator:
         """The one place a checkpoint to score becomes the model's weights: a state dict, a reader, or a path
         (a file, a sharded index, an HF folder) opened by ``soupkit.io.open_checkpoint``; a PEFT LoRA adapter is
         applied to the model's base weights (``adapter_base``: a transformers recipe's model folder) as W + dW."""
-        from soupkit.io import CheckpointReader, open_checkpoint
-        from soupkit.io.lora import is_adapter
 
         if isinstance(source, Mapping):
             self.load_state(source, label)
@@ -420,7 +418,6 @@ class Evaluator:
 
     def _score_likelihood(self, name: str, data: Any, bar: Any, started: float) -> DatasetResult:
         """Plain text under a causal LM: summed token log-likelihoods, and each example's mean (dataset order)."""
-        from soupkit.eval.text import token_nll
 
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -545,7 +542,6 @@ def _memory_format(requested: str, device: torch.device, model: torch.nn.Module)
 
 def _check_paths(recipe: Recipe) -> None:
     """Every file or folder the recipe names must exist (errors name the recipe field)."""
-    from soupkit.errors import RecipeError
 
     specs = [(f"{recipe.source}: model", recipe.model.params),
              *((spec.where, spec.params) for spec in recipe.datasets.values())]

@@ -41,6 +41,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from soupkit.errors import RecipeError, suggest
+from soupkit.eval import registry
+from soupkit.eval.registry import resolve_path
+from soupkit.yaml_file import read_yaml
 
 HELDOUT = "heldout"
 #: keys every dataset takes, whatever its kind
@@ -196,7 +199,6 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
         return source
     if isinstance(source, Mapping):
         return _parse(dict(source), "<recipe>", Path.cwd())
-    from soupkit.yaml_file import read_yaml
 
     path = find_recipe(source)
     data = read_yaml(path, "recipe")
@@ -232,7 +234,6 @@ def _schemas() -> tuple[Any, Any]:
 def _parse(data: dict[str, Any], source: str, folder: Path) -> Recipe:
     from pydantic import ValidationError
 
-    from soupkit.eval import registry
 
     recipe_file, data_section = _schemas()
     try:
@@ -270,7 +271,6 @@ def _kind(spec: dict[str, Any], where: str, family: Any) -> str:
 
 
 def _dataset(name: str, raw: dict[str, Any], default_role: str, where: str, folder: Path) -> DatasetSpec:
-    from soupkit.eval import registry
 
     spec = dict(raw)
     kind = _kind(spec, where, registry.data)
@@ -301,7 +301,6 @@ def _class_subset(value: Any, where: str, folder: Path) -> tuple[int, ...] | Non
     if value is None:
         return None
     if isinstance(value, str):
-        from soupkit.eval.registry import resolve_path
 
         path = resolve_path(value, folder, where)
         try:

@@ -24,7 +24,10 @@ import torch
 from soupkit import interrupt
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError, SoupkitError
 from soupkit.io import CheckpointSource
+from soupkit.merging import merge
+from soupkit.merging.api import merge_variants
 from soupkit.merging.registry import get_method
+from soupkit.report.plots import plot_learned_weights
 from soupkit.soups.common import Candidates, SoupRun, read_tensors
 from soupkit.soups.result import LearnedWeights, SoupResult
 from soupkit.soups.scoring import Steps, dataset_score
@@ -138,13 +141,11 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
     def write(out: Path | None, **options: Any) -> Any:
         if per_key is not None:
             return _write_by_layer(run, checkpoints, per_key, out, {"soupkit.learned": record})
-        from soupkit.merging import merge
 
         return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record},
                      base=run.base_for(checkpoints), **options)
 
     def plots(folder: Path) -> list[Path]:
-        from soupkit.report.plots import plot_learned_weights
 
         return [plot_learned_weights(run.names, weights, folder / "learned_weights.png")]
 
@@ -253,7 +254,6 @@ def _write_by_layer(run: SoupRun, checkpoints: Sequence[CheckpointSource], per_k
                     out: Path | None, metadata: Mapping[str, Any]) -> Any:
     """A by-layer learned soup through the engine: the linear method with per-tensor weights (tensors without
     learned weights are copied from the first input, as the engine does for excluded keys)."""
-    from soupkit.merging.api import merge_variants
 
     options = run.options.model_copy(update={"exclude": (*run.options.exclude, *(k for k in run.keys
                                                                                  if k not in per_key))})

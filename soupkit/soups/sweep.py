@@ -29,9 +29,11 @@ import torch
 from soupkit import interrupt
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError, suggest, unknown_choice
 from soupkit.io import CheckpointSource, open_checkpoint
+from soupkit.merging import merge, wise_ft
 from soupkit.merging.engine import SoupkitWarning
 from soupkit.merging.methods.fisher import DEFAULT_FLOOR
 from soupkit.merging.registry import get_method
+from soupkit.report.plots import plot_wise_curve
 from soupkit.soups.alphas import parse_alphas
 from soupkit.soups.common import SoupRun, ingredient_names, mean_accuracy
 from soupkit.soups.result import SoupResult, SweepPoint, _clean
@@ -164,7 +166,6 @@ def _publish(run: SoupRun, model_at: Interpolation, result: SoupResult, metadata
     assert alpha is not None
 
     def write(out: Path | None, **options: Any) -> Any:
-        from soupkit.merging import merge, wise_ft
 
         if model_at.fishers is not None:
             return merge(run.sources, "fisher", out, metadata=metadata, **model_at.params(alpha), **options)
@@ -173,7 +174,6 @@ def _publish(run: SoupRun, model_at: Interpolation, result: SoupResult, metadata
             return wise_ft(run.sources[0], run.sources[1], alpha, out, metadata=metadata, **options)
 
     def plots(folder: Path) -> list[Path]:
-        from soupkit.report.plots import plot_wise_curve
 
         return [plot_wise_curve(result.history, folder / "wise_curve.png")]
 

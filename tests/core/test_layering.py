@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 IMPORT_DEBT: dict[str, int] = {
     "soupkit.cli.merge_cmd": 15,
     "soupkit.diagnosis.report": 2,
+    "soupkit.eval.models.clip": 6,
     "soupkit.eval.cache": 1,
     "soupkit.eval.data.text": 1,
     "soupkit.eval.text": 4,

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from soupkit.errors import RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter
+from soupkit.eval.text import TextTaskModel
 
 #: files of a model folder whose bytes define the architecture and the tokenisation (part of the score-cache key)
 _DEFINING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -97,7 +98,6 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
     if task == "sequence-classification":
         info.num_labels = int(config.num_labels)
         info.label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
-    from soupkit.eval.text import TextTaskModel
 
     module = TextTaskModel(model, task)
     weights = next((path for name in _WEIGHT_FILES if (path / name).is_file()), None)
