@@ -382,6 +382,7 @@ def _read_requests(steps: Sequence[Step]) -> Iterator[tuple[CheckpointReader, st
             yield reader, step.key, step.start, step.stop, (step.stop - step.start) * itemsize
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def run_merge(
     method: MergeMethod,
     readers: Sequence[CheckpointReader],

@@ -104,6 +104,7 @@ class RunningSoup:
         self.count += 1
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def greedy_soup(
     checkpoints: Sequence[CheckpointSource],
     evaluator: Any,

@@ -67,6 +67,7 @@ def activation_bytes(model: torch.nn.Module, batch: torch.Tensor) -> int:
     return 2 * total[0]
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def learned_soup(
     checkpoints: Sequence[CheckpointSource],
     evaluator: Any,

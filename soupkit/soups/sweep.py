@@ -98,6 +98,7 @@ def _fisher_files(fisher: Sequence[CheckpointSource] | None, floor: float) -> li
     return [Path(f) for f in fisher]
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def wise_sweep(
     zeroshot: CheckpointSource,
     finetuned: CheckpointSource,
