@@ -41,7 +41,7 @@ from soupkit.eval.prepare import prepare
 from soupkit.eval.recipe import HELDOUT, Recipe, load_recipe
 from soupkit.eval.result import DatasetResult, EvalResult
 from soupkit.eval.text import TextData, token_nll
-from soupkit.io import CheckpointReader, open_checkpoint
+from soupkit.io import CheckpointReader, StateDictReader, open_checkpoint
 from soupkit.io.lora import is_adapter
 
 
@@ -305,8 +305,7 @@ class Evaluator:
         label = str(state_or_path) if isinstance(state_or_path, (str, Path)) else getattr(
             state_or_path, "name", "<state dict>")
         if isinstance(state_or_path, Mapping) and not all(torch.is_tensor(v) for v in state_or_path.values()):
-            from soupkit.io import StateDictReader  # {"state_dict": ...}, "module." prefixes, ...
-
+            # {"state_dict": ...}, "module." prefixes, ...
             state_or_path = StateDictReader(state_or_path, name=label).state_dict
         caching = self.use_cache if use_cache is None else use_cache
         fingerprint = hits = None
