@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 
-__all__ = ["Interrupted", "Terminated", "check", "clear", "cooperative", "install", "pending", "published", "raised",
-           "restore"]
+__all__ = ["Interrupted", "Stopped", "Terminated", "check", "clear", "cooperative", "install", "pending", "published",
+           "raised", "restore"]
 
 
-class Interrupted(KeyboardInterrupt):
-    """A recorded SIGINT, raised by ``check()``. A ``KeyboardInterrupt``, so every ``finally`` and
-    ``except BaseException`` cleanup (temporary files) runs as for Ctrl-C."""
+class Stopped(BaseException):
+    """A recorded signal, raised by ``check()``: a ``BaseException`` (as ``SystemExit`` is), so every ``finally``
+    and ``except BaseException`` cleanup (temporary files) runs and no ``except Exception`` swallows it."""
 
     signum: int = signal.SIGINT
     word = "interrupted"
@@ -38,8 +38,13 @@ class Interrupted(KeyboardInterrupt):
         return 128 + int(self.signum)
 
 
-class Terminated(Interrupted):
-    """A recorded SIGTERM (a scheduler or ``kill`` stopping the run)."""
+class Interrupted(Stopped, KeyboardInterrupt):
+    """A recorded SIGINT (Ctrl-C): a ``KeyboardInterrupt``, as Python's own handler would raise."""
+
+
+class Terminated(Stopped):
+    """A recorded SIGTERM (a scheduler or ``kill`` stopping the run). Not a ``KeyboardInterrupt``: a script's
+    ``except KeyboardInterrupt`` is for Ctrl-C and must not swallow a termination."""
 
     signum = signal.SIGTERM
     word = "terminated"

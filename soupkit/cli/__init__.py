@@ -131,7 +131,7 @@ def _run(args: list[str]) -> None:
     except typer.Abort:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except interrupt.Interrupted as stop:
+    except interrupt.Stopped as stop:
         print(f"{_prog(args)}: {stop.word}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C, raised by the handler wherever it ran

@@ -140,7 +140,7 @@ def _write_failure(err: RuntimeError, name: str) -> BaseException:
     they are, so the CLI exits 130/143 with one line and the temporary is removed) or a full disk."""
     cause: BaseException | None = err.__context__
     while cause is not None:
-        if isinstance(cause, KeyboardInterrupt):
+        if isinstance(cause, (KeyboardInterrupt, interrupt.Stopped)):
             return cause
         if isinstance(cause, OSError):
             return OutputError(f"{name}: cannot write output: {cause.strerror or cause}")

@@ -337,3 +337,71 @@ def test_signals_at_random_moments_of_real_merges(tmp_path: Path) -> None:
             worker.close()
     assert landed == {signal.SIGINT: DELIVERIES, signal.SIGTERM: DELIVERIES}, f"seed {seed}"
     assert snapshot(root) == before
+
+
+# ------------------------------------------------------------------------------- the handlers themselves
+
+
+def test_signal_handlers_only_record_and_nothing_raises_in_a_finaliser() -> None:
+    """Read from the source: signal handlers are installed only by ``soupkit.interrupt`` (and the CLI's start-up
+    handler, which exits at once), there is no ``weakref.finalize`` callback, and no ``__del__`` raises."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "soupkit"
+    installs, finalizers, raising_dels = [], [], []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        name = str(path.relative_to(package.parent))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                call = ast.unparse(node.func)
+                if call == "signal.signal":
+                    installs.append(name)
+                if call in ("weakref.finalize", "finalize"):
+                    finalizers.append(f"{name}:{node.lineno}")
+            if (isinstance(node, ast.FunctionDef) and node.name == "__del__"
+                    and any(isinstance(inner, ast.Raise) for inner in ast.walk(node))):
+                raising_dels.append(f"{name}:{node.lineno}")
+    assert set(installs) <= {"soupkit/interrupt.py", "soupkit/cli/__init__.py"}, installs
+    assert finalizers == [] and raising_dels == [], (finalizers, raising_dels)
+
+
+_LIBRARY_RUN = """
+import os, signal, sys, torch
+from pathlib import Path
+from soupkit import interrupt
+import soupkit
+root = Path(sys.argv[1])
+inputs = [soupkit.save_checkpoint({f"w{j}": torch.full((1000,), float(i)) for j in range(20)},
+                                  root / f"in{i}.safetensors") for i in range(2)]
+calls = 0
+check = interrupt.check
+def signal_at_the_fifth_step():
+    global calls
+    calls += 1
+    if calls == 5:  # a real signal, as Ctrl-C or kill would send, in the middle of the merge
+        os.kill(os.getpid(), int(sys.argv[2]))
+    check()
+interrupt.check = signal_at_the_fifth_step
+try:
+    soupkit.merge(inputs, "uniform", root / "out" / "soup.safetensors")
+except KeyboardInterrupt as stop:
+    print(type(stop).__name__, flush=True)
+    raise SystemExit(0)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("signum", "status", "printed"), [(signal.SIGINT, 0, "Interrupted"),
+                                                            (signal.SIGTERM, -signal.SIGTERM, "")])
+def test_library_merges_answer_signals_as_python_would(tmp_path: Path, signum: int, status: int,
+                                                       printed: str) -> None:
+    """``soupkit.merge`` in a plain script: SIGINT becomes a ``KeyboardInterrupt`` raised from the engine (the
+    script catches it); a default SIGTERM still ends the process by SIGTERM, after the temporary files are
+    gone. Either way nothing is left under the output's name."""
+    process = subprocess.run([sys.executable, "-c", _LIBRARY_RUN, str(tmp_path), str(int(signum))],
+                             capture_output=True, text=True, timeout=120, preexec_fn=_default_signals,
+                             env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert process.returncode == status, process.stderr[-2000:]
+    assert process.stdout.strip() == printed, process.stdout
+    assert sorted(p.name for p in tmp_path.rglob("*") if not p.name.startswith("in")) == []
