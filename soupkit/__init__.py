@@ -10,21 +10,11 @@ from typing import TYPE_CHECKING
 
 from soupkit._lazy import lazy_exports
 
-
-def _version() -> str:
-    """The installed distribution's version (one source: pyproject.toml), read without importing torch."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("soupkit")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
-
-
-__version__ = _version()
-
 # public name -> module that defines it
 _LAZY = {
+    # lazy too: importlib.metadata takes ~50 ms, and the CLI's start-up Ctrl-C handler is installed only once
+    # this package has been imported
+    "__version__": "soupkit._version",
     # checkpoint I/O
     "open_checkpoint": "soupkit.io",
     "load_checkpoint": "soupkit.io",
@@ -57,13 +47,14 @@ _LAZY = {
     "SoupkitError": "soupkit.errors",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = sorted(_LAZY)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from soupkit._version import __version__
     from soupkit.diagnosis import DoctorReport, doctor
     from soupkit.errors import SoupkitError
     from soupkit.eval import EvalResult, Evaluator

@@ -29,7 +29,14 @@ import torch
 
 import soupkit
 from soupkit.demo_train import FinetuneConfig, digits_cnn, random_shift, train
+from soupkit.eval import Evaluator
+from soupkit.eval.data.digits import load_digits_split
+from soupkit.eval.recipe import find_recipe
 from soupkit.io import open_checkpoint, save_checkpoint
+from soupkit.io.atomic import atomic_write_text
+from soupkit.report.layout import name_cell
+from soupkit.report.plots import plot_soup_scatter
+from soupkit.yaml_file import read_yaml
 
 SHIFTS = ("noise", "rotation", "blur", "inversion", "occlusion")
 IMAGE_SIZE = 16
@@ -38,8 +45,6 @@ RECIPE = "digits"  # the bundled recipe the demo evaluates through: one source o
 
 def bundled_recipe() -> dict[str, Any]:
     """The bundled ``digits`` recipe as a mapping (``soupkit/recipes/digits.yaml``)."""
-    from soupkit.eval.recipe import find_recipe
-    from soupkit.yaml_file import read_yaml
 
     return read_yaml(find_recipe(RECIPE), "recipe")
 
@@ -81,7 +86,6 @@ class DemoResult:
 
     def write(self) -> None:
         """Write ``demo.json`` (reproducible) and ``demo_run.json`` (this run) into ``out``, atomically."""
-        from soupkit.io.atomic import atomic_write_text
 
         atomic_write_text(self.out / "demo.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         atomic_write_text(self.out / "demo_run.json", json.dumps(self.run_dict(), indent=2, sort_keys=True) + "\n")
@@ -126,7 +130,6 @@ def write_recipe(recipe: dict[str, Any], path: Path) -> Path:
     """``recipe`` as YAML, with a header saying where it comes from and how to use it."""
     import yaml
 
-    from soupkit.io.atomic import atomic_write_text
 
     folder = path.parent
     header = (f"# The evaluation recipe `soupkit demo` used: the bundled {RECIPE!r} recipe with this run's seed and "
@@ -185,7 +188,6 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
 def _train(result: DemoResult, ingredients: int, seed: int, quick: bool, log: Callable[[str], None]
            ) -> tuple[Path, list[Path]]:
     """Steps 1-3: the pretrained model and the fine-tuned ingredients (reused when already trained)."""
-    from soupkit.eval.data.digits import load_digits_split
 
     out = result.out
     train_x, train_y = load_digits_split("train", size=IMAGE_SIZE, seed=seed, holdout=HOLDOUT)
@@ -233,7 +235,6 @@ def _soups(result: DemoResult, pretrained_path: Path, paths: list[Path], recipe:
            log: Callable[[str], None], progress: bool) -> None:
     """Steps 4-5: every model scored through the recipe (written to ``out/recipe.yaml``), the soups made
     through the library calls a user makes, and the summary and the all-soups scatter."""
-    from soupkit.eval import Evaluator
 
     out = result.out
     write_recipe(recipe, out / "recipe.yaml")
@@ -282,7 +283,6 @@ def plot_all_soups(rows: dict[str, dict[str, float]], ingredients: list[str], be
                    path: Path) -> Path:
     """The paper's scatter with everything the demo made: the zero-shot model, every ingredient (the best
     labelled), the uniform, greedy and learned soups and the chosen WiSE-FT point."""
-    from soupkit.report.plots import plot_soup_scatter
 
     def point(row: str, kind: str, **extra: Any) -> dict[str, Any]:
         return {"label": row, "kind": kind, "test": rows[row]["clean"], "shift": rows[row]["mean_shift"], **extra}
@@ -330,7 +330,6 @@ def results_table(rows: dict[str, dict[str, float]]) -> Any:
     """A rich table: every model and soup x held-out, clean test, each shift and the mean over shifts."""
     from rich.table import Table
 
-    from soupkit.report.layout import name_cell
 
     columns = list(next(iter(rows.values())))
     table = Table(title="soupkit demo: accuracy (%)")

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from soupkit.io import CheckpointSource, open_checkpoint
+from soupkit.errors import CheckpointError
+from soupkit.io import TORCH_SUFFIXES, CheckpointSource, open_checkpoint
 from soupkit.io.base import CheckpointReader
+from soupkit.merging.api import write_checkpoint
 
 
 def describe(source: CheckpointSource, *, ema: bool = False) -> dict[str, Any]:
@@ -60,8 +62,6 @@ def _format_name(reader: CheckpointReader) -> str:
 def _ema_weights(source: CheckpointSource) -> bool | None:
     """Whether a torch checkpoint also holds EMA weights (timm's ``state_dict_ema``...; ``--ema`` picks them);
     None where the question does not apply (safetensors, folders, state dicts)."""
-    from soupkit.errors import CheckpointError
-    from soupkit.io import TORCH_SUFFIXES
 
     if not isinstance(source, (str, Path)) or Path(source).suffix.lower() not in TORCH_SUFFIXES:
         return None
@@ -156,6 +156,5 @@ def _diff_rows(left: CheckpointReader, right: CheckpointReader) -> list[tuple[Te
 def convert(source: CheckpointSource, output: str | Path, **options: Any) -> Path:
     """Rewrite any readable checkpoint (e.g. a pickled wise-ft ``.pt``) as safetensors, one tensor at a time;
     ``options``: the output options (dtype, shard_size, ema, force, ...)."""
-    from soupkit.merging.api import write_checkpoint
 
     return write_checkpoint(source, output, record_as="convert", **options)

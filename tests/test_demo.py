@@ -56,6 +56,7 @@ def test_demo_accuracies_are_computed_from_the_data(quick_run) -> None:
         assert report["models"]["pretrained"][column] == pytest.approx(correct / len(labels), abs=1e-12)
 
 
+@pytest.mark.slow  # a second demo run (seconds of training); the default `pytest -q` still runs it
 def test_demo_is_reproducible_and_reuses_work(quick_run, tmp_path: Path) -> None:
     out, report = quick_run
     again = run_demo(tmp_path, quick=True, seed=0, log=lambda _: None).to_dict()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -172,13 +171,10 @@ def test_open_reads_no_tensor_data_and_get_is_one_pread(tmp_path: Path, layout: 
     state.update({f"layer{i}.bias": torch.randn(512) for i in range(16)})
     path = save(state, tmp_path / "big.pt", layout)
     before = _bytes_read()
-    started = time.perf_counter()
     reader = TorchReader(path)
-    elapsed = time.perf_counter() - started
     after = _bytes_read()
     if before is not None and after is not None:
         assert after - before < 1 << 20, f"opening read {after - before} bytes"
-    assert elapsed < 1.0
 
     calls: list[int] = []
     real_preadv = os.preadv

@@ -1,7 +1,8 @@
 """Command-line interface: a thin shell over the library (every command is one library call).
 
-``main()`` turns user errors into one line on stderr and exit code 2, with no traceback; Ctrl-C and SIGTERM
-unwind normally so temporary files are removed, then exit 130 / 143.
+``main()`` turns user errors into one line on stderr and exit code 2, with no traceback. Ctrl-C and SIGTERM are
+recorded (``soupkit.interrupt``) and raised by the work's own loops at their next step, so temporary files are
+removed on the way out; the run then exits 130 / 143 with one line.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import errno
 import os
 import signal
 import sys
+
+from soupkit.errors import SoupkitError
+from soupkit.registry import PluginWarning
 
 
 def _interrupted_at_start(signum: int, frame: object) -> None:
@@ -27,6 +31,8 @@ if _COMMAND and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
 import warnings  # noqa: E402 - after the handler, so Ctrl-C during these imports is quiet
 
 import typer  # noqa: E402
+
+from soupkit import interrupt  # noqa: E402
 
 # Each import registers that module's commands on `app`; building the merge flags loads method plugins, whose
 # failures are warnings shown by main() as one line each
@@ -56,23 +62,10 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 def _plugin_warnings() -> list[warnings.WarningMessage]:
     """The plugin warnings raised while the commands were built (shown once, by the first ``main()``)."""
-    from soupkit.registry import PluginWarning
 
     found = [w for w in _import_warnings if issubclass(w.category, PluginWarning)]
     _import_warnings.clear()
     return found
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as an exception so ``finally`` blocks (temporary-file cleanup) run."""
-
-
-_signals: list[int] = []
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    _signals.append(signum)
-    raise Terminated()
 
 
 def _prog(args: list[str]) -> str:
@@ -85,25 +78,35 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
-def _prepare_process(*, standalone: bool) -> None:
-    """Signals and streams for a CLI run: Ctrl-C and SIGTERM unwind (temporary files are removed), a closed
-    pipe (``soupkit --help | head``) stops quietly as Unix tools do, odd names print escaped."""
-    _signals.clear()  # a SIGTERM of an earlier in-process run must not turn this run's Ctrl-C into "terminated"
+def _prepare_process(*, standalone: bool) -> dict[int, object]:
+    """Signals and streams for a CLI run: Ctrl-C and SIGTERM are recorded and stop the work at its next step
+    (temporary files are removed), a closed pipe (``soupkit --help | head``) stops quietly as Unix tools do, odd
+    names print escaped."""
+    # an earlier in-process run's SIGTERM must not turn this run's Ctrl-C into "terminated"; a signal recorded
+    # but not yet answered stays: it was sent to stop this process
+    interrupt.clear(pending=False)
     if hasattr(sys.stdout, "reconfigure"):  # a tensor name from a pickle may hold a lone surrogate: print it escaped
         sys.stdout.reconfigure(errors="backslashreplace")
     if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C unwinds (temp cleanup)
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # so that install() takes it over
+    replaced = interrupt.install()
     if hasattr(signal, "SIGPIPE") and standalone:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    return replaced
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``soupkit`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    _prepare_process(standalone=argv is None)
-    from soupkit.errors import SoupkitError
+    replaced = _prepare_process(standalone=argv is None)
+    try:
+        _run(args)
+    finally:
+        if argv is not None:  # called in-process (tests, a notebook): Ctrl-C is Python's again afterwards
+            interrupt.restore(replaced)
+
+
+def _run(args: list[str]) -> None:
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         # one line per warning, like errors; library code raises them with warnings.warn
@@ -120,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
                 show_warning(caught.message, caught.category, caught.filename, caught.lineno)
             # non-standalone typer returns the exit code of Exit (and of Ctrl-C: 130) instead of raising
             code = tidy(typer.main.get_command(app)).main(args=args, prog_name="soupkit", standalone_mode=False)
-        if isinstance(code, int) and code == 130:
-            raise Terminated() if _signals else KeyboardInterrupt()
+            if code == 130:  # typer turns the KeyboardInterrupt (Interrupted / Terminated) into Exit(130)
+                raise interrupt.Terminated() if interrupt.raised() == signal.SIGTERM else interrupt.Interrupted()
+            interrupt.check()  # a signal that came after the work's last check is still answered
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except SoupkitError as err:
@@ -136,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Terminated:
-        print(f"{_prog(args)}: terminated", file=sys.stderr)
-        sys.exit(143)
-    except KeyboardInterrupt:
-        print(f"{_prog(args)}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except interrupt.Stopped as stop:
+        print(f"{_prog(args)}: {stop.word}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C, raised by the handler wherever it ran
+        stop = interrupt.Terminated() if interrupt.raised() == signal.SIGTERM else interrupt.Interrupted()
+        print(f"{_prog(args)}: {stop.word}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except click_errors.ClickException as err:

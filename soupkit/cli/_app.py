@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 
 # re-exported: the parsers live in the torch-free library module the library itself uses
+from soupkit._version import __version__
+from soupkit.errors import CheckpointError
 from soupkit.options_parse import parse_float_list, parse_size  # noqa: F401
 
 app = typer.Typer(
@@ -33,8 +35,6 @@ app = typer.Typer(
 def require_files(*paths: Path | None) -> None:
     """Fail fast on an input path that does not exist, before the command imports torch (~3 s); the library
     raises the same one-line error where it opens the file."""
-    from soupkit.errors import CheckpointError
-
     for path in paths:
         try:
             missing = path is not None and not path.exists()
@@ -46,8 +46,6 @@ def require_files(*paths: Path | None) -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from soupkit import __version__
-
         typer.echo(f"soupkit {__version__}")
         raise typer.Exit()
 

@@ -25,6 +25,7 @@ def demo(
     ingredients, then compare the best ingredient with uniform, greedy and learned soups and a WiSE-FT sweep."""
     from rich.console import Console
 
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.demo import results_table, run_demo
     from soupkit.report.layout import console as real_width_console
     from soupkit.report.layout import print_table

@@ -36,15 +36,18 @@ def doctor(
     module) in one streaming pass and gives each ingredient a verdict: soupable, duplicate, different_init,
     different_basin (with --eval) or incompatible; then one overall verdict."""
     require_files(*checkpoints, base)
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.diagnosis import doctor as run_doctor
 
     judge = None
     if recipe is not None:
+        # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
         from soupkit.eval import Evaluator
 
         judge = Evaluator.from_recipe(recipe, device=device, cache_dir=cache_dir, use_cache=not no_cache)
     report = run_doctor(checkpoints, base=base, evaluator=judge, json=json_out, plot=plot)
     if not quiet:
+        # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
         from soupkit.report.layout import console, print_table
 
         out = console()

@@ -40,6 +40,7 @@ def eval_command(
     """Score checkpoints on a recipe's held-out and test sets: a table of accuracy per dataset (mean per-token
     log-likelihood and perplexity for plain text under a causal LM), plus the mean over distribution shifts."""
     require_files(*checkpoints)
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.eval.report import evaluate_checkpoints
 
     names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
@@ -49,6 +50,7 @@ def eval_command(
     import os
 
     if not quiet and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first process reports
+        # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
         from soupkit.report.layout import console as real_width_console
         from soupkit.report.layout import print_table
 
@@ -80,6 +82,7 @@ def zeroshot(
 ) -> None:
     """Write a CLIP zero-shot classifier (image encoder + WiSE-FT-style head) as a checkpoint: the start of
     WiSE-FT and of fine-tuned ingredients."""
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.eval.models.clip import zeroshot_checkpoint
 
     path = zeroshot_checkpoint(model, classes, templates, weights=weights, output=output, config=config,

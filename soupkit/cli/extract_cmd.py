@@ -28,7 +28,7 @@ def extract_lora_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table of per-module errors.")] = False,
 ) -> None:
     """The LoRA adapter closest to FINETUNED - BASE (truncated SVD per module); prints each module's error."""
-    from soupkit.merging.extract import extract_lora
+    from soupkit.merging.extract import extract_lora  # lazy: torch loads only when the command runs
 
     result = extract_lora(finetuned, base, output, rank, embed_lora=embed_lora, device=device, force=force)
     if quiet:

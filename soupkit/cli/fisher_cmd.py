@@ -28,8 +28,14 @@ def fisher(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Diagonal Fisher information of a checkpoint on the recipe's held-out data (for --method fisher)."""
+    from functools import partial
+
+    # lazy: torch loads here, not at CLI start-up (``soupkit --help`` stays torch-free)
+    from soupkit.eval import Evaluator
     from soupkit.merging.fisher_info import compute_fisher
 
-    written = compute_fisher(checkpoint, evaluate, output, max_examples, seed=seed, force=force)
+    # the evaluator is built after compute_fisher has checked the output path (a bad -o fails in milliseconds)
+    written = compute_fisher(checkpoint, partial(Evaluator.from_recipe, evaluate), output, max_examples, seed=seed,
+                             force=force)
     if not quiet:
         typer.echo(f"wrote {written}", err=True)

@@ -37,6 +37,7 @@ def inspect(
     """Show a checkpoint's tensors, parameter count, dtypes, size and soupkit provenance; or diff two."""
     from rich.table import Table
 
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit import inspection
     from soupkit.report.layout import Wrapped, print_table
     from soupkit.report.layout import console as real_width_console
@@ -93,6 +94,7 @@ def _print_diff(report: dict, console: Any) -> None:
     tensors the two share; two checkpoints that share none are said to, not reported as "L2 0"."""
     from rich.table import Table
 
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.report.layout import Wrapped, print_table
 
     table = Table(title=f"A = {report['a']}\nB = {report['b']}", title_justify="left")
@@ -135,6 +137,7 @@ def convert(
 ) -> None:
     """Convert a checkpoint to safetensors (e.g. a pickled wise-ft .pt), streaming one tensor at a time."""
     require_files(source)
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit import inspection
 
     written = inspection.convert(source, output, options=options)

@@ -49,6 +49,7 @@ def show_progress(quiet: bool) -> bool:
 
 def evaluator(recipe: str, *, no_cache: bool, cache_dir: Path | None) -> Any:
     """The evaluator a command's ``--eval``, ``--no-cache`` and ``--cache-dir`` describe (imports torch)."""
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.eval import Evaluator
 
     return Evaluator.from_recipe(recipe, cache_dir=cache_dir, use_cache=not no_cache)
@@ -89,6 +90,7 @@ def _metavar(kind: type, per_model: bool, files: bool, choices: tuple[str, ...] 
 def method_flags() -> dict[str, dict[str, Any]]:
     """Every method parameter name -> its help (per method where methods describe or default it differently),
     metavar and the methods that take it (for the CLI and docs)."""
+    # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
     from soupkit.merging.registry import METHODS
     from soupkit.report.methods import _default
 
@@ -119,7 +121,7 @@ def _defaults(users: list[tuple[str, str | None]]) -> str:
 
 def base_help() -> str:
     """The ``--base`` help, from the registry: the methods that take a base model."""
-    from soupkit.merging.registry import METHODS
+    from soupkit.merging.registry import METHODS  # lazy: methods register when a command is built
 
     takers = [m.name for m in METHODS if m.needs_base]
     return (f"Base model of the task-vector methods ({', '.join(takers)}); for LoRA adapters (any method) the "

@@ -71,6 +71,7 @@ def search(
     params: dict[str, Any] | None = None,
 ) -> None:
     """Search a merge method's parameters (per layer too) by CMA-ES, scored on the held-out set."""
+    # lazy: the command's body loads the library (and torch); --help and argument errors stay quick
     from soupkit.errors import ParameterError
     from soupkit.merging.registry import get_method
 
@@ -79,6 +80,7 @@ def search(
         raise ParameterError("soupkit search needs --eval RECIPE to score candidates")
     require_files(*checkpoints, base)
     get_method(method)  # a misspelt name answers before torch loads
+    # lazy: the search module loads torch
     from soupkit.soups.merge_search import parse_ranges
     from soupkit.soups.merge_search import search as run_search
 

@@ -23,12 +23,17 @@ from typing import Any
 import torch
 
 from soupkit.diagnosis import rules
+from soupkit.diagnosis.paths import check_paths, score_all
 from soupkit.diagnosis.report import DoctorReport
 from soupkit.diagnosis.stats import GramStats, centre, gram_pass
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError
+from soupkit.eval import Evaluator
 from soupkit.io import CheckpointReader, CheckpointSource, input_files, open_checkpoint
 from soupkit.io.atomic import check_report_path, write_small_file
+from soupkit.merging.api import open_inputs
 from soupkit.merging.engine import check_compatible
+from soupkit.options import OutputOptions
+from soupkit.soups.scoring import Judge
 
 __all__ = ["DoctorReport", "doctor"]
 
@@ -60,12 +65,10 @@ def doctor(checkpoints: Sequence[CheckpointSource], base: CheckpointSource | Non
         report = _report(readers, majority, incompatible, stats, base_reader)
         sources = list(checkpoints)
         if judge is not None:
-            from soupkit.diagnosis.paths import score_all
 
             score_all(report, judge, [sources[i] for i in majority], majority)
         _judge(report, majority, stats, incompatible)
         if judge is not None:
-            from soupkit.diagnosis.paths import check_paths
 
             check_paths(report, judge, sources, majority)
         report.overall, report.overall_reason = rules.overall(list(report.verdict.values()), report.uniform_score,
@@ -86,8 +89,6 @@ def doctor(checkpoints: Sequence[CheckpointSource], base: CheckpointSource | Non
 
 def _open(sources: Sequence[CheckpointSource], base: CheckpointSource | None) -> list[CheckpointReader]:
     """The inputs, headers only; LoRA adapters read as W + dW over ``base`` (so their task vectors are dW)."""
-    from soupkit.merging.api import open_inputs
-    from soupkit.options import OutputOptions
 
     if isinstance(sources, Sequence) and not isinstance(sources, str) and len(sources) < 2:
         raise ParameterError(f"the doctor compares checkpoints: give at least two, got {len(sources)}")
@@ -215,10 +216,8 @@ class _Judge:
     path points; or any callable ``state_dict -> float | EvalResult``)."""
 
     def __init__(self, evaluator: Any, device: str | None):
-        from soupkit.soups.scoring import Judge
 
         if isinstance(evaluator, (str, Path)) and device is not None:
-            from soupkit.eval import Evaluator
 
             evaluator = Evaluator.from_recipe(evaluator, device=device)
         self.judge = Judge(evaluator)

@@ -15,6 +15,7 @@ from typing import Any
 
 from soupkit.diagnosis import rules
 from soupkit.diagnosis.report import DoctorReport
+from soupkit.merging.api import uniform_soup, wise_ft
 
 ALPHAS = (0.25, 0.5, 0.75)
 
@@ -28,8 +29,6 @@ def score_all(report: DoctorReport, judge: Any, sources: Sequence[Any], rows: Se
 
 def check_paths(report: DoctorReport, judge: Any, sources: Sequence[Any], rows: Sequence[int]) -> None:
     """Barriers from the best ingredient (``different_basin`` above ``BARRIER_MAX``) and the uniform soup's score."""
-    import soupkit
-
     names = report.names
     candidates = [r for r in rows if report.verdict[names[r]] in ("soupable", "different_init")]
     soupable = [r for r in candidates if report.verdict[names[r]] == "soupable"] or candidates
@@ -41,7 +40,7 @@ def check_paths(report: DoctorReport, judge: Any, sources: Sequence[Any], rows: 
         if row == best:
             continue
         start, end = report.scores[names[best]], report.scores[names[row]]
-        states = soupkit.wise_ft(sources[best], sources[row], list(ALPHAS))
+        states = wise_ft(sources[best], sources[row], list(ALPHAS))
         path, exact = [(0.0, start)], True
         for alpha, state in zip(ALPHAS, states):
             line = (1 - alpha) * start + alpha * end
@@ -61,7 +60,7 @@ def check_paths(report: DoctorReport, judge: Any, sources: Sequence[Any], rows: 
                                          f"below the line from {_stem(names[best])} (> {100 * rules.BARRIER_MAX:g})")
     report.stats["barrier_lower_bound"] = lower_bounds
     compatible = [sources[r] for r in rows if report.verdict[names[r]] != "incompatible"]
-    report.uniform_score = judge.accuracy(soupkit.uniform_soup(compatible))[0]
+    report.uniform_score = judge.accuracy(uniform_soup(compatible))[0]
     report.stats["uniform_of"] = len(compatible)
 
 

@@ -31,11 +31,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from soupkit.errors import CheckpointError, ParameterError, SoupkitError, unknown_choice
+from soupkit import interrupt
+from soupkit.errors import CheckpointError, ParameterError, RecipeError, SoupkitError, unknown_choice
 from soupkit.eval import registry
 from soupkit.eval.cache import ScoreCache, source_fingerprint
+from soupkit.eval.data import DataContext
+from soupkit.eval.models import BuildContext
+from soupkit.eval.prepare import prepare
 from soupkit.eval.recipe import HELDOUT, Recipe, load_recipe
 from soupkit.eval.result import DatasetResult, EvalResult
+from soupkit.eval.text import TextData, token_nll
+from soupkit.io import CheckpointReader, StateDictReader, open_checkpoint
+from soupkit.io.lora import is_adapter
 from soupkit.options import resolve_device
 
 
@@ -55,7 +62,6 @@ class Evaluator:
 
     def __init__(self, recipe: Recipe, *, device: str | torch.device | None = None,
                  cache_dir: str | Path | None = None, use_cache: bool = True):
-        from soupkit.eval.models import BuildContext
 
         self.recipe = recipe
         _check_paths(recipe)  # a typo in a data path fails now, not after the model is built
@@ -124,8 +130,6 @@ class Evaluator:
         """The dataset's ready tensors, decoded on first use."""
         self._check_name(name)
         if name not in self._data:
-            from soupkit.eval.data import DataContext
-            from soupkit.eval.prepare import prepare
 
             spec = self.recipe.datasets[name]
             adapter = registry.data.get(spec.kind)
@@ -159,12 +163,14 @@ class Evaluator:
 
     def _batches(self, data: Any, batch_size: int, order: torch.Tensor | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from soupkit.eval.text import TextData
 
         if isinstance(data, TextData):
-            yield from data.batches(batch_size, order, self.device)
+            for batch in data.batches(batch_size, order, self.device):
+                interrupt.check()  # between two batches: a Ctrl-C stops a long evaluation here
+                yield batch
             return
         for start in range(0, data.n, batch_size):
+            interrupt.check()
             rows: slice | torch.Tensor = slice(start, start + batch_size)
             if order is not None:
                 rows = order[start:start + batch_size].to(data.images.device)
@@ -183,7 +189,6 @@ class Evaluator:
         """Copy weights into the model in place. Keys and shapes must match the model exactly; tensors already
         on the evaluator's device are copied device to device."""
         if not all(torch.is_tensor(v) for v in state_dict.values()):
-            from soupkit.io import open_checkpoint
 
             with open_checkpoint(state_dict, name=name) as reader:
                 self._load_reader(reader)
@@ -198,7 +203,6 @@ class Evaluator:
         """Raise the one-line "does not fit the recipe's model" error naming ``source`` (a checkpoint path or
         reader) if its keys or shapes do not match the model; reads the header only. Soup algorithms call it on
         their inputs so a mismatch names the file, not the in-memory soup made from it."""
-        from soupkit.io import CheckpointReader, open_checkpoint
 
         if isinstance(source, CheckpointReader):
             self._targets({k: tuple(source.info(k).shape) for k in source.keys()}, source.name)
@@ -237,8 +241,6 @@ class Evaluator:
         """The one place a checkpoint to score becomes the model's weights: a state dict, a reader, or a path
         (a file, a sharded index, an HF folder) opened by ``soupkit.io.open_checkpoint``; a PEFT LoRA adapter is
         applied to the model's base weights (``adapter_base``: a transformers recipe's model folder) as W + dW."""
-        from soupkit.io import CheckpointReader, open_checkpoint
-        from soupkit.io.lora import is_adapter
 
         if isinstance(source, Mapping):
             self.load_state(source, label)
@@ -256,7 +258,6 @@ class Evaluator:
 
     def _base_of(self, source: Any) -> Any:
         """The base weights ``source`` is applied to when it is a LoRA adapter (part of its score's key)."""
-        from soupkit.io.lora import is_adapter
 
         return self.adapter_base if isinstance(source, (str, Path)) and is_adapter(source) else None
 
@@ -289,8 +290,7 @@ class Evaluator:
         label = str(state_or_path) if isinstance(state_or_path, (str, Path)) else getattr(
             state_or_path, "name", "<state dict>")
         if isinstance(state_or_path, Mapping) and not all(torch.is_tensor(v) for v in state_or_path.values()):
-            from soupkit.io import StateDictReader  # {"state_dict": ...}, "module." prefixes, ...
-
+            # {"state_dict": ...}, "module." prefixes, ...
             state_or_path = StateDictReader(state_or_path, name=label).state_dict
         caching = self.use_cache if use_cache is None else use_cache
         fingerprint = hits = None
@@ -402,7 +402,6 @@ class Evaluator:
 
     def _score_likelihood(self, name: str, data: Any, bar: Any, started: float) -> DatasetResult:
         """Plain text under a causal LM: summed token log-likelihoods, and each example's mean (dataset order)."""
-        from soupkit.eval.text import token_nll
 
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -527,7 +526,6 @@ def _memory_format(requested: str, device: torch.device, model: torch.nn.Module)
 
 def _check_paths(recipe: Recipe) -> None:
     """Every file or folder the recipe names must exist (errors name the recipe field)."""
-    from soupkit.errors import RecipeError
 
     specs = [(f"{recipe.source}: model", recipe.model.params),
              *((spec.where, spec.params) for spec in recipe.datasets.values())]

@@ -19,6 +19,7 @@ from soupkit.errors import RecipeError
 from soupkit.eval.data import Source
 from soupkit.eval.models import BuiltModel
 from soupkit.eval.recipe import DatasetSpec
+from soupkit.eval.text import prepare_text
 
 
 @dataclass
@@ -110,7 +111,6 @@ def prepare(spec: DatasetSpec, source: Source, model: BuiltModel, device: torch.
         raise RecipeError(f"{spec.where}.kind: {spec.kind} gives {given} but the recipe's model takes {wanted} "
                           f"(use kind {kinds})")
     if source.text is not None:
-        from soupkit.eval.text import prepare_text
 
         return prepare_text(spec, source.text, model.text, device, rank, world, token_cache)
     index = select(len(source), spec)

@@ -39,8 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from soupkit._version import __version__
 from soupkit.errors import RecipeError, suggest
+from soupkit.eval import registry
+from soupkit.eval.registry import resolve_path
+from soupkit.io import fingerprint
 from soupkit.options import device_name
+from soupkit.yaml_file import read_yaml
 
 HELDOUT = "heldout"
 #: keys every dataset takes, whatever its kind
@@ -157,7 +162,6 @@ def path_content(path: Path) -> list[Any]:
     inode, size, mtime and ctime); for a folder (an image folder: hashing 6 GB of ImageNet on every start would
     cost more than scoring) each file's relative name, size, mtime and ctime, which a rewrite in place changes
     even when it keeps size and mtime (no user can set ctime back)."""
-    from soupkit.io import fingerprint
 
     try:
         if path.is_file():
@@ -184,8 +188,6 @@ def path_content(path: Path) -> list[Any]:
 
 def _code_version() -> str:
     import torch
-
-    from soupkit import __version__
 
     return f"soupkit {__version__}, torch {torch.__version__}"
 
@@ -248,7 +250,6 @@ def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
         return source
     if isinstance(source, Mapping):
         return _parse(dict(source), "<recipe>", Path.cwd())
-    from soupkit.yaml_file import read_yaml
 
     path = find_recipe(source)
     data = read_yaml(path, "recipe")
@@ -284,7 +285,6 @@ def _schemas() -> tuple[Any, Any]:
 def _parse(data: dict[str, Any], source: str, folder: Path) -> Recipe:
     from pydantic import ValidationError
 
-    from soupkit.eval import registry
 
     recipe_file, data_section = _schemas()
     try:
@@ -324,7 +324,6 @@ def _kind(spec: dict[str, Any], where: str, family: Any) -> str:
 
 
 def _dataset(name: str, raw: dict[str, Any], default_role: str, where: str, folder: Path) -> DatasetSpec:
-    from soupkit.eval import registry
 
     spec = dict(raw)
     kind = _kind(spec, where, registry.data)
@@ -355,7 +354,6 @@ def _class_subset(value: Any, where: str, folder: Path) -> tuple[int, ...] | Non
     if value is None:
         return None
     if isinstance(value, str):
-        from soupkit.eval.registry import resolve_path
 
         path = resolve_path(value, folder, where)
         try:

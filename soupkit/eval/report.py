@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import CheckpointError, OutputError, ParameterError
+from soupkit.eval.evaluator import Evaluator
+from soupkit.io.atomic import atomic_write_text
 from soupkit.report.layout import common_parts, name_cell, names_caption
 
 MEAN_SHIFT = "mean shift"
@@ -127,7 +129,6 @@ def _check_output(path: Path, option: str) -> None:
 
 
 def _write_text(path: Path, text: str, option: str) -> Path:
-    from soupkit.io.atomic import atomic_write_text
 
     _check_output(path, option)
     return atomic_write_text(path, text)
@@ -142,7 +143,6 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], recipe: Any, *, devi
 
     Inputs and output folders are checked before the model is built, so a typo fails in milliseconds.
     """
-    from soupkit.eval.evaluator import Evaluator
 
     if isinstance(checkpoints, (str, Path)) or not checkpoints:
         raise ParameterError("give at least one checkpoint to evaluate")

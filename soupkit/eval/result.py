@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from soupkit.errors import ParameterError, unknown_choice
+
 
 @dataclass
 class DatasetResult:
@@ -89,7 +91,6 @@ class EvalResult:
         try:
             return self.datasets[name]
         except KeyError:
-            from soupkit.errors import ParameterError, unknown_choice
 
             raise ParameterError(unknown_choice("dataset", name, self.datasets)) from None
 
@@ -129,7 +130,6 @@ def as_score(result: Any, heldout: str = "heldout") -> float:
     """A single number for soup algorithms: an ``EvalResult``'s held-out score (its only dataset's, if it has
     one), a ``DatasetResult``'s score (accuracy, or mean per-token log-likelihood), or a plain number as a float.
     NaN when there is no complete score."""
-    from soupkit.errors import ParameterError
 
     if isinstance(result, EvalResult) or hasattr(result, "datasets"):
         datasets = result.datasets

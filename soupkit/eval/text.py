@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soupkit.errors import RecipeError
+from soupkit.errors import RecipeError, SoupkitError
+from soupkit.eval.cache import say_once, state_fingerprint
 from soupkit.eval.data.text import parse_index, shown
 from soupkit.eval.recipe import DatasetSpec
+from soupkit.io import save_checkpoint
 
 #: with an explicit example order, batches are length-sorted within windows of this many batches: small enough
 #: to keep the order's front (hardest examples first for early stopping), large enough to cut most padding
@@ -259,8 +261,6 @@ def _tokenise(spec: DatasetSpec, records: Any, info: Any, mode: str, rank: int, 
 def _tokens_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     import hashlib
 
-    from soupkit.eval.cache import state_fingerprint
-
     fields = "|".join(f"{k}={meta[k]}" for k in ("total", "start", "pad", "choice"))  # not the provenance
     return hashlib.blake2b(f"{state_fingerprint(tensors)}|{fields}".encode(), digest_size=16).hexdigest()
 
@@ -296,7 +296,6 @@ def _read_tokens(path: Path) -> tuple[Any, ...] | None:
     except (OSError, KeyError, ValueError, RuntimeError, TypeError):
         ok = False
     if not ok:
-        from soupkit.eval.cache import say_once
 
         say_once("corrupt tokens", f"token cache: {path}: ignored (truncated or edited); tokenising again")
         return None
@@ -314,10 +313,6 @@ def json_list(text: str) -> list[Any]:
 
 def _write_tokens(path: Path, tokens: tuple[Any, ...]) -> None:
     import json
-
-    from soupkit.errors import SoupkitError
-    from soupkit.eval.cache import say_once
-    from soupkit.io import save_checkpoint
 
     packed, lengths, labels, total, start = tokens
     state = {"tokens": packed.tokens, "starts": packed.starts, "widths": packed.widths, "lengths": lengths,

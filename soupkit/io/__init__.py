@@ -25,10 +25,13 @@ from soupkit.io import lora
 from soupkit.io.atomic import OutputSet, check_derived_output, check_output_path
 from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
 from soupkit.io.hf_folder import with_ties
+from soupkit.io.lightning import save_lightning_checkpoint
 from soupkit.io.provenance import creation_time, fingerprint, provenance_metadata, quick_fingerprint
 from soupkit.io.safetensors_io import SafetensorsReader, SafetensorsWriter, looks_like_safetensors
 from soupkit.io.sharded import ShardedReader, index_path, plan_shards, shard_names
+from soupkit.io.torch_io import TorchReader, save_torch
 from soupkit.io.unwrap import unwrap_state_dict
+from soupkit.io.views import with_prefix
 
 __all__ = [
     "CheckpointReader", "CheckpointSink", "CheckpointSource", "OutputSet", "StateDictReader", "TensorInfo",
@@ -109,7 +112,6 @@ def _regular_file(path: Path) -> Path:
 
 
 def _open_torch(path: Path, ema: bool) -> CheckpointReader:
-    from soupkit.io.torch_io import TorchReader
 
     return TorchReader(path, ema=ema)
 
@@ -141,7 +143,6 @@ def open_checkpoint(source: CheckpointSource, *, ema: bool = False, name: str | 
     (``soupkit.io.lora``). ``strip_prefix`` drops a prefix from every name (keys without it are left out; a
     Lightning module's ``model.``), ``add_prefix`` then puts one in front.
     """
-    from soupkit.io.views import with_prefix
 
     if isinstance(source, CheckpointReader):
         return with_prefix(source, strip=strip_prefix, add=add_prefix)
@@ -293,8 +294,6 @@ class CheckpointSink:
         if self.output is None:
             return tensors
         assert self._outputs is not None
-        from soupkit.io.lightning import save_lightning_checkpoint
-        from soupkit.io.torch_io import save_torch
 
         try:
             if self.output.suffix.lower() == ".ckpt":  # what Lightning's load_from_checkpoint accepts

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from soupkit import interrupt
 from soupkit.errors import CheckpointError, OutputError
 
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -118,9 +119,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def check_interrupt() -> None:
-    """Where a long publication (a folder of thousands of files) lets a pending Ctrl-C / SIGTERM stop it between
-    files. The CLI's handlers raise at once today, so this is a no-op call site; cooperative signal handling (which
-    only records the signal) makes it raise here, and the ``OutputSet`` then removes its temporaries."""
+    """Where a long publication (a folder of thousands of files) lets a recorded Ctrl-C / SIGTERM stop it between
+    files (``soupkit.interrupt``); the ``OutputSet`` then removes its temporaries."""
+    interrupt.check()
 
 
 # ---------------------------------------------------------------------------------------------- locks
@@ -252,79 +253,16 @@ def _rename2(source: Path, target: Path, flags: int) -> bool:
     raise OSError(error, os.strerror(error), str(target))
 
 
-class _SignalsHeld:
-    """SIGINT and SIGTERM recorded, not acted on, for the few renames that publish a set of files, so that Ctrl-C
-    cannot leave half of them published; ``deliver()`` then raises them as they came. (Blocking the signals with
-    ``pthread_sigmask`` would not do: a signal sent to the process is taken by any thread that does not block it,
-    such as the read-ahead threads, and Python then acts on it in the main thread anyway.)"""
-
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.caught: list[int] = []
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in self._SIGNALS:
-            previous = signal.getsignal(signum)
-            if previous is None:  # a handler installed from C: left alone
-                continue
-            self._previous[signum] = previous
-            signal.signal(signum, self._record)
-
-    def _record(self, signum: int, frame: object) -> None:
-        self.caught.append(signum)
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-    def deliver(self) -> None:
-        self.restore()
-        for signum in dict.fromkeys(self.caught):
-            signal.raise_signal(signum)
-        self.caught = []
-
-
-class _InterruptWitness:
-    """Remembers every SIGINT / SIGTERM that arrives while an ``OutputSet`` is open, then lets the handler that was
-    there act as before. Python runs a signal's handler wherever the main thread is, and an exception raised in
-    a ``weakref.finalize`` callback (the engine's buffer pool returns buffers that way) is swallowed as
-    "Exception ignored": the Ctrl-C would be lost and the output published. ``commit`` asks ``raise_missed()``
-    first, which replays a signal whose exception never arrived."""
-
-    def __init__(self) -> None:
-        self.seen: list[int] = []
-        self.delivered = 0
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.getsignal(signum)
-            if callable(previous):
-                self._previous[signum] = previous
-                signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.seen.append(signum)
-        self._previous[signum](signum, frame)  # raises (KeyboardInterrupt, the CLI's Terminated)
-
-    def raise_missed(self) -> None:
-        if self.seen and not self._unwinding():
-            signum = self.seen[-1]
-            self.seen = []
-            self._previous[signum](signum, None)
-
-    @staticmethod
-    def _unwinding() -> bool:
-        return sys.exc_info()[0] is not None
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            if signal.getsignal(signum) == self._handle:
-                signal.signal(signum, previous)
-        self._previous = {}
+def _deliver(taken: dict[int, object]) -> None:
+    """Put back the dispositions ``interrupt.install`` replaced for the renames, then raise a signal recorded
+    meanwhile as they would have (``KeyboardInterrupt`` for SIGINT)."""
+    if not taken:
+        return
+    signum = interrupt.pending()
+    interrupt.restore(taken)
+    if signum is not None:
+        interrupt.clear()
+        signal.raise_signal(signum)
 
 
 def _publish_file(tmp: Path, target: Path, replace: bool) -> None:
@@ -353,14 +291,17 @@ class OutputSet:
     ``open(path)`` returns a binary file on a temporary name next to ``path`` (``.<name>.<pid>-<hex>.soupkit-tmp``).
     ``folder(path)`` declares a folder output: files opened under it are written into a staging folder beside it,
     which is published by ONE rename (nothing of it appears before, all of it after). ``commit()`` fsyncs
-    everything, renames the files into place (shards first, an index last, with SIGINT/SIGTERM held off for those
+    everything, renames the files into place (shards first, an index last, with no interruption check between those
     renames) and then the folders; ``abort()`` (or leaving the ``with`` block by an exception, Ctrl-C included)
     deletes every temporary. ``replace=False`` (no ``--force``) never publishes over an output that appeared while
     this one was written. OS errors while writing become one-line ``OutputError``s.
     """
 
-    def __init__(self, *, replace: bool = True, exclusive: bool = True) -> None:
+    def __init__(self, *, replace: bool = True, exclusive: bool = True, output: bool = True) -> None:
         self.replace = replace
+        #: a command's output (not a report or cache entry): publishing it marks the command done
+        #: (``interrupt.published``), so a signal after that no longer turns a written output into exit 130
+        self._output = output
         #: lock each output (``OutputLock``); off for small files where the last writer may win (cache entries,
         #: reports), so that processes sharing a cache never fail on each other
         self.exclusive = exclusive
@@ -369,7 +310,6 @@ class OutputSet:
         self._folders: list[_Folder] = []
         self._locks: dict[Path, OutputLock] = {}
         self._watched: dict[Path, tuple[int, int, int]] = {}
-        self._witness = _InterruptWitness()
 
     def watch(self, inputs: Iterable[str | Path]) -> None:
         """Record the inputs' size, mtime and inode now; ``commit`` refuses to publish when one has changed (an
@@ -475,15 +415,15 @@ class OutputSet:
 
     def commit(self) -> list[Path]:
         try:
-            self._witness.raise_missed()  # a Ctrl-C swallowed on its way (see _InterruptWitness) stops us here
             for _, _, handle in self._files:
-                check_interrupt()
+                check_interrupt()  # fsync can take a while on a busy disk: a signal stops the commit here...
                 handle.flush()
                 os.fsync(handle.fileno())
                 handle.close()
             for known in self._folders:
                 _fsync_tree(known.staging)
             self._check_inputs()
+            check_interrupt()  # ...or here, the last moment before the outputs are published
         except OSError as err:
             target = next((t for t, _, h in self._files if not h.closed), self._files[-1][0] if self._files
                           else self._folders[0].target)
@@ -495,7 +435,9 @@ class OutputSet:
         loose = [(t, tmp) for t, tmp, _ in self._files if not any(tmp.is_relative_to(f.staging) for f in
                                                                   self._folders)]
         published: list[Path] = []
-        held = _SignalsHeld()
+        # no check between the renames: a signal is only recorded (soupkit.interrupt) until they are done; where
+        # nothing recorded signals before (a bare library call), this does for the renames, then delivers it
+        taken = interrupt.install() if threading.current_thread() is threading.main_thread() else {}
         try:
             for target, tmp in loose:  # in open order: shards before their index
                 _publish_file(tmp, target, self.replace)
@@ -504,26 +446,26 @@ class OutputSet:
                 self._publish_folder(known)
                 published.append(known.target)
         except OSError as err:
-            held.restore()
             failed = next((t for t, _ in loose if t not in published), None) or next(
                 (f.target for f in self._folders if f.target not in published), Path("output"))
             for target in published:
                 if target in {t for t, _ in loose}:
                     _remove(target)  # all or nothing: the files this commit published go again
             self.abort()
-            held.deliver()
+            _deliver(taken)
             if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise OutputError(f"{failed}: output appeared while this one was written (another process?); "
                                   f"nothing was published; use --force to replace it") from None
             raise OutputError(f"{failed}: cannot publish output: {err.strerror}") from None
-        held.restore()
+        if self._output:
+            interrupt.published()
         for directory in {t.parent.absolute() for t in published}:
             _fsync_dir(directory)
         self._files = []
         self._folders = []
         self._made_dirs = []
         self._release()
-        held.deliver()  # a Ctrl-C during the renames acts now, on a whole published output
+        _deliver(taken)  # a Ctrl-C during the renames of a bare library call acts now, on whole outputs
         return published
 
     def _publish_folder(self, known: _Folder) -> None:
@@ -552,7 +494,6 @@ class OutputSet:
         for lock in self._locks.values():
             lock.release()
         self._locks = {}
-        self._witness.restore()
 
     def abort(self) -> None:
         for _, tmp, handle in self._files:
@@ -604,7 +545,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     leaves the old one. OS errors become one-line ``OutputError``s naming ``path``."""
     target = Path(path)
     try:
-        with OutputSet(exclusive=False) as outputs:
+        with OutputSet(exclusive=False, output=False) as outputs:
             outputs.open(target).write(data)
     except OSError as err:
         raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None

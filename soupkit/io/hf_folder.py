@@ -27,8 +27,10 @@ from typing import Any
 import torch
 
 from soupkit.errors import OutputError
+from soupkit.io.atomic import check_derived_output, check_interrupt
 from soupkit.io.base import CheckpointReader
 from soupkit.io.small_files import MAX_COPY_BYTES, check_small_file, copy_small_file, entry_kind, read_json_file
+from soupkit.io.views import KeyMapReader
 
 __all__ = ["DEFAULT_SHARD_SIZE", "FolderOutput", "hf_folder_of", "is_folder_output", "plan_folder_output",
            "tie_aliases", "with_ties"]
@@ -157,7 +159,6 @@ def tie_aliases(config: dict[str, Any], keys: Sequence[str] | CheckpointReader, 
 def with_ties(reader: CheckpointReader, source: Path) -> CheckpointReader:
     """``reader`` plus the tied keys its folder's ``config.json`` implies and the file omits (aliases that read
     the partner's tensor); unchanged outside a Hugging Face folder or when nothing is omitted."""
-    from soupkit.io.views import KeyMapReader
 
     folder = hf_folder_of(source)
     if folder is None:
@@ -224,7 +225,6 @@ class FolderOutput:
         inside an input's folder, files there that would be replaced without ``force``, other weight files there
         that transformers would load instead of the soup, and -- since the new folder replaces the old one whole,
         by one rename -- anything there that is not part of a model folder (a subfolder, a user's notes)."""
-        from soupkit.io.atomic import check_derived_output
 
         folder = self.folder
         if folder.is_symlink():
@@ -310,7 +310,6 @@ class FolderOutput:
         """Copy the template folder's small non-weight files into ``outputs`` (an ``OutputSet``): published
         with the weights or not at all. ``dtype`` (e.g. "bfloat16") is recorded in config.json's ``dtype``."""
         written = []
-        from soupkit.io.atomic import check_interrupt
 
         for target in self._planned_copies():
             assert self.template is not None

@@ -17,6 +17,10 @@ from typing import Any, BinaryIO
 
 import torch
 
+from soupkit.errors import CheckpointError
+from soupkit.io.safe_pickle import open_lazy
+from soupkit.io.torch_io import save_torch
+
 __all__ = ["DEFAULT_VERSION", "lightning_template", "save_lightning_checkpoint"]
 
 #: the version written when the inputs carry none (Lightning runs no migration on checkpoints this recent)
@@ -44,8 +48,6 @@ def lightning_template(source: str | Path) -> dict[str, Any]:
     and the hyperparameters when they are plain data. ``{}`` for any other file. Hyperparameters holding
     objects (an Enum, a ``functools.partial``) are left out with a warning: they would need their classes
     imported to be written, and ``load_from_checkpoint(path, **hparams)`` can supply them."""
-    from soupkit.errors import CheckpointError
-    from soupkit.io.safe_pickle import open_lazy
 
     path = Path(source)
     if not path.is_file() or path.suffix.lower() != ".ckpt":
@@ -76,7 +78,6 @@ def save_lightning_checkpoint(state_dict: Mapping[str, torch.Tensor], handle: Bi
                               template: Mapping[str, Any] | None = None, *, name: str) -> None:
     """Write ``state_dict`` as a Lightning checkpoint dict into ``handle`` (an ``OutputSet`` temporary).
     ``template`` (``lightning_template`` of an input) supplies the version, epoch, step and hyperparameters."""
-    from soupkit.io.torch_io import save_torch
 
     def container(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": DEFAULT_VERSION}

@@ -32,7 +32,11 @@ from typing import Any
 import torch
 
 from soupkit.errors import CheckpointError, IncompatibleCheckpointsError, OutputError, ParameterError
+from soupkit.io.atomic import check_derived_output
 from soupkit.io.base import CheckpointReader, TensorInfo
+from soupkit.io.hf_folder import FolderOutput
+from soupkit.io.provenance import ingredient_record, provenance_metadata
+from soupkit.io.small_files import read_json_file
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterResult", "LoraAdapter", "LoraDeltaReader", "LoraMergedReader",
@@ -126,7 +130,6 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 
 def _read_config(config_path: Path) -> dict[str, Any]:
-    from soupkit.io.small_files import read_json_file
 
     config = read_json_file(config_path.parent, config_path.name)  # a regular file inside the folder, bounded
     if config is None:
@@ -512,8 +515,6 @@ def _write_adapter(output: str | Path, tensors: Mapping[str, torch.Tensor], conf
     """An adapter folder (``adapter_model.safetensors`` + ``adapter_config.json`` + the small files of the
     ``template`` adapter folder, e.g. its tokenizer), published atomically."""
     from soupkit.io import CheckpointSink, OutputSet, plan_of
-    from soupkit.io.atomic import check_derived_output
-    from soupkit.io.hf_folder import FolderOutput
 
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
@@ -649,7 +650,6 @@ def _overall_error(errors: Mapping[str, float], adapters: Sequence[LoraAdapter],
 
 def _provenance(adapters: Sequence[LoraAdapter], values: Sequence[float], rank: int | None,
                 metadata: Mapping[str, str] | None) -> dict[str, str]:
-    from soupkit.io.provenance import ingredient_record, provenance_metadata
 
     ingredients = [ingredient_record(a.name, a.weights_path, a.factors.nbytes) for a in adapters]
     params = {"weights": list(values), "rank": rank, "combination": "cat" if rank is None else "svd"}

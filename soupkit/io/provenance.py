@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-from soupkit import __version__
+from soupkit._version import __version__
+from soupkit.io.safetensors_io import tensor_bytes
+from soupkit.io.small_files import check_small_file
 
 _BLOCK = 1 << 20
 _SAMPLES = 32
@@ -39,7 +41,6 @@ def _stat_key(path: Path) -> tuple[int, int, int, int, int]:
 def _files_of(path: Path) -> list[Path]:
     """The files that make up a checkpoint: itself, or the shards an index names (plus the index)."""
     if path.is_dir():  # a link out of the folder, a FIFO or /proc file is never read (soupkit.io.small_files)
-        from soupkit.io.small_files import check_small_file
 
         files = []
         for p in sorted(path.iterdir()):
@@ -68,8 +69,6 @@ def fingerprint(source: str | Path | Mapping[str, torch.Tensor]) -> str:
             # surrogatepass: a key may hold a lone surrogate (from a pickle); it still hashes, and distinctly
             digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8", "surrogatepass"))
             if tensor.numel():
-                from soupkit.io.safetensors_io import tensor_bytes
-
                 digest.update(tensor_bytes(tensor.cpu()))
         return "sha256:" + digest.hexdigest()
     path = Path(source)

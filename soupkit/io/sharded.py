@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import CheckpointError
 from soupkit.io.base import CheckpointReader, TensorInfo
 
@@ -38,6 +39,7 @@ class ShardedReader(CheckpointReader):
             raise CheckpointError(f"{self.name}: shard index has no 'weight_map' of tensor name -> shard file")
         self._shards: dict[str, CheckpointReader] = {}
         for shard_name in dict.fromkeys(weight_map.values()):
+            interrupt.check()  # opening hundreds of shards (each header parsed) is a long step
             self._shards[shard_name] = open_shard(self._shard_path(shard_name))
         self._where: dict[str, CheckpointReader] = {}
         for key, shard_name in weight_map.items():

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import CheckpointError, OutputError, suggest
 from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
 from soupkit.io.safe_pickle import LazyTensor, flatten_module, open_lazy
@@ -117,6 +118,7 @@ def save_torch(state_dict: Mapping[str, torch.Tensor], handle: BinaryIO, *, name
     not carry the rest of that storage."""
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
+        interrupt.check()  # each tensor is copied to the CPU (and maybe cloned) before torch.save starts
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise OutputError(f"{name}: state dict values must be tensors and keys strings; got "
                               f"{type(key).__name__} -> {type(value).__name__}")
@@ -138,7 +140,7 @@ def _write_failure(err: RuntimeError, name: str) -> BaseException:
     they are, so the CLI exits 130/143 with one line and the temporary is removed) or a full disk."""
     cause: BaseException | None = err.__context__
     while cause is not None:
-        if isinstance(cause, KeyboardInterrupt):
+        if isinstance(cause, (KeyboardInterrupt, interrupt.Stopped)):
             return cause
         if isinstance(cause, OSError):
             return OutputError(f"{name}: cannot write output: {cause.strerror or cause}")

@@ -64,7 +64,7 @@ class KeyMapReader(CheckpointReader):
 
     @property
     def files(self) -> list[Path]:
-        from soupkit.io import input_files
+        from soupkit.io import input_files  # cycle: soupkit.io re-exports this module's views
 
         return input_files(self.inner)
 

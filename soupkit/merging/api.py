@@ -70,7 +70,8 @@ def merge(
 
     ``kwargs``: the method's parameters (``weights``, ``alpha``, ``density``, ...) and the output options
     (``OutputOptions`` fields, or ``options=OutputOptions(...)``); unknown names are errors. ``recalibrate_bn``:
-    an evaluation recipe or evaluator whose held-out data recomputes BatchNorm statistics of the result.
+    an evaluator (``soupkit.Evaluator.from_recipe(recipe)``, or a function returning one) whose held-out data
+    recomputes BatchNorm statistics of the result; a recipe path is refused in one line saying so.
     ``chunk_elements``: the engine's flat chunk for elementwise methods (tuning and tests).
     """
     options, params = split_options(kwargs)

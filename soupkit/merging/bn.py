@@ -1,8 +1,9 @@
 """BatchNorm recalibration after merging: averaged weights no longer match averaged running statistics, so
 recompute them on data (as SWA does, Izmailov et al. 2018: ``torch.optim.swa_utils.update_bn``).
 
-Also the small glue shared with ``fisher_info``: getting an evaluator from a recipe, and matching the
-evaluator model's tensor names to the checkpoint's.
+Also the small glue shared with ``fisher_info``: taking the evaluator given (this layer sits below
+``soupkit.eval``, so callers build it: ``soupkit.Evaluator.from_recipe(...)``; the CLI does it from ``--eval``), and
+matching the evaluator model's tensor names to the checkpoint's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 
 from soupkit.errors import ParameterError
 from soupkit.merging.engine import SoupkitWarning
@@ -21,13 +24,17 @@ from soupkit.merging.engine import SoupkitWarning
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def resolve_evaluator(evaluator_or_recipe: Any) -> Any:
-    """An ``Evaluator`` as given, or built from a recipe (path, built-in name or mapping)."""
-    if isinstance(evaluator_or_recipe, (str, Path, Mapping)):
-        from soupkit.eval import Evaluator
-
-        return Evaluator.from_recipe(evaluator_or_recipe)
-    return evaluator_or_recipe
+def resolve_evaluator(evaluator: Any) -> Any:
+    """The evaluator given (anything with ``model``, ``batches(name)`` and ``heldout_name``, as
+    ``soupkit.eval.Evaluator``), or built by a zero-argument factory (called only when needed, so that cheap
+    checks such as the output path come first). A recipe is refused by name: the merging layer does not build
+    evaluators."""
+    if isinstance(evaluator, (str, Path, Mapping)):
+        raise ParameterError(f"expected an evaluator, got the recipe {str(evaluator)[:80]!r}: pass "
+                             f"soupkit.Evaluator.from_recipe(recipe) (or a function returning one)")
+    if callable(evaluator) and not hasattr(evaluator, "batches"):
+        return evaluator()
+    return evaluator
 
 
 def checkpoint_keys(model_keys: Iterable[str], checkpoint: Iterable[str]) -> dict[str, str]:
@@ -54,12 +61,9 @@ def recalibrate_bn(state_dict: Mapping[str, torch.Tensor], evaluator: Any,
 
     Loads the weights into the evaluator's model, resets every BatchNorm layer's statistics and re-estimates
     them as a cumulative average over the batches (train mode, no gradients), then returns a copy of
-    ``state_dict`` with the new running mean / variance / batch counts (in the input's dtypes). ``evaluator``
-    may be an ``Evaluator`` or a recipe.
+    ``state_dict`` with the new running mean / variance / batch counts (in the input's dtypes). ``evaluator``:
+    an ``Evaluator`` (or a function returning one), see ``resolve_evaluator``.
     """
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from torch.optim.swa_utils import update_bn
-
     if max_batches is not None and max_batches < 1:
         raise ParameterError(f"recalibrate_bn: max_batches must be >= 1, got {max_batches}")
     ev = resolve_evaluator(evaluator)
@@ -95,6 +99,8 @@ def merge_and_recalibrate(checkpoints: Any, method: str, output: str | Path | No
     """Merge in memory, recompute BatchNorm statistics over the recipe's held-out data, then write the result
     through the merge plan's writer for ``output`` (every output form and option, checked before any work). The
     fix for soups of convnets: averaged weights no longer match the averaged running stats."""
+    # cycle (api imports this module): merge_and_recalibrate is api's orchestration and moves there with api's
+    # output-plan rewrite; until then the import waits for the call
     from soupkit.merging.api import merge_variants
 
     recipe = evaluator if isinstance(evaluator, (str, Path)) else type(evaluator).__name__

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from soupkit.errors import NonFiniteError, SoupkitError
+from soupkit.merging.registry import METHODS
 
 #: the package whose methods are trusted (tested against references; see the module docstring)
 BUILTIN_PACKAGE = "soupkit.merging.methods"
@@ -31,7 +32,6 @@ BUILTIN_PACKAGE = "soupkit.merging.methods"
 
 def is_builtin(method: Any) -> bool:
     """True for the methods soupkit ships (their registering module is inside ``BUILTIN_PACKAGE``)."""
-    from soupkit.merging.registry import METHODS
 
     try:
         owner = METHODS.owner(method.name)

@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import IncompatibleCheckpointsError, NonFiniteError, ParameterError, suggest
-from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo
+from soupkit.io import CheckpointReader, CheckpointSink, TensorInfo, open_checkpoint
+from soupkit.merging.checks import call_method
 from soupkit.merging.registry import MergeMethod, TensorFiles
 from soupkit.options import OutputOptions, parse_dtype, resolve_device
 
@@ -143,7 +145,11 @@ class BufferPool:
     stay resident and are reused instead of being faulted in afresh for every chunk, and memory stays bounded
     by what is actually alive (the read-ahead window plus the chunk being combined). Reads below
     ``MIN_POOLED`` bytes are plain allocations: with tens of thousands of small tensors, pooling them cost more
-    than it saved (a profile of 4,000 keys spent half its time releasing buffers)."""
+    than it saved (a profile of 4,000 keys spent half its time releasing buffers).
+
+    A freed view is noticed by a weak reference whose callback is ``deque.append``, C code that runs no Python
+    bytecode, so no signal handler can run (and no exception can be raised, then dropped) inside it; the slab is
+    put back on the free list by the next ``acquire``."""
 
     MIN_POOLED = 64 << 10
 
@@ -152,11 +158,15 @@ class BufferPool:
         self._free_bytes = 0
         self._keep_bytes = keep_bytes
         self._lock = threading.Lock()
+        # id of a weak ref to a lent view -> (that ref, kept alive so its callback fires; the slab under the view)
+        self._lent: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
+        self._returned: deque[weakref.ref[np.ndarray]] = deque()  # refs of views that died (appended from C)
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         if nbytes < self.MIN_POOLED:
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
+            self._take_back()
             index = bisect.bisect_left(self._free, (nbytes, -1))  # the smallest free slab that fits
             slab = self._free.pop(index)[2] if index < len(self._free) else None
             if slab is not None:
@@ -164,11 +174,15 @@ class BufferPool:
         if slab is None:
             slab = np.empty(nbytes, dtype=np.uint8)
         view = slab[:nbytes]
-        weakref.finalize(view, self._release, slab)
+        with self._lock:
+            ref = weakref.ref(view, self._returned.append)
+            self._lent[id(ref)] = (ref, slab)
         return torch.from_numpy(view)
 
-    def _release(self, slab: np.ndarray) -> None:
-        with self._lock:
+    def _take_back(self) -> None:
+        """Move the slabs of views freed since the last call onto the free list (under the lock)."""
+        while self._returned:
+            _, slab = self._lent.pop(id(self._returned.popleft()))
             bisect.insort(self._free, (slab.nbytes, id(slab), slab))
             self._free_bytes += slab.nbytes
             while self._free_bytes > self._keep_bytes:
@@ -348,6 +362,7 @@ def _read_requests(steps: Sequence[Step]) -> Iterator[tuple[CheckpointReader, st
             yield reader, step.key, step.start, step.stop, (step.stop - step.start) * itemsize
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def run_merge(
     method: MergeMethod,
     readers: Sequence[CheckpointReader],
@@ -373,10 +388,12 @@ def run_merge(
         torch.set_num_threads(1)
     try:
         for step in steps:
+            interrupt.check()  # a recorded Ctrl-C / SIGTERM stops the merge here, between two steps
             for sink, chunk in merger.step(step, reads.take(len(step.reads))):
                 writes.put(sink, step.key, chunk)
             progress.advance(sum(r.info(step.key).dtype.itemsize for r in step.reads) * (step.stop - step.start))
         writes.flush()
+        interrupt.check()
     finally:
         if single_thread:
             torch.set_num_threads(threads)
@@ -415,7 +432,6 @@ class _Merger:
 
     def _merge(self, step: Step, reads: Sequence[Future[torch.Tensor]]
                ) -> Iterator[tuple[CheckpointSink, torch.Tensor]]:
-        from soupkit.merging.checks import call_method
 
         method, key, run = self.method, step.key, self.run
         shape = (step.stop - step.start,) if method.elementwise else self.infos[key].shape
@@ -450,8 +466,6 @@ def _open_auxiliary(method: MergeMethod, variants: Sequence[Variant], readers: S
     """Open and check each variant's ``TensorFiles`` parameters (one reader per input): every tensor in them
     must be a floating tensor of the inputs, with the inputs' shape. ``add_prefix`` renames them as the inputs
     are renamed (a Fisher file is keyed like the model it was computed on)."""
-    from soupkit.io import open_checkpoint
-
     opened: dict[str, CheckpointReader] = {}
     result: list[dict[str, list[CheckpointReader]]] = []
     try:

@@ -33,7 +33,12 @@ from typing import Any
 import torch
 
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError, SoupkitError
+from soupkit.io import input_files, open_checkpoint
+from soupkit.io.foreign_code import NO_REMOTE_CODE, forbid_remote_code_prompts, refuse_foreign_code
+from soupkit.io.hf_folder import hf_folder_of
+from soupkit.io.lora import LoraModule, _adapter_config, _factor_tensors, _write_adapter, refactor_lora
 from soupkit.io.small_files import read_json_file
+from soupkit.merging.engine import check_compatible, resolve_device
 
 __all__ = ["ExtractedLora", "extract_lora"]
 
@@ -67,8 +72,6 @@ def _module_kinds(folder: Path | None) -> dict[str, str] | None:
         return None
     import transformers
     from torch import nn
-
-    from soupkit.io.foreign_code import NO_REMOTE_CODE, forbid_remote_code_prompts, refuse_foreign_code
 
     refuse_foreign_code(folder, "extract-lora")  # the folder's config names no code of its own
     forbid_remote_code_prompts()
@@ -140,10 +143,6 @@ def extract_lora(finetuned: str | Path, base: str | Path, output: str | Path, ra
     factorise the embeddings too (default: save them whole, as mergekit). ``device``: where the SVDs run
     (``cuda`` for large models). Everything is checked before any tensor is read; the folder appears whole or
     not at all."""
-    from soupkit.io import input_files, open_checkpoint
-    from soupkit.io.hf_folder import hf_folder_of
-    from soupkit.io.lora import _write_adapter
-    from soupkit.merging.engine import check_compatible, resolve_device
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ParameterError(f"--rank must be a positive integer, got {rank!r}")
@@ -219,7 +218,6 @@ class _Extraction:
         self.num = self.den = 0.0
 
     def add(self, key: str, module: str, kind: str, new: torch.Tensor, old: torch.Tensor) -> None:
-        from soupkit.io.lora import LoraModule, _factor_tensors, refactor_lora
 
         delta = new.to(self.device, torch.float64) - old.to(self.device, torch.float64)
         if not bool(delta.any()):
@@ -264,7 +262,6 @@ class _Extraction:
 
     def adapter_config(self, base: str, folder: Path | None, plan: dict[str, tuple[str, str]],
                        tied: dict[str, str]) -> dict[str, Any]:
-        from soupkit.io.lora import _adapter_config
 
         biases = any(k.endswith(".lora_B.bias") for k in self.tensors)
         template = {"peft_type": "LORA", "task_type": _task_type(folder), "base_model_name_or_path": base,

@@ -45,8 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import RecipeError, SoupkitError, suggest
-from soupkit.merging.config import MergeConfig, _Parser
+from soupkit.io import open_checkpoint
+from soupkit.merging.config_schema import MergeConfig, _Parser
+from soupkit.merging.engine import SoupkitWarning
 from soupkit.merging.registry import get_method
+from soupkit.merging.slices import SliceGroup, SlicePlan, layer_count_updates
 from soupkit.options import OutputOptions
 
 REQUIRED = ...  # a parameter mergekit requires (it has no default)
@@ -360,7 +363,6 @@ class _Reader(_Parser):
                                                                       {**method.global_params,
                                                                        **method.model_params})))
         if any("int8_mask" in settings for _, settings in global_levels):
-            from soupkit.merging.engine import SoupkitWarning
 
             warnings.warn(f"{self.source}: int8_mask has no effect in soupkit (mergekit's int8 only saves memory "
                           f"in its sign masks; the numbers are the same)", SoupkitWarning, stacklevel=3)
@@ -484,7 +486,6 @@ class _Reader(_Parser):
 
     def frankenmerge(self, data: Mapping[str, Any], name: str, method: _Method) -> MergeConfig:
         """``slices`` stacking or interleaving layer ranges: a ``SlicePlan`` of every output tensor."""
-        from soupkit.merging.slices import SliceGroup, SlicePlan, layer_count_updates
 
         slices = self.listed(data["slices"], "slices")
         global_params = ("parameters", self.settings(data.get("parameters"), "parameters",
@@ -555,7 +556,6 @@ class _Reader(_Parser):
 
     def slice_groups(self, piece: _Slice, where: str, name: str, layers: list[tuple[Path, int]]) -> list[Any]:
         """One group per output layer of a slice (the merge streams layer by layer); appends to ``layers``."""
-        from soupkit.merging.slices import SliceGroup
 
         inputs, starts, paths, base = piece.inputs, piece.starts, piece.paths, piece.base
         groups = []
@@ -670,7 +670,6 @@ def _number(text: str) -> Any:
 
 def _keys(paths: list[Path]) -> list[str]:
     """The tensor names of the first of ``paths`` (its header only)."""
-    from soupkit.io import open_checkpoint
 
     reader = open_checkpoint(paths[0])
     try:

@@ -19,6 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soupkit.io import CheckpointSink, OutputSet, check_output_path, open_checkpoint
+from soupkit.io.base import TensorInfo
+from soupkit.io.hf_folder import is_folder_output, plan_folder_output
+from soupkit.io.provenance import ingredient_record, provenance_metadata
+from soupkit.io.small_files import read_json_file
+from soupkit.io.views import KeyMapReader
+from soupkit.merging import api
+from soupkit.merging.engine import parse_dtype
+
 #: config.json fields holding the layer count, by architecture family (Llama/Mistral/Qwen..., GPT-2, others)
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -69,8 +78,6 @@ def layer_count_updates(template: Path, layers: Sequence[tuple[Path, int]]) -> d
 
 def _provenance(plan: SlicePlan, metadata: Mapping[str, Any] | None) -> dict[str, str]:
     """The output's provenance record: the method, each slice's layer ranges, every model read."""
-    from soupkit.io import open_checkpoint
-    from soupkit.io.provenance import ingredient_record, provenance_metadata
 
     ingredients = []
     for path in plan.models:
@@ -85,7 +92,6 @@ def _provenance(plan: SlicePlan, metadata: Mapping[str, Any] | None) -> dict[str
 
 def _read_config(folder: Path) -> dict[str, Any]:
     """The model folder's config.json (read as every small file is: ``soupkit.io.small_files``), {} without one."""
-    from soupkit.io.small_files import read_json_file
 
     return read_json_file(folder if folder.is_dir() else folder.parent, "config.json") or {}
 
@@ -95,10 +101,6 @@ def merge_slices(plan: SlicePlan, output: str | Path | None, *, options: Any, pr
                  overrides: Callable[[str], Mapping[str, Any]] | Mapping[str, Any] | None = None) -> Any:
     """Run ``plan``: the merged state dict (``output=None``), or the written folder or file. Streams group by
     group (one output layer at a time) into one sink: memory holds one layer's tensors, not the model."""
-    from soupkit.io import CheckpointSink, OutputSet, check_output_path, open_checkpoint
-    from soupkit.io.base import TensorInfo
-    from soupkit.io.hf_folder import is_folder_output, plan_folder_output
-    from soupkit.merging.engine import parse_dtype
 
     protected = [Path(p) for p in plan.models]
     folder = None
@@ -151,9 +153,6 @@ def merge_slices(plan: SlicePlan, output: str | Path | None, *, options: Any, pr
 def _merge_group(method: str, group: SliceGroup, options: Any,
                  overrides: Callable[[str], Mapping[str, Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
     """One group's tensors, merged in memory over renamed views of its inputs (no tensor copied to rename it)."""
-    from soupkit.io import open_checkpoint
-    from soupkit.io.views import KeyMapReader
-    from soupkit.merging.api import merge_variants
 
     views = [KeyMapReader(open_checkpoint(path), {k: names[i] for k, names in group.sources.items()})
              for i, path in enumerate(group.models)]
@@ -163,5 +162,5 @@ def _merge_group(method: str, group: SliceGroup, options: Any,
     def variant(key: str) -> dict[str, Any]:
         return {**group.parameters[key], **(fixed if fixed is not None else overrides(key))}  # type: ignore[misc]
 
-    return merge_variants(views, method, [(variant, None)], base=base, options=options.model_copy(
+    return api.merge_variants(views, method, [(variant, None)], base=base, options=options.model_copy(
         update={"force": False}), progress=False)[0]  # one bar per layer would be noise

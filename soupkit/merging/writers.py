@@ -77,6 +77,20 @@ MERGE = Command("soupkit merge")
 COPY = Command("soupkit convert", frozenset({"dtype", "device", "shard_size", "allow_nonfinite", "ema", "force",
                                              "strip_prefix", "add_prefix"}),
                "it writes one checkpoint, nothing is merged")
+#: ``soupkit zeroshot`` (``soupkit.eval.models.clip``): a CLIP classifier's own tensors
+ZEROSHOT = Command("soupkit zeroshot", frozenset({"dtype", "device", "shard_size", "allow_nonfinite", "force",
+                                                 "add_prefix"}),
+                   "it writes the CLIP model's own tensors: no checkpoint is read and nothing is merged")
+#: the output options a soup algorithm's candidates and written soup honour (soupkit.soups.common docstring)
+SOUP_OPTIONS = frozenset({"dtype", "precise", "device", "shard_size", "include", "exclude", "allow_nonfinite",
+                          "ema", "force", "strip_prefix", "add_prefix", "rank"})
+
+
+def soup_command(algorithm: str) -> Command:
+    """What a soup algorithm honours, for the merge plan's one-line refusals."""
+    return Command(f"the {algorithm}", SOUP_OPTIONS,
+                   "it scores every candidate as a whole model, so every input must hold every tensor (merge such "
+                   "checkpoints with soupkit merge --method linear --allow-missing)")
 
 
 def choose_writer(output: str | Path | None, templates: Sequence[Any], options: OutputOptions, *,

@@ -16,7 +16,7 @@ DOCS_END = "<!-- end of generated methods table -->"
 
 
 def _parameters(name: str) -> list[str]:
-    from soupkit.merging.registry import get_method
+    from soupkit.merging.registry import get_method  # lazy: the CLI imports this module at start-up
 
     method = get_method(name)
     lines = [f"{flag(p.name)} {p.type_name()}" + ("" if p.required else f" = {_default(p.default)}")
@@ -34,7 +34,7 @@ def method_table() -> Any:
     """A rich table of every method and soup algorithm."""
     from rich.table import Table
 
-    from soupkit.merging.registry import METHODS
+    from soupkit.merging.registry import METHODS  # lazy: the CLI imports this module at start-up
 
     table = Table(title="soupkit merge methods", show_lines=False, expand=False)
     table.add_column("method", no_wrap=True, style="bold")
@@ -49,7 +49,7 @@ def method_table() -> Any:
 
 def method_text(name: str) -> str:
     """Everything about one method: what it does, its parameters with help and defaults, the paper."""
-    from soupkit.merging.registry import METHODS, get_method
+    from soupkit.merging.registry import METHODS, get_method  # lazy: the CLI imports this module at start-up
 
     method = get_method(name)
     lines = [f"{method.name}: {method.pretty_name}", "", method.description, ""]
@@ -100,7 +100,7 @@ def _row(method: Any, style: str) -> str:
 def docs_table(style: str = "full") -> str:
     """The Markdown methods table (``full``: docs/methods.md; ``compact``: the README), between its markers.
     Built-in methods only: plugins document themselves."""
-    from soupkit.merging.registry import METHODS
+    from soupkit.merging.registry import METHODS  # lazy: the CLI imports this module at start-up
 
     if style == "compact":
         rows = ["| method | what it does | paper |", "|---|---|---|"]
@@ -130,8 +130,8 @@ def output_table() -> str:
     """The Markdown tables of the output forms and options, from their declarations
     (``soupkit.options.OutputOptions`` and ``soupkit.merging.writers.WRITERS``), between the markers: each
     option's flag and help, and which writer honours it (any other refuses it in one line)."""
-    from soupkit.merging.writers import WRITERS
-    from soupkit.options import OutputOptions
+    from soupkit.merging.writers import WRITERS  # lazy: loads torch
+    from soupkit.options import OutputOptions  # lazy: with the writers above
 
     writers = list(WRITERS.values())
     rows = ["| writer | named in messages | what it writes |", "|---|---|---|"]
@@ -150,16 +150,14 @@ def output_table() -> str:
 
 def _narrowing_commands() -> list[Any]:
     """The commands that honour fewer options than their writer (declared beside their code)."""
-    from soupkit.eval.models.clip import ZEROSHOT
-    from soupkit.merging.writers import COPY
-    from soupkit.soups.common import soup_command
+    from soupkit.merging.writers import COPY, ZEROSHOT, soup_command  # lazy: loads torch
 
     return [COPY, ZEROSHOT, soup_command("greedy / learned soup and WiSE-FT sweep")]
 
 
 def update_docs(root: Path) -> list[Path]:
     """Rewrite the generated tables under ``root``; returns the files that changed."""
-    from soupkit.io.atomic import atomic_write_text
+    from soupkit.io.atomic import atomic_write_text  # lazy: only when the docs are rewritten
 
     changed = []
     tables = [(name, DOCS_BEGIN, DOCS_END, lambda style=style: docs_table(style)) for name, style in GENERATED.items()]

@@ -40,21 +40,10 @@ from soupkit.io import CheckpointReader, input_files
 from soupkit.merging.adapters import adapter_positions
 from soupkit.merging.engine import check_compatible, select_keys
 from soupkit.merging.plan import open_inputs as open_merge_inputs
-from soupkit.merging.writers import plan_targets
-from soupkit.options import Command, OutputOptions, parse_dtype, resolve_device, split_options
+from soupkit.merging.writers import plan_targets, soup_command
+from soupkit.options import OutputOptions, parse_dtype, resolve_device, split_options
 from soupkit.soups.result import SoupResult
 from soupkit.soups.scoring import Judge
-
-#: the output options a soup algorithm's candidates and written soup honour (soupkit.soups.common docstring)
-SOUP_OPTIONS = frozenset({"dtype", "precise", "device", "shard_size", "include", "exclude", "allow_nonfinite",
-                          "ema", "force", "strip_prefix", "add_prefix", "rank"})
-
-
-def soup_command(algorithm: str) -> Command:
-    """What a soup algorithm honours, for the merge plan's one-line refusals."""
-    return Command(f"the {algorithm}", SOUP_OPTIONS,
-                   "it scores every candidate as a whole model, so every input must hold every tensor (merge such "
-                   "checkpoints with soupkit merge --method linear --allow-missing)")
 
 
 def check_output_options(options: Mapping[str, Any], algorithm: str) -> OutputOptions:

@@ -31,9 +31,13 @@ from typing import Any
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import ParameterError, SoupkitError, unknown_choice
 from soupkit.io import CheckpointReader, CheckpointSource
+from soupkit.merging import uniform_soup
+from soupkit.merging.api import merge_variants
 from soupkit.merging.methods.linear import mean_step
+from soupkit.report.plots import plot_greedy_steps, plot_soup_scatter
 from soupkit.soups.common import SoupRun, mean_accuracy, read_tensors
 from soupkit.soups.result import GreedyStep, SoupResult
 from soupkit.soups.scoring import Score, Steps
@@ -100,6 +104,7 @@ class RunningSoup:
         self.count += 1
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def greedy_soup(
     checkpoints: Sequence[CheckpointSource],
     evaluator: Any,
@@ -154,7 +159,6 @@ def greedy_soup(
 def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: SoupResult) -> SoupResult:
     """Write the soup (the linear method over the members in selection order, through the merge engine) and the
     report."""
-    from soupkit.merging.api import merge_variants
 
     names, members = run.names, result.ingredients
     record = {"accept": result.rule["accept"], "prescreen": result.rule["prescreen"],
@@ -185,6 +189,7 @@ def _search(run: SoupRun, scores: list[Score], order: list[int], accept: str, pr
     bar = Steps(len(order) - 1, progress, judge=judge)
     try:
         for position in order[1:]:
+            interrupt.check()  # between two candidates (the evaluator also checks between batches)
             own = scores[position]
             if prescreen is not None and own.accuracy < prescreen:  # type: ignore[operator]
                 history.append(GreedyStep(len(history), position, names[position], own.accuracy, None, False,
@@ -232,13 +237,11 @@ def _step(step: int, position: int, name: str, own: Score, result: Score, accept
 
 def _plots(run: SoupRun, result: SoupResult, folder: Path) -> list[Path]:
     """The per-step plot, and the paper's scatter when the evaluator has test and shift sets."""
-    from soupkit.report.plots import plot_greedy_steps, plot_soup_scatter
 
     files = [plot_greedy_steps(result, folder / "greedy_steps.png")]
     judge = run.judge
     tests, shifts = judge.test_names, judge.shift_names
     if tests and shifts:
-        from soupkit.merging import uniform_soup
 
         valid = [i for i, s in enumerate(result.scores) if s is not None]
         sources = run.scoring_sources

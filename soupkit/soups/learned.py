@@ -21,9 +21,13 @@ from typing import Any
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError, SoupkitError
 from soupkit.io import CheckpointSource
+from soupkit.merging import merge
+from soupkit.merging.api import merge_variants
 from soupkit.merging.registry import get_method
+from soupkit.report.plots import plot_learned_weights
 from soupkit.soups.common import Candidates, SoupRun, read_tensors
 from soupkit.soups.result import LearnedWeights, SoupResult
 from soupkit.soups.scoring import Steps, dataset_score
@@ -63,6 +67,7 @@ def activation_bytes(model: torch.nn.Module, batch: torch.Tensor) -> int:
     return 2 * total[0]
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def learned_soup(
     checkpoints: Sequence[CheckpointSource],
     evaluator: Any,
@@ -137,13 +142,11 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
     def write(out: Path | None, **options: Any) -> Any:
         if per_key is not None:
             return _write_by_layer(run, checkpoints, per_key, out, {"soupkit.learned": record})
-        from soupkit.merging import merge
 
         return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record},
                      base=run.base_for(checkpoints), **options)
 
     def plots(folder: Path) -> list[Path]:
-        from soupkit.report.plots import plot_learned_weights
 
         return [plot_learned_weights(run.names, weights, folder / "learned_weights.png")]
 
@@ -228,6 +231,7 @@ def _train(model: torch.nn.Module, stacks: Mapping[str, torch.Tensor], layout: C
     bar = Steps(steps, progress, "learned soup")
     try:
         for _ in range(steps):
+            interrupt.check()  # between two optimiser steps
             x, y = next(batches)
             weights = torch.softmax(logits, dim=0)
             mixed = {k: torch.tensordot(weights[:, column[k]], stacks[k], dims=1) for k in stacks}
@@ -251,7 +255,6 @@ def _write_by_layer(run: SoupRun, checkpoints: Sequence[CheckpointSource], per_k
                     out: Path | None, metadata: Mapping[str, Any]) -> Any:
     """A by-layer learned soup through the engine: the linear method with per-tensor weights (tensors without
     learned weights are copied from the first input, as the engine does for excluded keys)."""
-    from soupkit.merging.api import merge_variants
 
     options = run.options.model_copy(update={"exclude": (*run.options.exclude, *(k for k in run.keys
                                                                                  if k not in per_key))})

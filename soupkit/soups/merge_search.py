@@ -38,8 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from soupkit.errors import ParameterError, unknown_choice
+from soupkit.io import check_output_path, open_checkpoint
+from soupkit.merging import merge
+from soupkit.merging.config import merge_from_config
 from soupkit.merging.registry import MergeMethod, Parameter, get_method
 from soupkit.options import OutputOptions, split_options
+from soupkit.report.layout import console, print_table
+from soupkit.report.plots import plot_search, write_json
+from soupkit.report.tables import search_table
+from soupkit.soups.greedy import greedy_soup, hardest_first
+from soupkit.soups.scoring import Judge, Score, Steps
 
 #: layer-indexed tensor names (mergekit's architectures and timm's): the group is the name up to the index
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -119,8 +127,6 @@ class SearchResult:
 
     def print_table(self) -> None:
         """The comparison table on stderr-free stdout (held-out first, then the test sets)."""
-        from soupkit.report.layout import console, print_table
-        from soupkit.report.tables import search_table
 
         print_table(search_table(self), console())
 
@@ -327,7 +333,6 @@ def search(
     ``report_dir`` (default: the output's folder) receives ``NAME.search.jsonl`` (the log ``resume`` continues),
     ``NAME.search.json`` and ``NAME.search.png``.
     """
-    from soupkit.soups.scoring import Judge
 
     spec = get_method(method)
     options, fixed = split_options(fixed_and_options)
@@ -378,7 +383,6 @@ def _check_settings(budget: Any, population: Any, sigma: Any) -> None:
 
 def _float_keys(paths: Sequence[Path]) -> list[str]:
     """The first input's floating tensor names (the per-layer groups come from them)."""
-    from soupkit.io import open_checkpoint
 
     reader = open_checkpoint(paths[0])
     try:
@@ -417,14 +421,12 @@ class _Run:
 
     def merge(self, parameters: Mapping[str, Any], tensors: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """The candidate merged in memory, exactly as ``soupkit merge --config`` would merge it."""
-        from soupkit.merging.config import merge_from_config
 
         return merge_from_config(self.config(parameters, tensors))
 
     def check_output(self, output: str | Path | None) -> None:
         if output is None:
             return
-        from soupkit.io import check_output_path
 
         protect = [*self.paths, *([self.base] if self.base is not None else [])]
         self.out = check_output_path(output, inputs=protect, force=self.options.force)
@@ -459,7 +461,6 @@ class _Run:
 
     def finish(self, result: SearchResult, output: str | Path | None, log: SearchLog | None) -> SearchResult:
         """Write the config, the best merge (from that config), the report and the plot."""
-        from soupkit.merging.config import merge_from_config
 
         if self.out is not None:
             folder = self.out.parent
@@ -471,7 +472,6 @@ class _Run:
         else:
             result.state_dict = self.merge(result.best.parameters, result.best.tensors)
         if log is not None and log.writable:
-            from soupkit.report.plots import plot_search, write_json
 
             stem = log.path.name.removesuffix(".search.jsonl")
             result.report_files.append(plot_search(result, log.path.parent / f"{stem}.search.png"))
@@ -485,8 +485,6 @@ def _optimise(run: _Run, judge: Any, log: SearchLog | None, budget: int, populat
     """The defaults, then CMA-ES generations until ``budget`` candidates are scored (a logged run replayed)."""
     import numpy as np
     from cmaes import CMA
-
-    from soupkit.soups.scoring import Steps
 
     logged = log.read() if resume and log is not None else []
     if log is not None and not log.writable:
@@ -541,9 +539,6 @@ class _Scorer:
         if self.order is None and mask is not None:
             # what the first full evaluation got wrong first: losers stop sooner; decisions do not depend on it,
             # an early-stopped candidate's bound does, so the mask is logged and a resumed run uses the same order
-            from soupkit.soups.greedy import hardest_first
-            from soupkit.soups.scoring import Score
-
             self.order = hardest_first([Score(0.0, correct_mask=torch_mask(mask))])
         self.bar.advance()
         self.bar.describe(f"search: best {_show(self.best)}")
@@ -637,8 +632,6 @@ def _stats(candidates: Sequence[Candidate], seconds: float) -> dict[str, Any]:
 
 def _compare(run: _Run, judge: Any, best: Candidate, paths: list[Path]) -> dict[str, dict[str, float]]:
     """Every dataset's score of the best ingredient, the uniform and greedy soups, the defaults and the search."""
-    from soupkit.merging import merge
-    from soupkit.soups.greedy import greedy_soup
 
     rows: dict[str, Any] = {}
     individual = {p: judge.accuracies(p) for p in paths}

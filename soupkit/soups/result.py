@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soupkit.report.layout import print_table
+from soupkit.report.tables import soup_table
+
 
 @dataclass
 class GreedyStep:
@@ -125,14 +128,12 @@ class SoupResult:
 
     def table(self) -> Any:
         """A ``rich.table.Table`` of the history."""
-        from soupkit.report.tables import soup_table
 
         return soup_table(self)
 
     def print_table(self, console: Any = None) -> None:
         """Print the history table fitted to the console's width (stderr by default, so stdout stays clean for
         pipes)."""
-        from soupkit.report.layout import print_table
 
         print_table(self.table(), console, stderr=True)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from soupkit.errors import ParameterError
+from soupkit.eval import Evaluator
 from soupkit.io import load_checkpoint
 
 
@@ -63,7 +64,6 @@ def is_evaluator(obj: Any) -> bool:
 def resolve_evaluator(evaluator: Any) -> Any:
     """An ``Evaluator``, built from a recipe path/name when given one; callables pass through."""
     if isinstance(evaluator, (str, Path)):
-        from soupkit.eval import Evaluator
 
         return Evaluator.from_recipe(evaluator)
     if is_evaluator(evaluator) or callable(evaluator):

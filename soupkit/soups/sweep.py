@@ -26,11 +26,14 @@ from typing import Any
 
 import torch
 
+from soupkit import interrupt
 from soupkit.errors import IncompatibleCheckpointsError, ParameterError, suggest, unknown_choice
 from soupkit.io import CheckpointSource, open_checkpoint
+from soupkit.merging import merge, wise_ft
 from soupkit.merging.engine import SoupkitWarning
 from soupkit.merging.methods.fisher import DEFAULT_FLOOR
 from soupkit.merging.registry import get_method
+from soupkit.report.plots import plot_wise_curve
 from soupkit.soups.alphas import parse_alphas
 from soupkit.soups.common import SoupRun, ingredient_names, mean_accuracy
 from soupkit.soups.result import SoupResult, SweepPoint, _clean
@@ -95,6 +98,7 @@ def _fisher_files(fisher: Sequence[CheckpointSource] | None, floor: float) -> li
     return [Path(f) for f in fisher]
 
 
+@interrupt.cooperative()  # Ctrl-C / SIGTERM stop it between steps, never inside a finaliser
 def wise_sweep(
     zeroshot: CheckpointSource,
     finetuned: CheckpointSource,
@@ -163,7 +167,6 @@ def _publish(run: SoupRun, model_at: Interpolation, result: SoupResult, metadata
     assert alpha is not None
 
     def write(out: Path | None, **options: Any) -> Any:
-        from soupkit.merging import merge, wise_ft
 
         if model_at.fishers is not None:
             return merge(run.sources, "fisher", out, metadata=metadata, **model_at.params(alpha), **options)
@@ -172,7 +175,6 @@ def _publish(run: SoupRun, model_at: Interpolation, result: SoupResult, metadata
             return wise_ft(run.sources[0], run.sources[1], alpha, out, metadata=metadata, **options)
 
     def plots(folder: Path) -> list[Path]:
-        from soupkit.report.plots import plot_wise_curve
 
         return [plot_wise_curve(result.history, folder / "wise_curve.png")]
 
@@ -187,6 +189,7 @@ def _sweep(run: SoupRun, model_at: Interpolation, alphas: Sequence[float], progr
     bar = Steps(len(alphas), progress, "WiSE-FT sweep", judge=judge)
     try:
         for alpha in alphas:
+            interrupt.check()  # between two points of the sweep
             accuracies = judge.accuracies(model_at(alpha), use_cache=False)
             points.append(SweepPoint(alpha, accuracies, accuracies.get(judge.heldout),
                                      test=mean_accuracy(accuracies, tests), shift=mean_accuracy(accuracies, shifts)))

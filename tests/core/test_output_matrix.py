@@ -26,13 +26,12 @@ from safetensors.torch import save_file
 
 import soupkit
 from soupkit.errors import ParameterError
-from soupkit.eval.models.clip import ZEROSHOT, zeroshot_checkpoint
+from soupkit.eval.models.clip import zeroshot_checkpoint
 from soupkit.inspection import convert
 from soupkit.io import load_checkpoint, open_checkpoint
 from soupkit.merging.config import merge_from_config
-from soupkit.merging.writers import COPY, MERGE, WRITERS, choose_writer
+from soupkit.merging.writers import COPY, MERGE, WRITERS, ZEROSHOT, choose_writer, soup_command
 from soupkit.options import Command, OutputOptions
-from soupkit.soups.common import soup_command
 from tests.conftest import snapshot
 
 #: one value per option, as a library call gives it (each differs from the default)

@@ -91,6 +91,7 @@ SUBPROCESS_CASES = ["hostile os.system (pickle)", "hostile handwritten getattr(b
                     ".pt data.pkl bzip2 bomb (8 MiB from a few bytes)"]
 
 
+@pytest.mark.slow  # each process pays torch's import; the default `pytest -q` still runs it
 @pytest.mark.skipif(not SOUPKIT.exists(), reason="the soupkit console script is not installed beside python")
 def test_bad_inputs_through_the_real_executable(tmp_path: Path) -> None:
     runs = []

@@ -3,9 +3,12 @@
 An adapter is a function registered with ``@data_adapter("kind")`` whose signature is the recipe schema. It
 returns a ``Source``: either ready tensors (``images`` uint8 raw pixels or float model-ready, ``labels``) or a
 map-style dataset of ``(PIL image or tensor, label)`` that the evaluator decodes once, with the model's own
-evaluation transform, into tensors it keeps for every later evaluation. Built-in kinds: ``digits`` (bundled,
-no download), ``imagefolder``, ``tensors``, ``python``; for text models ``jsonl``, ``csv`` and ``hf_disk``
-(``soupkit.eval.data.text``: records that the evaluator tokenises once with the model's tokenizer).
+evaluation transform, into tensors it keeps for every later evaluation. Text kinds (``soupkit.eval.data.text``)
+return records that the evaluator tokenises once with the model's tokenizer.
+
+Adding a kind is adding a file: every module in this package is imported (and so registers its kinds) when the
+registry is first used; other packages register through the ``soupkit.data`` entry-point group.
+``docs/kinds.md`` lists the kinds and their recipe keys (generated).
 
 Convention for tensors: **uint8 images are raw pixels** (the evaluator scales them to [0, 1] and applies the
 model's normalisation on the device, batch by batch); **float images are model-ready** and used as they are.
@@ -13,6 +16,8 @@ model's normalisation on the device, batch by batch); **float images are model-r
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,8 @@ class DataContext:
     where: str = "data"
 
 
-from soupkit.eval.data import digits, folders, python_dataset, text  # noqa: E402, F401  (register the built-ins)
+# every module of the package registers its kinds (after the classes above, which they import)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["DataContext", "Source", "data", "data_adapter"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from soupkit.errors import ParameterError
+from soupkit.errors import ParameterError, RecipeError, unknown_choice
 from soupkit.eval.data import Source
 from soupkit.eval.registry import data_adapter
 
@@ -47,7 +47,6 @@ def load_digits_split(split: str, shift: str | None = None, size: int = 16, seed
     if split not in SPLITS:
         raise ParameterError(f"digits split must be one of {', '.join(SPLITS)}, got {split!r}")
     if shift is not None and shift not in SHIFTS:
-        from soupkit.errors import unknown_choice
 
         raise ParameterError(unknown_choice("digits shift", shift, SHIFTS))
     if not (isinstance(size, int) and size >= 8) or channels not in (1, 3) or not 0 < holdout < 1:
@@ -129,7 +128,6 @@ def digits(split: Literal["train", "heldout", "test"] = "test",
            size: int | None = None, channels: int | None = None, seed: int = 0, holdout: float = 0.2, *,
            context: object = None) -> Source:
     """Bundled digits; ``size``/``channels`` default to the model's input (else 16 x 16, 1 channel)."""
-    from soupkit.errors import RecipeError
 
     model = getattr(context, "model", None)
     known = getattr(model, "input_size", None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from soupkit.errors import RecipeError
+from soupkit.errors import RecipeError, SoupkitError
 from soupkit.eval.data import Source
 from soupkit.eval.registry import data_adapter
+from soupkit.io import open_checkpoint
 
 
 @data_adapter("imagefolder")
@@ -39,8 +40,6 @@ def tensors(path: Path, images: str = "images", labels: str = "labels", *, conte
     """Ready tensors from one file (uint8 = raw pixels, float = model-ready)."""
     import torch
 
-    from soupkit.errors import SoupkitError
-    from soupkit.io import open_checkpoint
 
     where = getattr(context, "where", "data")
     if not path.is_file():

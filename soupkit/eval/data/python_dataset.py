@@ -6,13 +6,13 @@ from typing import Any
 
 from soupkit.errors import RecipeError
 from soupkit.eval.data import Source
+from soupkit.eval.models.python_factory import import_object
 from soupkit.eval.registry import data_adapter
 
 
 @data_adapter("python")
 def python_dataset(factory: str, kwargs: dict[str, Any] | None = None, *, context: object = None) -> Source:
     """``factory(**kwargs)`` -> a Dataset whose items are (PIL image or tensor, int label)."""
-    from soupkit.eval.models.python_factory import import_object
 
     where = f"{getattr(context, 'where', 'data')}.factory"
     fn = import_object(factory, where, getattr(context, "folder", None))

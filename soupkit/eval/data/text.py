@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from soupkit.errors import RecipeError
+from soupkit.errors import RecipeError, unknown_choice
 from soupkit.eval.data import Source
 from soupkit.eval.registry import data_adapter
 
@@ -263,7 +263,6 @@ def hf_disk(path: Path, split: str | None = None, text_field: str | None = None,
         raise RecipeError(f"{where}.path: {path}: {str(error).splitlines()[0]}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split is None or split not in loaded:
-            from soupkit.errors import unknown_choice
 
             raise RecipeError(f"{where}.split: {unknown_choice('split', str(split), list(loaded))}")
         loaded = loaded[split]

@@ -2,17 +2,24 @@
 
 An adapter is a function registered with ``@model_adapter("kind")`` whose signature is the recipe schema; it
 returns a ``BuiltModel`` (the module, randomly initialised unless a local ``weights`` file is given, plus the
-model's own evaluation preprocessing so data adapters can match it). Built-in kinds: ``open_clip``, ``timm``,
-``python``, ``transformers``. Nothing is ever downloaded.
+model's own evaluation preprocessing so data adapters can match it). Nothing is ever downloaded.
+
+Adding a kind is adding a file: every module in this package is imported (and so registers its kinds) when the
+registry is first used, as merge methods are (``soupkit.merging.methods``); other packages register through the
+``soupkit.models`` entry-point group. ``docs/kinds.md`` lists the kinds and their recipe keys (generated).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from soupkit.errors import RecipeError
 from soupkit.eval.registry import model_adapter, models
+from soupkit.io import load_checkpoint
 
 
 @dataclass
@@ -47,9 +54,6 @@ class BuildContext:
 
 def load_weights(module: Any, path: Path, where: str) -> None:
     """Load a local weights file into ``module`` (strict), with a one-line error naming the recipe field."""
-    from soupkit.errors import RecipeError
-    from soupkit.io import load_checkpoint
-
     if not path.exists():
         raise RecipeError(f"{where}.weights: {path} does not exist")
     state = load_checkpoint(path)
@@ -60,7 +64,8 @@ def load_weights(module: Any, path: Path, where: str) -> None:
                           f"unexpected {result.unexpected_keys[:3]}")
 
 
-# registers the built-in kinds
-from soupkit.eval.models import clip, python_factory, timm_models, transformers_models  # noqa: E402, F401
+# every module of the package registers its kinds (after the classes above, which they import)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["BuildContext", "BuiltModel", "load_weights", "model_adapter", "models"]

@@ -20,7 +20,8 @@ from soupkit.errors import ParameterError, RecipeError
 from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter, resolve_path
 from soupkit.io.foreign_code import forbid_remote_code_prompts, refuse_foreign_code, refuse_source_prefix
-from soupkit.options import Command
+from soupkit.merging.api import write_checkpoint
+from soupkit.merging.writers import ZEROSHOT, plan_targets
 
 TEMPLATE_SETS = ("openai", "simple")
 
@@ -184,11 +185,6 @@ def open_clip_model(name: str, classes: list[str] | str = "imagenet", templates:
 
 
 #: what ``soupkit zeroshot`` honours: it writes a model it builds, so no input is read and nothing is merged
-ZEROSHOT = Command("soupkit zeroshot", frozenset({"dtype", "device", "shard_size", "allow_nonfinite", "force",
-                                                 "add_prefix"}),
-                   "it writes the CLIP model's own tensors: no checkpoint is read and nothing is merged")
-
-
 def zeroshot_checkpoint(model: str, classes: str | Path | Sequence[str] = "imagenet",
                         templates: str | Path | Sequence[str] = "openai", weights: str | Path | None = None,
                         output: str | Path = "zeroshot.safetensors", *, config: str | Path | None = None,
@@ -196,8 +192,6 @@ def zeroshot_checkpoint(model: str, classes: str | Path | Sequence[str] = "image
     """Write the zero-shot classifier (image encoder + head, see the module docstring) of an open_clip model as a
     checkpoint, the starting point of WiSE-FT and of fine-tuned ingredients. Returns the written path.
     ``options``: the output options (``device`` also encodes the prompts; default: cuda when available)."""
-    from soupkit.merging.api import write_checkpoint
-    from soupkit.merging.writers import plan_targets
     from soupkit.options import resolve_device, split_options
 
     opts, rest = split_options(options)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from soupkit.errors import RecipeError
+from soupkit.errors import RecipeError, unknown_choice
 from soupkit.eval.models import BuildContext, BuiltModel, load_weights
 from soupkit.eval.registry import model_adapter
 from soupkit.io.foreign_code import refuse_source_prefix
@@ -28,7 +28,6 @@ def timm_model(name: str, num_classes: int = 1000, weights: Path | None = None, 
         raise RecipeError(f"{context.where}.kwargs: {loading[0]!r} makes timm load weights or configs itself; "
                           "soupkit builds timm models with pretrained=False: give a local `weights` file instead")
     if not timm.is_model(name):
-        from soupkit.errors import unknown_choice
 
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:20] or timm.list_models()[:20]
         raise RecipeError(f"{context.where}.name: {unknown_choice('timm model', name, close)}")

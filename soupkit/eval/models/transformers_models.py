@@ -36,6 +36,7 @@ from soupkit.eval.models import BuildContext, BuiltModel
 from soupkit.eval.registry import model_adapter
 from soupkit.eval.tokenizer_check import check_tokenizer_files
 from soupkit.io.foreign_code import NO_REMOTE_CODE, forbid_remote_code_prompts, refuse_foreign_code
+from soupkit.io.small_files import MAX_COPY_BYTES, check_small_file, read_small_file
 
 #: files of a model folder whose bytes define the architecture and the tokenisation (part of the score-cache key)
 _DEFINING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -59,7 +60,6 @@ def folder_fingerprint(path: Path) -> str:
     """blake2b over the folder's config and tokenizer files: a changed vocabulary or config rescores. Every
     small file transformers may read is checked first (``soupkit.io.small_files``: a regular file inside the
     folder), so a ``tokenizer.json`` linked out of the folder is refused before transformers could follow it."""
-    from soupkit.io.small_files import MAX_COPY_BYTES, check_small_file, read_small_file
 
     for name in sorted(os.listdir(path)):
         if not name.startswith(".") and not name.endswith(_WEIGHT_SUFFIXES) and not (path / name).is_dir():
@@ -113,6 +113,8 @@ def transformers_model(path: Path, task: Literal["sequence-classification", "cau
     if task == "sequence-classification":
         info.num_labels = int(config.num_labels)
         info.label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+
+    # cycle: soupkit.eval.text -> eval.data (its kinds) -> eval.models (every kind, this module) -> eval.text
     from soupkit.eval.text import TextTaskModel
 
     module = TextTaskModel(model, task)
