@@ -67,6 +67,17 @@ class DoctorReport:
                          "barrier": self.barrier, "path": self.path, "uniform_score": self.uniform_score})
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DoctorReport:
+        """The report ``to_dict()`` wrote (e.g. ``soupkit doctor --json``, ``demo.json``'s ``doctor``)."""
+        return cls(names=data["names"], base=data["base"], centred=data["centred"], norm=data["norm"],
+                   weight_norm=data["weight_norm"], to_uniform=data["distance_to_uniform"],
+                   distance=data["distance"], cosine=data["cosine"], modules=data["modules"],
+                   verdict=data["verdict"], reason=data["reason"], overall=data["overall"],
+                   overall_reason=data["overall_reason"], scores=data.get("scores", {}),
+                   barrier=data.get("barrier", {}), path=data.get("path", {}), best=data.get("best"),
+                   uniform_score=data.get("uniform_score"), heldout=data.get("heldout"), stats=data["stats"])
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
