@@ -177,7 +177,9 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
     pretrained_path, paths = _train(result, ingredients, seed, quick, log)
     _soups(result, pretrained_path, paths, demo_recipe(device, seed), log, progress)
     result.seconds = time.perf_counter() - started
-    result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
+    # every file the run wrote beside demo.json (checkpoints, soups' reports, plots, the recipe), for the listing
+    result.files = {p.name: str(p) for p in sorted(out.iterdir())
+                    if p.is_file() and p.name not in ("demo.json", "demo_run.json")}
     result.write()
     return result
 

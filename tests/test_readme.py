@@ -23,8 +23,8 @@ def test_docs_demo_json_is_a_full_default_seed_run(record) -> None:
     assert record["config"]["seed"] == 0 and record["config"]["quick"] is False
     assert record["config"]["ingredients"] == 12 and len(record["ingredients"]) == 12
     assert record["files"] == sorted(record["files"])
-    for name in readme.PLOTS:
-        assert name in record["files"], name
+    for name, source in readme.PLOTS.items():
+        assert source in record["files"], source
         png = (ROOT / "docs" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n", name
 

@@ -37,7 +37,9 @@ def _summary(paths: list[Path], started: float, quiet: bool) -> None:
     console = Console(stderr=True, highlight=False)
     for path in paths:
         size = sum(p.stat().st_size for p in _files_of(path))
-        console.print(f"wrote [bold]{path}[/bold] ({size / 1e6:,.1f} MB) in {time.perf_counter() - started:.1f} s")
+        shown = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size / 1e3:,.1f} kB"
+        console.print(f"wrote [bold]{path}[/bold] ({shown}) in {time.perf_counter() - started:.1f} s",
+                      soft_wrap=True)  # a path is never broken across lines: it stays copyable
 
 
 @app.command(epilog="Examples:\n\n"
@@ -134,7 +136,7 @@ def _soup(method: str, checkpoints: list[Path], output: Path, recipe: str | None
         result = soupkit.learned_soup(checkpoints, judge, by_layer=algorithm["by_layer"], **common)
     if not quiet:
         result.print_table()
-    _summary([output], started, quiet)
+    _summary([output, *result.report_files], started, quiet)  # every file written, the report's too
 
 
 @app.command(epilog="Examples:\n\n"
@@ -186,7 +188,7 @@ def wise(
                                     report_dir=report_dir or output.parent, progress=show_progress(quiet), **extra)
         if not quiet:
             result.print_table()
-        _summary([output], started, quiet)
+        _summary([output, *result.report_files], started, quiet)
         return
     if fishers is not None or fisher_floor is not None:
         raise ParameterError("--fisher needs --eval (the Fisher-weighted sweep scores each α)")

@@ -23,8 +23,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_JSON = "docs/demo.json"
-#: the demo's plots the README shows, copied to docs/
-PLOTS = ("wise_curve.png", "soup_scatter.png", "greedy_steps.png", "doctor_angles.png")
+#: the demo's plots the README shows: name in docs/ -> name in the demo's folder
+PLOTS = {"wise_curve.png": "wise_curve.png", "soup_scatter.png": "soup_scatter.png",
+         "greedy_steps.png": "greedy_soup_steps.png", "doctor_angles.png": "doctor_angles.png"}
 #: the folder the README's commands use (``soupkit demo``'s default ``--out``)
 DEMO_DIR = "soupkit-demo"
 #: the width the doctor example is rendered at (a README code block shows ~100 columns without scrolling)
@@ -225,9 +226,9 @@ def regenerate(root: Path = ROOT, demo_dir: Path | None = None, log: Any = print
             log(f"running a fresh `soupkit demo` in {demo_dir} (a minute or two)")
             run_demo(demo_dir, log=log)
         written = []
-        for name in ("demo.json", *PLOTS):
+        for name, source in {"demo.json": "demo.json", **PLOTS}.items():
             target = root / "docs" / name
-            shutil.copyfile(Path(demo_dir) / name, target)
+            shutil.copyfile(Path(demo_dir) / source, target)
             written.append(target)
     data = json.loads((root / DEMO_JSON).read_text())
     readme = root / "README.md"
