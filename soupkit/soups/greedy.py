@@ -117,7 +117,8 @@ def greedy_soup(
     (callables receive CPU tensors that are reused after the call returns). ``accept``: "gt" (strictly
     better, the paper's rule) or "ge". ``prescreen``: skip ingredients whose own held-out accuracy is below it.
     ``output``: write the soup there (atomically, with provenance metadata); otherwise it is returned in
-    ``.state_dict``. ``report_dir``: receives the record and plots, named after ``output`` (``soup.json``, ``soup_steps.png``, ``soup_scatter.png``; ``greedy.json`` ... without one). ``output_options``: the merge engine's
+    ``.state_dict``. ``report_dir``: receives the record and plots, named after ``output`` (``soup.json``,
+    ``soup_steps.png``, ``soup_scatter.png``; ``greedy.json`` ... without one). ``output_options``: the merge engine's
     (``dtype``, ``precise``, ``device``, ``shard_size``, ``include``, ``exclude``, ``allow_nonfinite``, ``ema``,
     ``force``), honoured by candidates and the written soup alike (``soupkit.soups.common``).
     """

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,8 @@ def wise_sweep(
     ``select``, a dataset name; ties go to the first α in sweep order); write or return the chosen model.
 
     ``alphas``: a list, one value, or a string for ``parse_alphas``. ``fisher``: (zeroshot Fisher, fine-tuned
-    Fisher) files for the Fisher-weighted variant. ``report_dir`` receives the record and the curve, named after ``output`` (``wise.json`` and ``wise_curve.png`` for ``wise.safetensors``).
+    Fisher) files for the Fisher-weighted variant. ``report_dir`` receives the record and the curve, named
+    after ``output`` (``wise.json`` and ``wise_curve.png`` for ``wise.safetensors``).
     ``output_options``: the merge engine's (see ``soupkit.soups.common``). The result's ``.alpha`` is the chosen
     α and ``.history`` holds one ``SweepPoint`` per α.
     """
