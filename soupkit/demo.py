@@ -88,7 +88,7 @@ class DemoResult:
 
 
 #: the parts of a soup's record that differ between identical runs: they go to demo_run.json
-_RUN_KEYS = ("stats", "path", "report_files")
+_RUN_KEYS = ("stats", "path", "report_files", "command")
 
 
 def split_record(soup: Any, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -32,7 +32,7 @@ import typer  # noqa: E402
 # failures are warnings shown by main() as one line each
 with warnings.catch_warnings(record=True) as _import_warnings:
     warnings.simplefilter("always")
-    from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd  # noqa: F401
+    from soupkit.cli import demo_cmd, doctor_cmd, eval_cmd, fisher_cmd, inspect_cmd, merge_cmd, report_cmd  # noqa: F401
 from soupkit.cli._app import app  # noqa: E402
 from soupkit.cli._help import tidy  # noqa: E402
 from soupkit.options import cli_names  # noqa: E402
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``soupkit`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     _prepare_process(standalone=argv is None)
+    from soupkit.report import html as report_html
+
+    report_html.INVOCATION = ["soupkit", *args]  # soup records keep the command that made them
     from soupkit.errors import SoupkitError
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

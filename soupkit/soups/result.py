@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soupkit.report.html import current_command
+
 
 @dataclass
 class GreedyStep:
@@ -173,6 +175,7 @@ class SoupResult:
             "stats": self.stats,
             "extra": self.extra,
             "report_files": [str(p) for p in self.report_files],
+            "command": current_command(),
         })
 
     def to_json(self) -> str:
