@@ -67,5 +67,9 @@ def test_every_file_written_is_listed(tmp_path: Path, cli) -> None:
     assert written == {"soup.safetensors", "soup.json", "soup_steps.png", "soup_scatter.png"}
     listed = set(re.findall(r"wrote (\S+)", " ".join(result.err.split())))
     assert {Path(p).name for p in listed} == written, result.err
+    import json
+
+    command = json.loads((out.parent / "soup.json").read_text())["command"]
+    assert command.startswith("soupkit merge -m greedy ") and command.endswith(str(tmp_path / "c"))
     again = cli("merge", "-m", "greedy", *paths, "--eval", "digits", "-o", out, "--cache-dir", tmp_path / "c")
     assert again.code == 2 and "exists" in again.err and "--force" in again.err

@@ -148,3 +148,5 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"{_prog(args)}: error: {_one_line(str(err.filename))}: {err.strerror}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        report_html.INVOCATION = None  # in-process callers (tests, notebooks) must not inherit it

@@ -140,8 +140,14 @@ def demo_page(folder: Path) -> str:
     data = json.loads((folder / "demo.json").read_text())
     run = json.loads((folder / "demo_run.json").read_text()) if (folder / "demo_run.json").exists() else {}
     models = data["models"]
-    columns = list(next(iter(models.values())))
-    rows = [[name, *(_pct(row[c]) for c in columns)] for name, row in models.items()]
+    # demo.json's keys are sorted (for byte-identical files): put them back in the story's order
+    first = ["heldout", "clean"]
+    columns = first + sorted(c for c in next(iter(models.values())) if c not in (*first, "mean_shift"))
+    columns.append("mean_shift")
+    story = ["pretrained", *sorted(m for m in models if m.startswith("finetuned_")), "best individual",
+             "uniform soup", "greedy soup", "learned soup"]
+    order = [m for m in story if m in models] + [m for m in models if m not in story]
+    rows = [[name, *(_pct(models[name].get(c)) for c in columns)] for name in order]
     table = _table(["model", *(f"{c.replace('_', ' ')} %" for c in columns)], rows,
                    numeric=set(range(1, len(columns) + 1)))
     config = data["config"]
