@@ -89,7 +89,7 @@ def test_split_record_moves_what_changes_between_runs(tmp_path: Path) -> None:
     assert record["extra"]["scatter"][0]["label"] == "ingredients/ft_1.safetensors"
     assert "stats" not in record and "path" not in record and "report_files" not in record
     assert run == {"stats": {"seconds": 1.25, "memory_free_bytes": 123}, "path": "soup.safetensors",
-                   "report_files": []}
+                   "report_files": [], "command": None}
 
 
 def test_the_demo_evaluates_through_the_bundled_recipe(quick_run) -> None:
