@@ -225,3 +225,21 @@ def test_sweep_label_follows_the_data_set_that_decided() -> None:
     assert "chosen by held-out accuracy" in str(sweep_table(result).title)
     result.rule = {"select": "wikitext"}
     assert "chosen by wikitext log-likelihood" in str(sweep_table(result).title)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_demo_table_is_complete(width: int) -> None:
+    """The table ``soupkit demo`` prints, from the README's record: at 60 columns it continues in a second
+    table rather than squeezing a number."""
+    import json
+
+    from soupkit.demo import results_table
+    from soupkit.report.layout import print_table
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "docs" / "demo.json").read_text())["models"]
+    text = render(width, lambda c: print_table(results_table(rows), c))
+    wise = next(m for m in rows if m.startswith("WiSE-FT")).replace(" (alpha=", " α=").removesuffix(")")
+    assert_complete(text, width, "heldout", "occlusion", "finetuned_11", wise)
+    for row in rows.values():
+        for value in row.values():
+            assert f"{100 * value:.1f}" in text
