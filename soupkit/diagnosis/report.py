@@ -124,7 +124,9 @@ class DoctorReport:
             if not self.angles_by_construction:
                 row.append(_num(_median([angles[i][j] for j in others]), "°"))
             if self.scores:
-                row += [_pct(self.scores.get(name)), "best" if name == self.best else _points(self.barrier.get(name))]
+                bound = "≥" if name in self.stats.get("barrier_lower_bound", ()) else ""  # the early stop proved it
+                row += [_pct(self.scores.get(name)),
+                        "best" if name == self.best else bound + _points(self.barrier.get(name))]
             word = self.verdict[name]
             colour = {"soupable": "green", "duplicate": "yellow"}.get(word, "red")
             row.append(Wrapped(word, colour, separators="_"))
@@ -151,7 +153,8 @@ class DoctorReport:
         if self.scores:
             notes.append("held-out: accuracy in %; barrier: how far, in points, held-out accuracy on the straight "
                          f"path from the best ingredient{f' ({labels[self.best]})' if self.best in labels else ''} "
-                         "dips below the line between the two endpoints' accuracies.")
+                         "dips below the line between the two endpoints' accuracies (≥: a lower bound, the "
+                         "evaluation stopped once the dip was past the threshold).")
         module = self.module_note()
         if module:
             notes.append(module)
