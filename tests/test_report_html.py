@@ -57,6 +57,17 @@ def test_one_page_per_run_self_contained(run_dir: Path, cli) -> None:
     assert none.code == 2 and "no run found" in none.err
 
 
+def test_a_broken_record_is_one_line(tmp_path: Path, cli) -> None:
+    for number, text in enumerate(('{"method": "greedy", "history": 3}', '{"method": "greedy", "history": []}',
+                                   '{"method": "wise_sweep", "history": [{"alpha": "x"}]}')):
+        record = tmp_path / f"r{number}.json"
+        record.write_text(text)
+        result = cli("report", record)
+        assert result.code == 2 and result.err.count("\n") == 1, result.err
+        assert str(record) in result.err and "Traceback" not in result.err
+        assert not record.with_suffix(".html").exists()
+
+
 def test_a_library_soup_page_says_it_has_no_command(tmp_path: Path, cli) -> None:
     """(A CLI soup's record keeps its command line: tests/test_report_files.py checks it.)"""
     torch.manual_seed(0)

@@ -215,7 +215,14 @@ def write_reports(path: str | Path, *, output: str | Path | None = None, force: 
                              "learned or WiSE-FT sweep)")
     if output is not None and len(runs) > 1:
         raise ParameterError(f"-o: {path} holds {len(runs)} runs; give one record, or leave -o out")
-    pages = [page_for(record, kind) for record, kind in runs]
+    pages = []
+    for record, kind in runs:
+        try:
+            pages.append(page_for(record, kind))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # a hand-edited record
+            what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+            raise ParameterError(f"{record}: not a complete soupkit record ({what}); write it again with the "
+                                 "command that made it") from None
     if output is not None:
         pages = [(Path(output), pages[0][1])]
     for target, _ in pages:
