@@ -92,7 +92,7 @@ class DemoResult:
 
 
 #: the parts of a soup's record that differ between identical runs: they go to demo_run.json
-_RUN_KEYS = ("stats", "path", "report_files")
+_RUN_KEYS = ("stats", "path", "report_files", "command")
 
 
 def split_record(soup: Any, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -180,7 +180,9 @@ def _run(out: Path, ingredients: int, seed: int, quick: bool, device: str, log: 
     pretrained_path, paths = _train(result, ingredients, seed, quick, log)
     _soups(result, pretrained_path, paths, demo_recipe(device, seed), log, progress)
     result.seconds = time.perf_counter() - started
-    result.files = {p.name: str(p) for p in sorted(out.glob("*.png"))}
+    # every file the run wrote beside demo.json (checkpoints, soups' reports, plots, the recipe), for the listing
+    result.files = {p.name: str(p) for p in sorted(out.iterdir())
+                    if p.is_file() and p.name not in ("demo.json", "demo_run.json")}
     result.write()
     return result
 

@@ -34,7 +34,7 @@ def test_demo_json_structure_and_files(quick_run) -> None:
     assert report["summary"].startswith("The pretrained model scores")
     assert report["doctor"]["overall"] in report["summary"] and report["doctor"]["names"]
     assert set(report["doctor"]["verdict"].values()) <= {"soupable", "duplicate", "different_basin"}
-    for name in ("greedy_scatter.png", "wise_curve.png", "doctor_angles.png"):
+    for name in ("greedy_soup_scatter.png", "wise_curve.png", "doctor_angles.png"):
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     meta = soupkit.open_checkpoint(out / "ingredients" / "finetuned_00.safetensors").metadata
@@ -90,7 +90,7 @@ def test_split_record_moves_what_changes_between_runs(tmp_path: Path) -> None:
     assert record["extra"]["scatter"][0]["label"] == "ingredients/ft_1.safetensors"
     assert "stats" not in record and "path" not in record and "report_files" not in record
     assert run == {"stats": {"seconds": 1.25, "memory_free_bytes": 123}, "path": "soup.safetensors",
-                   "report_files": []}
+                   "report_files": [], "command": None}
 
 
 def test_the_demo_evaluates_through_the_bundled_recipe(quick_run) -> None:

@@ -46,11 +46,13 @@ with warnings.catch_warnings(record=True) as _import_warnings:
         fisher_cmd,
         inspect_cmd,
         merge_cmd,
+        report_cmd,
         search_cmd,
     )
 from soupkit.cli._app import app  # noqa: E402
 from soupkit.cli._help import tidy  # noqa: E402
 from soupkit.options import cli_names  # noqa: E402
+from soupkit.report import html as report_html  # noqa: E402
 
 __all__ = ["app", "main"]
 
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: list[str]) -> None:
+    report_html.INVOCATION = ["soupkit", *args]  # soup records keep the command that made them
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         # one line per warning, like errors; library code raises them with warnings.warn
@@ -159,3 +162,5 @@ def _run(args: list[str]) -> None:
             raise
         print(f"{_prog(args)}: error: {_one_line(str(err.filename))}: {err.strerror}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        report_html.INVOCATION = None  # in-process callers (tests, notebooks) must not inherit it

@@ -36,6 +36,8 @@ def demo(
     stdout = real_width_console()
     print_table(results_table(result.rows), stdout)
     stdout.print(result.summary)
+    others = [name for name in result.files if name != "recipe.yaml"]
     console.print(f"wrote {out / 'demo.json'} (every number; the same --seed gives the same file), "
                   f"{out / 'demo_run.json'} (timings), {out / 'recipe.yaml'} (the recipe to use with --eval), "
-                  + ", ".join(str(out / name) for name in result.files) + f" in {result.seconds:.0f} s")
+                  f"{len(result.ingredients)} ingredients in {out / 'ingredients'}/, and "
+                  + ", ".join(str(out / name) for name in others) + f" in {result.seconds:.0f} s")

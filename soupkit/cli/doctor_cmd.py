@@ -47,9 +47,4 @@ def doctor(
         judge = Evaluator.from_recipe(recipe, device=device, cache_dir=cache_dir, use_cache=not no_cache)
     report = run_doctor(checkpoints, base=base, evaluator=judge, json=json_out, plot=plot)
     if not quiet:
-        # lazy: loaded when the command runs, so `soupkit --help` and argument errors stay quick and torch-free
-        from soupkit.report.layout import console, print_table
-
-        out = console()
-        print_table(report.table(), out)
-        out.print(report.module_note(), style="dim", soft_wrap=True)
+        report.print()

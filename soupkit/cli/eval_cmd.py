@@ -57,7 +57,7 @@ def eval_command(
         console = real_width_console()
         print_table(report.table(), console)
         for note in report.notes():
-            console.print(note, style="dim", soft_wrap=True)
+            console.print(note, style="dim")
 
 
 @app.command(epilog="Examples:\n\n"

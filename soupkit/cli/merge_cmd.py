@@ -41,9 +41,10 @@ def _summary(written: list[Any], started: float, quiet: bool) -> None:
     for path in (Path(p) for p in written if p is not None):
         files = _files_of(path)
         size = sum(p.stat().st_size for p in files)
+        shown = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size / 1e3:,.1f} kB"
         parts = f", {len(files)} files" if len(files) > 1 else ""
-        console.print(f"wrote [bold]{path}[/bold] ({size / 1e6:,.1f} MB{parts}) in "
-                      f"{time.perf_counter() - started:.1f} s")
+        console.print(f"wrote [bold]{path}[/bold] ({shown}{parts}) in {time.perf_counter() - started:.1f} s",
+                      soft_wrap=True)  # a path is never broken across lines: it stays copyable
 
 
 @app.command(epilog="Examples:\n\n"
@@ -139,7 +140,7 @@ def _soup(method: str, checkpoints: list[Path], output: str, recipe: str | None,
         result = soupkit.learned_soup(checkpoints, judge, by_layer=algorithm["by_layer"], **common)
     if not quiet:
         result.print_table()
-    _summary([result.path], started, quiet)
+    _summary([result.path, *result.report_files], started, quiet)  # every file written, the report's too
 
 
 @app.command(epilog="Examples:\n\n"
@@ -192,7 +193,7 @@ def wise(
                                     **extra)
         if not quiet:
             result.print_table()
-        _summary([result.path], started, quiet)
+        _summary([result.path, *result.report_files], started, quiet)  # every file written, the report's too
         return
     if fishers is not None or fisher_floor is not None:
         raise ParameterError("--fisher needs --eval (the Fisher-weighted sweep scores each α)")

@@ -38,8 +38,10 @@ NoCache = Annotated[bool, typer.Option("--no-cache", help="Score again even if t
 CacheDir = Annotated[Path | None, typer.Option(help="Score cache folder \\[default: $SOUPKIT_CACHE_DIR or "
                                                "~/.cache/soupkit/scores].", show_default=False,
                                                rich_help_panel=EVAL_PANEL)]
-ReportDir = Annotated[Path | None, typer.Option(help="Folder for the JSON report and plots \\[default: next to "
-                                                "the output].", show_default=False, rich_help_panel=EVAL_PANEL)]
+ReportDir = Annotated[Path | None, typer.Option(help="Folder for the JSON report and plots, named after the "
+                                                "output (soup.json, soup_steps.png; replaced only with --force) "
+                                                "\\[default: next to the output].", show_default=False,
+                                                rich_help_panel=EVAL_PANEL)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 
 

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soupkit.io.atomic import write_small_file
+from soupkit.report.layout import Wrapped, display_names, folder_name, name_cell, print_table
+from soupkit.report.layout import console as make_console
+
 #: JSON schema version of ``DoctorReport.to_dict()``
 SCHEMA = 1
 
@@ -67,6 +71,17 @@ class DoctorReport:
                          "barrier": self.barrier, "path": self.path, "uniform_score": self.uniform_score})
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DoctorReport:
+        """The report ``to_dict()`` wrote (e.g. ``soupkit doctor --json``, ``demo.json``'s ``doctor``)."""
+        return cls(names=data["names"], base=data["base"], centred=data["centred"], norm=data["norm"],
+                   weight_norm=data["weight_norm"], to_uniform=data["distance_to_uniform"],
+                   distance=data["distance"], cosine=data["cosine"], modules=data["modules"],
+                   verdict=data["verdict"], reason=data["reason"], overall=data["overall"],
+                   overall_reason=data["overall_reason"], scores=data.get("scores", {}),
+                   barrier=data.get("barrier", {}), path=data.get("path", {}), best=data.get("best"),
+                   uniform_score=data.get("uniform_score"), heldout=data.get("heldout"), stats=data["stats"])
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
@@ -76,34 +91,89 @@ class DoctorReport:
             return list(range(len(self.names)))
         return sorted(range(len(self.names)), key=lambda i: -self.scores.get(self.names[i], -math.inf))
 
+    @property
+    def angles_by_construction(self) -> bool:
+        """True when the angles carry no information: two inputs without a base give θ₁ − m = −(θ₂ − m), so
+        their angle is 180° whatever the checkpoints are."""
+        compared = [i for i in range(len(self.names)) if self.cosine[i][i] is not None]
+        return self.centred and len(compared) <= 2
+
     def table(self) -> Any:
-        """A rich table: one row per ingredient, its numbers and its verdict."""
+        """A rich table: one row per ingredient, its numbers and its verdict (accuracies in %, barriers in
+        points). Why each flagged ingredient got its verdict is in ``notes()``, wrapped under the table, so it is
+        never cropped at any width."""
         from rich.table import Table
 
-        vectors = "θᵢ − mean θ (no --base)" if self.centred else "θᵢ − θ_base"
-        table = Table(title=f"soupkit doctor: {self.overall}", caption=f"{self.overall_reason}. Vectors: {vectors}.")
-        columns = ["ingredient", "‖τ‖", "to uniform", "median φ"]
+        table = Table(title=f"soupkit doctor: {self.overall}")
+        # without a base the vector compared *is* the distance to the uniform soup: one column, not two equal ones
+        columns = ["ingredient", "to uniform" if self.centred else "‖τ‖"]
+        if not self.centred:
+            columns.append("to uniform")
+        if not self.angles_by_construction:
+            columns.append("median angle" if self.centred else "median φ")
         if self.scores:
-            columns += ["held-out", "barrier"]
-        for column in [*columns, "verdict", "why"]:
-            table.add_column(column, justify="left" if column in ("ingredient", "verdict", "why") else "right",
-                             overflow="fold", min_width=30 if column == "why" else None)
-        labels = short_names(self.names)
+            columns += ["held-out %", "barrier pts"]
+        for column in [*columns, "verdict"]:
+            table.add_column(column, justify="left" if column in ("ingredient", "verdict") else "right")
+        labels, caption = display_names(self.names, "ingredients")
         angles = self.angle
         for i in self.order():
             name = self.names[i]
             others = [j for j in range(len(self.names)) if j != i]
-            row = [labels[i], _num(self.norm[i]), _num(self.to_uniform[i]),
-                   _num(_median([angles[i][j] for j in others]), "°")]
+            row: list[Any] = [name_cell(labels[i]), _num(self.norm[i])]
+            if not self.centred:
+                row.append(_num(self.to_uniform[i]))
+            if not self.angles_by_construction:
+                row.append(_num(_median([angles[i][j] for j in others]), "°"))
             if self.scores:
-                row += [_pct(self.scores.get(name)), "best" if name == self.best else _num(self.barrier.get(name))]
+                bound = "≥" if name in self.stats.get("barrier_lower_bound", ()) else ""  # the early stop proved it
+                row += [_pct(self.scores.get(name)),
+                        "best" if name == self.best else bound + _points(self.barrier.get(name))]
             word = self.verdict[name]
             colour = {"soupable": "green", "duplicate": "yellow"}.get(word, "red")
-            table.add_row(*row, f"[{colour}]{word}[/{colour}]", self.reason.get(name, ""))
+            row.append(Wrapped(word, colour, separators="_"))
+            table.add_row(*row)
+        table.caption = caption
+        table.caption_justify = "left"
         return table
 
+    def notes(self) -> list[str]:
+        """What to print under the table, one paragraph each: why each flagged ingredient got its verdict, the
+        overall reason, what the vectors are, the per-module angles."""
+
+        labels = dict(zip(self.names, display_names(self.names)[0]))
+        notes = [f"{labels[n]}: {self.verdict[n]}, {why}" for n in (self.names[i] for i in self.order())
+                 if (why := self.reason.get(n))]
+        notes.append(f"{self.overall}: {self.overall_reason}.")
+        if self.angles_by_construction:
+            notes.append("Vectors: θᵢ − mean θ (no --base). With two inputs they are opposite by construction "
+                         "(180°), so no angle is shown; give --base for the paper's angle φ.")
+        else:
+            notes.append("Vectors: θᵢ − mean θ (no --base; angles from the mean, not the paper's φ)."
+                         if self.centred else "Vectors: θᵢ − θ_base; φ is the angle between two of them.")
+        if self.scores:
+            notes.append("held-out: accuracy in %; barrier: how far, in points, held-out accuracy on the straight "
+                         f"path from the best ingredient{f' ({labels[self.best]})' if self.best in labels else ''} "
+                         "dips below the line between the two endpoints' accuracies (≥: a lower bound, the "
+                         "evaluation stopped once the dip was past the threshold).")
+        module = self.module_note()
+        if module:
+            notes.append(module)
+        return notes
+
+    def print(self, console: Any = None) -> None:
+        """The table fitted to the console's width, then ``notes()`` wrapped to it."""
+
+        out = console if console is not None else make_console()
+        print_table(self.table(), out)
+        for note in self.notes():
+            out.print(note, highlight=False, markup=False)
+
     def module_note(self) -> str:
-        """One line: the median pairwise angle within each module, over the inputs not flagged."""
+        """One line: the median pairwise angle within each module, over the inputs not flagged (nothing when the
+        angles hold by construction)."""
+        if self.angles_by_construction:
+            return ""
         keep = [i for i, n in enumerate(self.names) if self.verdict[n] == "soupable"]
         parts = []
         for module, data in self.modules.items():
@@ -115,13 +185,11 @@ class DoctorReport:
         return "median angle per module (soupable inputs): " + ", ".join(parts) if parts else ""
 
     def write_json(self, path: str | Path, *, inputs: Any = (), option: str = "--json") -> Path:
-        from soupkit.io.atomic import write_small_file
 
         return write_small_file(path, self.to_json().encode(), inputs=inputs, option=option)
 
     def plot(self, path: str | Path, *, inputs: Any = (), option: str = "--plot") -> Path:
         """Write ``png()`` to ``path`` atomically."""
-        from soupkit.io.atomic import write_small_file
 
         return write_small_file(path, self.png(), inputs=inputs, option=option)
 
@@ -171,9 +239,11 @@ def _mark(word: str) -> str:
 
 
 def short_names(names: list[str]) -> list[str]:
-    """File names without a shared folder and the .safetensors suffix."""
-    stems = [Path(n).name.removesuffix(".safetensors") for n in names]
-    return stems if len(set(stems)) == len(stems) else names
+    """File names without a shared folder and the .safetensors suffix; folders by their name."""
+
+    shown = [folder_name(n) for n in names]
+    stems = [Path(n).name.removesuffix(".safetensors") for n in shown]
+    return stems if len(set(stems)) == len(stems) else shown
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -188,4 +258,10 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
+    """An accuracy in % (the column header says so)."""
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _points(value: float | None) -> str:
+    """A barrier, a drop in accuracy, in points (the column header says so): 0.1463 -> 14.63."""
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}"

@@ -16,7 +16,7 @@ from typing import Any
 from soupkit.errors import CheckpointError, OutputError, ParameterError
 from soupkit.eval.evaluator import Evaluator
 from soupkit.io.atomic import atomic_write_text
-from soupkit.report.layout import common_parts, name_cell, names_caption
+from soupkit.report.layout import display_names, name_cell
 
 MEAN_SHIFT = "mean shift"
 
@@ -71,7 +71,7 @@ class EvalReport:
         unit = "accuracy %" + (", log-likelihood per token (perplexity)" if likelihood else "")
         table = Table(title=f"{self.name or Path(self.recipe).stem}  ({self.device}, {self.precision}), {unit}",
                       title_justify="left")
-        labels, _, _ = common_parts([str(r.checkpoint) for r in self.results])
+        labels, _ = display_names([str(r.checkpoint) for r in self.results])
         table.add_column("checkpoint")
         for name in self.dataset_names:
             table.add_column(name, justify="right", no_wrap=True,
@@ -88,8 +88,7 @@ class EvalReport:
 
     def notes(self) -> list[str]:
         """Lines to print under the table: the common folder, the shift sets, how many scores were cached."""
-        _, folder, extension = common_parts([str(r.checkpoint) for r in self.results])
-        caption = names_caption(folder, extension, "checkpoints")
+        _, caption = display_names([str(r.checkpoint) for r in self.results], "checkpoints")
         notes = [caption] if caption else []
         if self.shift_names:
             notes.append(f"mean shift = mean over {', '.join(self.shift_names)}")

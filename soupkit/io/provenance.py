@@ -76,6 +76,7 @@ def fingerprint(source: str | Path | Mapping[str, torch.Tensor]) -> str:
     if len(files) > 1:
         digest = hashlib.sha256("".join(fingerprint(f) for f in files).encode())
         return "sha256:" + digest.hexdigest()
+    path = files[0] if files else path  # a folder holding one file (model.safetensors alone) is that file
     key = _stat_key(path)
     if key in _memo:
         return _memo[key]

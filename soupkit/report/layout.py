@@ -51,6 +51,25 @@ def shorten_middle(text: str, width: int) -> str:
     return stem[:head] + ELLIPSIS + stem[len(stem) - tail:]
 
 
+#: the weights files of a model or adapter folder: a table names the folder (``ft/lr3e-5``), not its file
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                  "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def folder_name(name: str) -> str:
+    """``ft/x/model.safetensors`` -> ``ft/x``: a folder's weights file is shown as the folder it stands for."""
+    text = str(name).replace(os.sep, "/").rstrip("/")
+    head, _, tail = text.rpartition("/")
+    return head if head and tail in FOLDER_WEIGHTS else text
+
+
+def display_names(names: Sequence[str], what: str = "files") -> tuple[list[str], str | None]:
+    """Labels for a table's name column and the caption saying what they share (or None): folders by their name,
+    the common folder and extension stripped (``common_parts``)."""
+    labels, folder, extension = common_parts([folder_name(n) for n in names])
+    return labels, names_caption(folder, extension, what)
+
+
 def common_parts(names: Sequence[str]) -> tuple[list[str], str | None, str | None]:
     """Labels for file names without what they share: ``(labels, folder, extension)``; ``folder`` /
     ``extension`` are None when nothing was stripped. Labels stay distinct (nothing is stripped otherwise)."""
@@ -108,9 +127,10 @@ class Wrapped:
     is never shortened, so two different keys can never look the same; a segment wider than the column is
     broken where it must."""
 
-    def __init__(self, text: str, style: str = "") -> None:
+    def __init__(self, text: str, style: str = "", separators: str = ".") -> None:
         self.text = text
         self.style = style
+        self.separators = separators
 
     def __rich_measure__(self, console: Any, options: Any) -> Any:
         from rich.measure import Measurement
@@ -119,8 +139,12 @@ class Wrapped:
         return Measurement(min(longest, 2 * MIN_NAME_WIDTH), len(self.text))
 
     def _parts(self) -> list[str]:
-        parts = self.text.split(".")
-        return [p + "." for p in parts[:-1]] + parts[-1:]
+        parts, start = [], 0
+        for index, char in enumerate(self.text):
+            if char in self.separators:
+                parts.append(self.text[start:index + 1])
+                start = index + 1
+        return [*parts, self.text[start:]] if start < len(self.text) or not parts else parts
 
     def lines(self, width: int) -> list[str]:
         width = max(width, 1)
@@ -147,12 +171,12 @@ def name_cell(text: str, style: str = "") -> MiddleShortened:
 
 
 def fit(table: Any, width: int) -> Any:
-    """Make ``table`` fit ``width`` columns without cutting numbers: if its narrowest layout (names at
-    ``MIN_NAME_WIDTH``, every other column at its full width) is too wide with rules and padding, draw it
-    with a rule under the header only and one space between columns."""
+    """Make ``table`` fit ``width`` columns without cutting numbers: if its widest layout (every cell on one
+    line, no name shortened) is too wide with rules and padding, draw it with a rule under the header only and
+    one space between columns, so the rules go before any name is shortened or any text wrapped."""
     from rich import box
 
-    if _narrowest(table) <= width:
+    if _narrowest(table, widest=True) <= width:
         return table
     table.box = box.SIMPLE_HEAD
     table.show_edge = False
@@ -160,9 +184,10 @@ def fit(table: Any, width: int) -> Any:
     return table
 
 
-def _narrowest(table: Any) -> int:
-    """The width ``table`` needs when wrapable columns are at their minimum and the others at their maximum
-    (rich's ``_extra_width`` and ``_get_padding_width`` give the rules and padding it adds)."""
+def _narrowest(table: Any, *, widest: bool = False) -> int:
+    """The width ``table`` needs when wrapable columns are at their minimum (``widest``: at their maximum too)
+    and the others at their maximum (rich's ``_extra_width`` and ``_get_padding_width`` give the rules and
+    padding it adds)."""
     from rich.console import Console
     from rich.measure import Measurement
 
@@ -171,7 +196,7 @@ def _narrowest(table: Any) -> int:
         total = table._extra_width
         for index, column in enumerate(table.columns):
             widths = [Measurement.get(probe, probe.options, cell) for cell in (column.header, *column.cells)]
-            if column.no_wrap:
+            if column.no_wrap or widest:
                 content = max((w.maximum for w in widths), default=0)
             else:
                 content = max((w.minimum for w in widths), default=0)
@@ -181,7 +206,44 @@ def _narrowest(table: Any) -> int:
         probe.file.close()
 
 
+def split(table: Any, width: int) -> list[Any]:
+    """``table`` as several tables that each fit ``width`` at their narrowest, every one led by the first
+    (name) column, when even rules-less it is too wide: columns move to a continuation table, never squeezed
+    below their numbers' width (rich would crop them). One table when it fits."""
+    from copy import copy
+
+    table = fit(table, width)
+    if _narrowest(table) <= width or len(table.columns) <= 2:
+        return [table]
+    groups: list[list[int]] = [[]]
+    for index in range(1, len(table.columns)):
+        trial = _subset(table, [0, *groups[-1], index])
+        if groups[-1] and _narrowest(trial) > width:
+            groups.append([])
+        groups[-1].append(index)
+    parts = []
+    for number, group in enumerate(groups):
+        part = _subset(table, [0, *group])
+        part.title = table.title if number == 0 else f"(continued, {number + 1} of {len(groups)})"
+        part.caption = table.caption if number == len(groups) - 1 else None
+        parts.append(copy(part))
+    return parts
+
+
+def _subset(table: Any, indices: list[int]) -> Any:
+    """A copy of ``table`` (box, padding, styles) with only the columns at ``indices``."""
+    from copy import copy
+
+    part = copy(table)
+    part.columns = [copy(table.columns[i]) for i in indices]
+    for number, column in enumerate(part.columns):
+        column._index = number
+    return part
+
+
 def print_table(table: Any, target: Any = None, *, stderr: bool = False) -> None:
-    """Print ``table`` fitted to ``target``'s width (a new ``console()`` by default)."""
+    """Print ``table`` fitted to ``target``'s width (a new ``console()`` by default): rules dropped first, then
+    columns moved to a continuation table (``split``), so no number is ever cut."""
     out = target if target is not None else console(stderr=stderr)
-    out.print(fit(table, out.width))
+    for part in split(table, out.width):
+        out.print(part)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from soupkit.report.layout import common_parts, name_cell, names_caption
+from soupkit.report.layout import display_names, name_cell
 
 
 def _pct(value: Any) -> str:
@@ -30,21 +30,21 @@ def greedy_table(result: Any) -> Any:
     title = (f"Greedy soup ({result.rule.get('accept', 'gt')}): {len(result.ingredients)} of {len(result.names)} "
              f"ingredients, held-out {_pct(result.score)}")
     table = Table(title=title)
-    labels, folder, extension = common_parts(result.names)
+    labels, caption = display_names(result.names, "ingredients")
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("ingredient")
     unit = _unit([result.score, *(s.score for s in result.history)])
     for column in (f"individual {unit}", f"candidate {unit}"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("kept", justify="center", no_wrap=True)
-    table.add_column("note", ratio=1)
+    table.add_column("note")
     for step in result.history:
         candidate = _pct(step.candidate)
         if step.stopped_early:
             candidate = "stopped early"
         table.add_row(str(step.step), name_cell(labels[step.index]), _pct(step.score), candidate,
                       "[green]yes[/green]" if step.accepted else "[red]no[/red]", step.note)
-    captions = [names_caption(folder, extension, "ingredients")]
+    captions = [caption]
     stats = result.stats
     if stats.get("examples_full"):
         saved = stats["examples_saved"] / stats["examples_full"]
@@ -62,8 +62,11 @@ def sweep_table(result: Any) -> Any:
 
     points = result.history
     datasets = list(dict.fromkeys(name for p in points for name in p.accuracies))
-    select = result.rule.get("select") or "held-out"
-    unit = "log-likelihood" if _unit([v for p in points for v in p.accuracies.values()]) != "acc" else "accuracy"
+    select = result.rule.get("select")
+    # the label names what decided: the selection set's own scores, never another data set's
+    deciding = [p.accuracies.get(select) if select else p.heldout for p in points]
+    unit = "log-likelihood" if _unit(deciding) != "acc" else "accuracy"
+    select = select or "held-out"
     table = Table(title=f"WiSE-FT sweep: α={result.alpha:g} chosen by {select} {unit}")
     table.add_column("α", justify="right", no_wrap=True)
     for name in datasets:
@@ -89,13 +92,13 @@ def learned_table(result: Any) -> Any:
                         f"{result.extra.get('heldout_loss', math.nan):.4f} (uniform "
                         f"{result.extra.get('uniform_loss', math.nan):.4f}), temperature "
                         f"{result.extra.get('temperature', math.nan):.3f}")
-    labels, folder, extension = common_parts(result.names)
+    labels, caption = display_names(result.names, "ingredients")
     table.add_column("ingredient")
     table.add_column(f"individual {_unit(result.scores)}", justify="right", no_wrap=True)
     table.add_column("weight", justify="right", no_wrap=True)
     for label, score, weight in zip(labels, result.scores, weights):
         table.add_row(name_cell(label), _pct(score), f"{weight:.4f}")
-    table.caption = names_caption(folder, extension, "ingredients")
+    table.caption = caption
     table.caption_justify = "left"
     return table
 

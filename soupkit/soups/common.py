@@ -42,7 +42,7 @@ from soupkit.merging.engine import check_compatible, select_keys
 from soupkit.merging.plan import open_inputs as open_merge_inputs
 from soupkit.merging.writers import plan_targets, soup_command
 from soupkit.options import OutputOptions, parse_dtype, resolve_device, split_options
-from soupkit.soups.result import SoupResult
+from soupkit.soups.result import ReportFiles, SoupResult
 from soupkit.soups.scoring import Judge
 
 
@@ -171,6 +171,11 @@ class SoupRun:
             self.out = self._output
             self.keys = check_compatible(self.readers, allow_missing=False)
             self.merged = select_keys(self.keys, self.options.include, self.options.exclude)
+            out = Path(self.out) if self.out is not None else None
+            self.reports = (ReportFiles.plan(self.algorithm, self.report_dir, out)
+                            if self.report_dir is not None else None)
+            if self.reports is not None:
+                self.reports.check(inputs=self.protect, force=self.options.force)
             check_fits = getattr(self.judge.evaluator, "check_fits", None)
             for reader in self.readers if check_fits is not None else ():
                 check_fits(reader)  # a model/recipe mismatch names the file, not the in-memory soup made from it
@@ -217,22 +222,23 @@ class SoupRun:
                 cast_to[key] = target
         return Candidates(self.keys, fixed, cast_to)
 
-    def finish(self, result: SoupResult, write: Callable[..., Any], json_name: str,
-               plots: Callable[[Path], list[Path]] | None = None) -> SoupResult:
+    def finish(self, result: SoupResult, write: Callable[..., Any],
+               plots: Callable[[Callable[[str], Path]], list[Path]] | None = None) -> SoupResult:
         """Time the algorithm, write the soup (``write(output, **output_options)``: ``merge`` or ``wise_ft``; the
-        state dict is returned when there is no output), then the report folder."""
+        state dict is returned when there is no output), then its report files (``ReportFiles``; ``plots`` gets
+        the path of each plot by kind)."""
         result.stats = {"seconds": time.perf_counter() - self.started, **result.stats}
         written = write(self.out, options=self.options)
         if self.out is not None:
             result.path = Path(written)
         else:
             result.state_dict = written
-        if self.report_dir is not None:
+        if self.reports is not None:
             from soupkit.report.plots import write_json
 
-            self.report_dir.mkdir(parents=True, exist_ok=True)
+            self.reports.folder.mkdir(parents=True, exist_ok=True)
             if plots is not None:
-                result.report_files += plots(self.report_dir)
-            result.report_files.append(self.report_dir / json_name)
-            write_json(result.to_dict(), self.report_dir / json_name)
+                result.report_files += plots(self.reports.plot)
+            result.report_files.append(self.reports.json)
+            write_json(result.to_dict(), self.reports.json)
         return result

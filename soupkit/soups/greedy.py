@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +122,10 @@ def greedy_soup(
     (callables receive CPU tensors that are reused after the call returns). ``accept``: "gt" (strictly
     better, the paper's rule) or "ge". ``prescreen``: skip ingredients whose own held-out accuracy is below it.
     ``output``: write the soup there (atomically, with provenance metadata); otherwise it is returned in
-    ``.state_dict``. ``report_dir``: receives ``greedy.json`` and plots. ``output_options``: the output options
-    a soup honours (``soupkit.soups.common``; the table in docs/output.md), by candidates and the written soup
-    alike; ``output`` may be any form a merge writes (file, shards, folder, ``.pt``, ``.ckpt``).
+    ``.state_dict``. ``report_dir``: receives the record and plots, named after ``output`` (``soup.json``,
+    ``soup_steps.png``, ``soup_scatter.png``; ``greedy.json`` ... without one). ``output_options``: the output
+    options a soup honours (``soupkit.soups.common``; the table in docs/output.md), by candidates and the written
+    soup alike; ``output`` may be any form a merge writes (file, shards, folder, ``.pt``, ``.ckpt``).
     """
     if accept not in ACCEPT_RULES:
         raise ParameterError("--accept: " + unknown_choice("rule", accept, ACCEPT_RULES))
@@ -171,7 +172,7 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
         return merge_variants(selected, "linear", [({}, out)], metadata={"soupkit.greedy": record},
                               base=run.base_for(selected), **options)[0]
 
-    return run.finish(result, write, "greedy.json", lambda folder: _plots(run, result, folder))
+    return run.finish(result, write, lambda name: _plots(run, result, name))
 
 
 def _search(run: SoupRun, scores: list[Score], order: list[int], accept: str, prescreen: float | None,
@@ -235,14 +236,12 @@ def _step(step: int, position: int, name: str, own: Score, result: Score, accept
                       accepted, stopped_early=result.stopped_early, examples_seen=result.examples_seen, note=note)
 
 
-def _plots(run: SoupRun, result: SoupResult, folder: Path) -> list[Path]:
+def _plots(run: SoupRun, result: SoupResult, name: Callable[[str], Path]) -> list[Path]:
     """The per-step plot, and the paper's scatter when the evaluator has test and shift sets."""
-
-    files = [plot_greedy_steps(result, folder / "greedy_steps.png")]
+    files = [plot_greedy_steps(result, name("steps"))]
     judge = run.judge
     tests, shifts = judge.test_names, judge.shift_names
     if tests and shifts:
-
         valid = [i for i, s in enumerate(result.scores) if s is not None]
         sources = run.scoring_sources
         points = [{**_point(result.names[i], "ingredient", judge.accuracies(sources[i], tests + shifts), tests,
@@ -256,7 +255,7 @@ def _plots(run: SoupRun, result: SoupResult, folder: Path) -> list[Path]:
         points.append(_point(f"greedy soup ({len(result.ingredients)})", "greedy",
                              judge.accuracies(soup, tests + shifts, use_cache=False), tests, shifts))
         result.extra["scatter"] = points
-        files.append(plot_soup_scatter(points, folder / "greedy_scatter.png"))
+        files.append(plot_soup_scatter(points, name("scatter")))
     return files
 
 

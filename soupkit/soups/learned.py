@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +146,10 @@ def _publish(run: SoupRun, checkpoints: Sequence[CheckpointSource], result: Soup
         return merge(checkpoints, "linear", out, weights=weights, metadata={"soupkit.learned": record},
                      base=run.base_for(checkpoints), **options)
 
-    def plots(folder: Path) -> list[Path]:
+    def plots(name: Callable[[str], Path]) -> list[Path]:
+        return [plot_learned_weights(run.names, weights, name("weights"))]
 
-        return [plot_learned_weights(run.names, weights, folder / "learned_weights.png")]
-
-    return run.finish(result, write, "learned.json", plots)
+    return run.finish(result, write, plots)
 
 
 def _check_model(run: SoupRun, model: torch.nn.Module) -> list[str]:

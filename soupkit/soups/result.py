@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soupkit.errors import OutputError
+from soupkit.io.atomic import check_report_path
+from soupkit.report.html import current_command
 from soupkit.report.layout import print_table
 from soupkit.report.tables import soup_table
 
@@ -59,6 +62,59 @@ class LearnedWeights:
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
+
+
+#: per soup algorithm (``SoupRun``'s label): its name and the plots it draws, which name its report files
+REPORTS = {"greedy soup": ("greedy", ("steps", "scatter")), "learned soup": ("learned", ("weights",)),
+           "WiSE-FT sweep": ("wise", ("curve",))}
+
+
+@dataclass
+class ReportFiles:
+    """Where a soup's report goes (its JSON record and plots), decided and checked before any work.
+
+    Named after the soup's output (``-o soup.safetensors`` -> ``soup.json``, ``soup_steps.png``), so two soups
+    written to one folder never replace each other's report; without an output, after the algorithm
+    (``greedy.json``). Like a checkpoint, an existing report file is replaced only with ``force``.
+    """
+
+    folder: Path
+    stem: str
+    kinds: tuple[str, ...]
+
+    @classmethod
+    def plan(cls, algorithm: str, folder: str | Path, output: str | Path | None) -> ReportFiles:
+        name, kinds = REPORTS[algorithm]
+        stem = name if output is None else Path(str(output).rstrip("/\\")).name
+        if output is not None and Path(stem).suffix:
+            stem = Path(stem).stem
+        return cls(Path(folder), stem, kinds)
+
+    @property
+    def json(self) -> Path:
+        return self.folder / f"{self.stem}.json"
+
+    def plot(self, kind: str) -> Path:
+        if kind not in self.kinds:
+            raise KeyError(f"{kind!r}: not one of this soup's plots {self.kinds}")
+        return self.folder / f"{self.stem}_{kind}.png"
+
+    def all(self) -> list[Path]:
+        return [self.json, *(self.plot(kind) for kind in self.kinds)]
+
+    def check(self, *, inputs: Any = (), force: bool = False) -> None:
+        """Refuse, before any work, a report file that exists (without ``force``), is an input, or cannot be
+        written; the folder is created by ``finish`` if it is missing and its parent exists."""
+
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"--report-dir: {self.folder} is a file, not a folder")
+        if not self.folder.exists():
+            return
+        for path in self.all():
+            check_report_path(path, inputs=inputs, option="--report-dir")
+            if path.exists() and not force:
+                raise OutputError(f"{path} exists (the report of an earlier soup); pass --force to replace it, or "
+                                  "--report-dir / another -o name to keep both")
 
 
 @dataclass
@@ -121,6 +177,7 @@ class SoupResult:
             "stats": self.stats,
             "extra": self.extra,
             "report_files": [str(p) for p in self.report_files],
+            "command": current_command(),
         })
 
     def to_json(self) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,8 @@ def wise_sweep(
     ``select``, a dataset name; ties go to the first α in sweep order); write or return the chosen model.
 
     ``alphas``: a list, one value, or a string for ``parse_alphas``. ``fisher``: (zeroshot Fisher, fine-tuned
-    Fisher) files for the Fisher-weighted variant. ``report_dir`` receives ``wise.json`` and ``wise_curve.png``.
+    Fisher) files for the Fisher-weighted variant. ``report_dir`` receives the record and the curve, named
+    after ``output`` (``wise.json`` and ``wise_curve.png`` for ``wise.safetensors``).
     ``output_options``: the merge engine's (see ``soupkit.soups.common``). The result's ``.alpha`` is the chosen
     α and ``.history`` holds one ``SweepPoint`` per α.
     """
@@ -174,11 +175,10 @@ def _publish(run: SoupRun, model_at: Interpolation, result: SoupResult, metadata
             warnings.filterwarnings("ignore", message="alpha=.* is outside", category=SoupkitWarning)
             return wise_ft(run.sources[0], run.sources[1], alpha, out, metadata=metadata, **options)
 
-    def plots(folder: Path) -> list[Path]:
+    def plots(name: Callable[[str], Path]) -> list[Path]:
+        return [plot_wise_curve(result.history, name("curve"))]
 
-        return [plot_wise_curve(result.history, folder / "wise_curve.png")]
-
-    return run.finish(result, write, "wise.json", plots)
+    return run.finish(result, write, plots)
 
 
 def _sweep(run: SoupRun, model_at: Interpolation, alphas: Sequence[float], progress: bool) -> list[SweepPoint]:

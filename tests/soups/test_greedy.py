@@ -249,11 +249,13 @@ def test_output_report_and_provenance(digits_setup, tmp_path):
     assert record["accept"] == "gt" and not any("/" in name for name in record["scores"])
     assert str(digits_setup.paths[0].parent) not in json.dumps(meta)
     assert len(json.loads(meta["soupkit.ingredients"])) == len(result.ingredients)
-    report = json.loads((tmp_path / "report" / "greedy.json").read_text())
+    report = json.loads((tmp_path / "report" / "soup.json").read_text())  # named after the output
     assert report["ingredients"] == result.ingredients and len(report["history"]) == len(digits_setup.paths)
     kinds = [p["kind"] for p in report["extra"]["scatter"]]
     assert kinds.count("ingredient") == len(digits_setup.paths) and "uniform" in kinds and "greedy" in kinds
-    for name in ("greedy_steps.png", "greedy_scatter.png"):
+    assert result.report_files == [tmp_path / "report" / n for n in ("soup_steps.png", "soup_scatter.png",
+                                                                      "soup.json")]
+    for name in ("soup_steps.png", "soup_scatter.png"):
         data = (tmp_path / "report" / name).read_bytes()
         assert data[:8] == PNG and len(data) > 5000
     with pytest.raises(OutputError, match="output exists"):
