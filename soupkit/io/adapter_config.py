@@ -224,9 +224,9 @@ class AdapterConfig(BaseModel):
                                          f"does not have; convert the adapter with peft's save_pretrained("
                                          f"path_initial_model_for_weight_conversion=...) first")
         for name, value in (self.model_extra or {}).items():
-            if not _off(value):
-                return name, (f"unknown field {name!r} (not a LoraConfig field of the peft soupkit knows) set to "
-                              f"{_short(value)}; soupkit cannot tell what it changes")
+            if not _off(value):  # its value is never echoed: the file may not be what it claims
+                return name, (f"unknown field {_short(name)} is set (not a LoraConfig field of the peft soupkit "
+                              f"knows); soupkit cannot tell what it would change")
         return None
 
 
@@ -247,7 +247,10 @@ def _compile(pattern: str) -> None:
 
 def read_adapter_config(path: Path) -> AdapterConfig:
     """Parse and validate ``adapter_config.json``: one ``CheckpointError`` line naming the file and the field.
-    The file must be a regular file of at most ``MAX_CONFIG_BYTES`` (never read further)."""
+    The file must be a regular file of at most ``MAX_CONFIG_BYTES`` (never read further), inside its folder: a
+    symlink is followed only to a file in the same folder or to a Hugging Face hub cache blob
+    (``snapshots/REV/adapter_config.json`` -> ``../../blobs/HASH``)."""
+    _check_link(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as err:
@@ -259,7 +262,7 @@ def read_adapter_config(path: Path) -> AdapterConfig:
     if len(data) > MAX_CONFIG_BYTES:
         raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not an adapter config")
     try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        raw = json.loads(data.decode("utf-8"))  # NaN / Infinity parse: the schema then names the field
     except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: not valid JSON") from None
     if not isinstance(raw, dict):
@@ -277,8 +280,18 @@ def read_adapter_config(path: Path) -> AdapterConfig:
     return config
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: json.loads accepts them by default
+def _check_link(path: Path) -> None:
+    if not path.is_symlink():
+        return
+    try:
+        target, folder = path.resolve(strict=True), path.parent.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise CheckpointError(f"{path}: a broken or looping symlink") from None
+    in_folder = target.parent == folder
+    hub_blob = target.parent.name == "blobs" and target.parent.parent == folder.parent.parent
+    if not (in_folder or hub_blob):
+        raise CheckpointError(f"{path}: a symlink out of the adapter folder; soupkit reads only the adapter's own "
+                              f"files (copy the config into the folder)")
 
 
 def _describe(err: ValidationError) -> str:

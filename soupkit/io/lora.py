@@ -637,12 +637,17 @@ DENSE_FLOOR_BYTES = 64 << 20
 DENSE_RATIO = 16
 
 
-def check_dense_merge(sources: Sequence[Any], method: str) -> None:
-    """Refuse, in one line naming the size, a merge of adapters that would build dense updates (``method`` is
-    not linear in them) bigger than the bound above; the fix is ``--base`` (full weights, streamed: the base
-    holds tensors of that size anyway) or a method linear in the updates (exact, factored)."""
+def check_dense_merge(sources: Sequence[Any], method: str, *, rank: int | None = None,
+                      output: str | Path | None = None) -> None:
+    """Before any work: refuse, in one line naming the size, a merge of adapters that would build dense updates
+    (``method`` is not linear in them) bigger than the bound above (the fix is ``--base``: full weights,
+    streamed, where the base holds tensors of that size anyway; or a method linear in the updates, reduced from
+    the factors); and check ``rank`` and ``output`` as ``save_adapter`` will."""
+    if output is not None:
+        check_adapter_output(output)
     opened = _open_all([s for s in sources if isinstance(s, (str, Path, LoraAdapter))])
     try:
+        check_rank(rank, opened)
         modules = {key: m for a in opened for key, m in a.modules.items()}
         dense = sum(4 * math.prod(m.shape) for m in modules.values())
         largest = max(a.factors.info(k).nbytes for a in opened for k in a.factors.keys())

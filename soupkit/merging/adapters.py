@@ -67,6 +67,7 @@ def _refactored(checkpoints: Sequence[CheckpointSource], spec: Any, params: Mapp
 
     from soupkit.merging.api import merge_variants
 
+    lora.check_dense_merge(checkpoints, spec.name, rank=options.rank, output=output)  # before the dense work
     base = None
     if spec.needs_base:  # zeros over every adapted module; a module some adapters leave alone is merged over
         base = {}        # those that adapt it (TIES/DARE ignore zero entries, so this equals zero-filling)

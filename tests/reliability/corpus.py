@@ -824,5 +824,6 @@ def valid_seeds() -> dict[str, tuple[str, bytes]]:
     }
 
 
-# round two (issue 13): bombs, escapes, odd files and names, alias bombs; registers into CASES
-from tests.reliability import corpus_round2  # noqa: E402, F401
+# round two (issue 13): bombs, escapes, odd files and names, alias bombs; round three (issues 22, 26): LoRA
+# adapters. Each registers into CASES
+from tests.reliability import corpus_adapters, corpus_round2  # noqa: E402, F401
