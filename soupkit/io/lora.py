@@ -216,7 +216,8 @@ class LoraAdapter:
                                   f"soupkit cannot merge it")
         if info.dtype not in _FLOAT_DTYPES and not bias and info.dtype.is_complex:
             raise CheckpointError(f"{self.weights_path}: tensor {key!r} is {info.dtype}; soupkit merges real weights")
-        base_name = name.replace(".modules_to_save.", ".")
+        # peft's names: a head's saved copy sits under .modules_to_save., a LoRA layer's own bias under .base_layer.
+        base_name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
         if base_name in self.full:
             raise CheckpointError(f"{self.weights_path}: {base_name!r} is saved twice ({self.full[base_name]!r} "
                                   f"and {key!r})")
