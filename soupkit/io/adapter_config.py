@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from soupkit.errors import CheckpointError
 
-__all__ = ["FIELDS", "MAX_CONFIG_BYTES", "MAX_RANK", "AdapterConfig", "Handling", "PatternMatcher",
+__all__ = ["FIELDS", "LEGACY_FIELDS", "MAX_CONFIG_BYTES", "MAX_RANK", "AdapterConfig", "Handling", "PatternMatcher",
            "read_adapter_config"]
 
 #: adapter configs are ~1-2 KB; anything bigger is not one (and is never read whole)
@@ -122,6 +122,12 @@ FIELDS: dict[str, Handling] = {
     "arrow_config": _r("Arrow routing between adapters"),
     "kasa_config": _r("KaSA adapters"),
     "ensure_weight_tying": _r("adapters tied across tied layers (ensure_weight_tying)"),
+}
+
+#: fields older peft versions saved that peft no longer has: their handling, as for FIELDS
+LEGACY_FIELDS: dict[str, Handling] = {
+    "merge_weights": _i("peft < 0.3: whether to merge in eval mode, a runtime switch"),
+    "enable_lora": _r("peft < 0.3 MergedLinear adapters (enable_lora)"),
 }
 
 #: init_lora_weights values that only initialise the factors (the merge uses the saved ones)
@@ -224,6 +230,11 @@ class AdapterConfig(BaseModel):
                                          f"does not have; convert the adapter with peft's save_pretrained("
                                          f"path_initial_model_for_weight_conversion=...) first")
         for name, value in (self.model_extra or {}).items():
+            legacy = LEGACY_FIELDS.get(name)
+            if legacy is not None and legacy.how == "ignored":
+                continue
+            if legacy is not None and not _off(value):
+                return name, f"{legacy.why} are not supported ({name}: {_short(value)})"
             if not _off(value):  # its value is never echoed: the file may not be what it claims
                 return name, (f"unknown field {_short(name)} is set (not a LoraConfig field of the peft soupkit "
                               f"knows); soupkit cannot tell what it would change")
