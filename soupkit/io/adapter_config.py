@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import regex
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from soupkit.errors import CheckpointError
 
@@ -219,6 +219,17 @@ class AdapterConfig(BaseModel):
             _compile(item)  # peft interpolates these into its own regexes unescaped
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterConfig:
+        """The combinations peft's own ``LoraConfig.__post_init__`` refuses (so peft cannot load the adapter)."""
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used with a string (regex) target_modules, as in peft")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("layers_pattern cannot be used with a string (regex) target_modules, as in peft")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is set without layers_to_transform, which peft refuses")
+        return self
+
     def refusal(self) -> tuple[str, str] | None:
         """``(field, why)`` for the first field whose value soupkit refuses, or None."""
         for name, handling in FIELDS.items():
@@ -310,6 +321,8 @@ def _describe(err: ValidationError) -> str:
     first = err.errors(include_url=False)[0]
     # union members add their type name to the location (``target_modules.list[...]``): keep the data path
     loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES)))
+    if not loc:  # a check across fields names them itself
+        return first["msg"].replace("\n", " ").removeprefix("Value error, ")
     message = first["msg"].replace("\n", " ")
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
