@@ -181,6 +181,19 @@ def test_refactor_lora_reports_the_truncation_error() -> None:
     assert error == pytest.approx(float((delta - b @ a).norm() / delta.norm()), rel=1e-4)
 
 
+def test_reduce_factors_equals_the_svd_of_the_product_without_forming_it() -> None:
+    from soupkit.io.lora import reduce_factors
+
+    g = torch.Generator().manual_seed(1)
+    b, a = torch.randn(30, 6, generator=g), torch.randn(6, 50, generator=g)
+    for rank in (1, 3, 6, 9):
+        nb, na, error, energy = reduce_factors(b, a, rank)
+        db, da, dense_error = refactor_lora(b @ a, rank)
+        assert nb.shape == (30, min(rank, 6)) and na.shape == (min(rank, 6), 50)
+        assert torch.allclose(nb @ na, db @ da, atol=1e-4) and error == pytest.approx(dense_error, abs=1e-6)
+        assert energy == pytest.approx(float((b.double() @ a.double()).square().sum()), rel=1e-9)
+
+
 def test_gpt2_conv1d_and_embedding_lora_match_peft(tmp_path: Path) -> None:
     torch.manual_seed(3)
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)

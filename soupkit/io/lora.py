@@ -11,12 +11,16 @@ products is not the product of the means), so soupkit merges the updates ``dW = 
   does not touch pass through from the base): WiSE-FT, soups, TIES... of adapted models.
 - ``merge_adapters(adapters, weights, output)`` -> an adapter folder for a weighted sum of updates, exact by rank
   concatenation (as peft's ``add_weighted_adapter(combination_type="cat")``: ranks add up), or re-factorised to
-  rank R by truncated SVD (``rank=R``; the relative reconstruction error is reported).
+  rank R (``rank=R``; the relative reconstruction error is reported) from the factors alone: the sum has rank
+  <= sum of ranks, so a QR of the stacked factors and an SVD of the small core give it without the d x k update.
 - ``save_adapter(deltas, template, output, rank)`` -> an adapter folder for any merged updates (TIES, DARE...).
 
-Updates are computed lazily, per key and per flat range (only the rows asked for), so memory stays bounded by
-one tensor whatever the adapter's size. Linear, Conv1D (``fan_in_fan_out``), embedding and convolution LoRA are
-supported; DoRA, LoRA biases and non-LoRA peft types are refused in one line.
+Updates are computed lazily, per key and per flat range (only the elements asked for), so memory stays bounded
+by one chunk whatever the adapter's size. Linear, Conv1D, embedding and convolution LoRA are supported; with a
+base, a linear module is laid out as its layer holds its weight (peft decides ``fan_in_fan_out`` by the layer
+class, not the flag). ``adapter_config.json`` is validated against a declared schema
+(``soupkit.io.adapter_config``: every peft ``LoraConfig`` field honoured, ignored with a reason, or refused in
+one line); factors are checked against each other, the config and the base before any update is computed.
 """
 
 from __future__ import annotations
