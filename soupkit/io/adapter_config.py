@@ -88,7 +88,8 @@ FIELDS: dict[str, Handling] = {
     "rank_pattern": _h("per-module r, first matching key as peft's get_pattern_key: (.*\\.)?(key)$"),
     "alpha_pattern": _h("per-module alpha, matched as rank_pattern"),
     "target_modules": _h("a factor for a module peft would not adapt (list: name or .suffix; string: full regex "
-                         "match) is refused, since peft would not apply it"),
+                         "match) is refused, since peft would not apply it; null (peft's per-model default) is "
+                         "refused"),
     "exclude_modules": _h("a factor for an excluded module is refused, since peft would not apply it"),
     "layers_to_transform": _h("a factor outside these layer indices is refused, as peft would not apply it"),
     "layers_pattern": _h("where the layer index is read from (with layers_to_transform), as peft reads it"),
@@ -235,6 +236,10 @@ class AdapterConfig(BaseModel):
         for name, handling in FIELDS.items():
             if handling.how == "refused" and not _off(getattr(self, name)):
                 return name, f"{handling.why} are not supported ({name}: {_short(getattr(self, name))})"
+        if self.target_modules is None:
+            return "target_modules", ("target_modules is null: peft would adapt its default modules for the base's "
+                                      "model type, which soupkit cannot tell from the adapter; name them in "
+                                      "target_modules")
         if self.init_lora_weights not in FACTOR_ONLY_INITS:
             return "init_lora_weights", (f"init_lora_weights {_short(self.init_lora_weights)} initialises by "
                                          f"rewriting the base weight, so the factors are relative to a base soupkit "
@@ -391,7 +396,7 @@ class PatternMatcher:
                 return f"it lies in modules_to_save {saved!r}"
         targets = c.target_modules
         if targets is None or targets == "all-linear":
-            return None  # peft's default targets are those the factors were trained on; all-linear: every Linear
+            return None  # null is refused when reading; all-linear: every linear layer (peft saves the expansion)
         if isinstance(targets, str):
             return None if self._match(targets, module, "target_modules", full=True) is not None else (
                 "the target_modules pattern does not match it")

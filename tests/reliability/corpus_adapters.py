@@ -154,6 +154,11 @@ def _untargeted(w: Workspace) -> Expect:
     return merge_config(w, "target_modules", ["q_proj"], "v_proj", "peft would not adapt it", "target_modules")
 
 
+@case("adapter config: null target_modules")
+def _null_targets(w: Workspace) -> Expect:
+    return merge_config(w, "target_modules", None, "target_modules is null")
+
+
 @case("adapter config: empty target_modules")
 def _no_targets(w: Workspace) -> Expect:
     return merge_config(w, "target_modules", [], "peft would not adapt it", "target_modules")
