@@ -218,7 +218,7 @@ class LoraAdapter:
             raise CheckpointError(f"{self.weights_path}: tensor {key!r} is neither a LoRA factor nor a weight of "
                                   f"modules_to_save {saved} (nor a bias, with bias: {self.settings.bias!r}); "
                                   f"soupkit cannot merge it")
-        if info.dtype not in _FLOAT_DTYPES and not bias and info.dtype.is_complex:
+        if info.dtype.is_complex:
             raise CheckpointError(f"{self.weights_path}: tensor {key!r} is {info.dtype}; soupkit merges real weights")
         # peft's names: a head's saved copy sits under .modules_to_save., a LoRA layer's own bias under .base_layer.
         base_name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
