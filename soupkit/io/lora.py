@@ -11,12 +11,16 @@ products is not the product of the means), so soupkit merges the updates ``dW = 
   does not touch pass through from the base): WiSE-FT, soups, TIES... of adapted models.
 - ``merge_adapters(adapters, weights, output)`` -> an adapter folder for a weighted sum of updates, exact by rank
   concatenation (as peft's ``add_weighted_adapter(combination_type="cat")``: ranks add up), or re-factorised to
-  rank R by truncated SVD (``rank=R``; the relative reconstruction error is reported).
+  rank R (``rank=R``; the relative reconstruction error is reported) from the factors alone: the sum has rank
+  <= sum of ranks, so a QR of the stacked factors and an SVD of the small core give it without the d x k update.
 - ``save_adapter(deltas, template, output, rank)`` -> an adapter folder for any merged updates (TIES, DARE...).
 
-Updates are computed lazily, per key and per flat range (only the rows asked for), so memory stays bounded by
-one tensor whatever the adapter's size. Linear, Conv1D (``fan_in_fan_out``), embedding and convolution LoRA are
-supported; DoRA, LoRA biases and non-LoRA peft types are refused in one line.
+Updates are computed lazily, per key and per flat range (only the elements asked for), so memory stays bounded
+by one chunk whatever the adapter's size. Linear, Conv1D, embedding and convolution LoRA are supported; with a
+base, a linear module is laid out as its layer holds its weight (peft decides ``fan_in_fan_out`` by the layer
+class, not the flag). ``adapter_config.json`` is validated against a declared schema
+(``soupkit.io.adapter_config``: every peft ``LoraConfig`` field honoured, ignored with a reason, or refused in
+one line); factors are checked against each other, the config and the base before any update is computed.
 """
 
 from __future__ import annotations
@@ -25,30 +29,30 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from soupkit.errors import CheckpointError, IncompatibleCheckpointsError, OutputError, ParameterError
+from soupkit.io.adapter_config import FIELDS, AdapterConfig, PatternMatcher, read_adapter_config
 from soupkit.io.atomic import check_derived_output
 from soupkit.io.base import CheckpointReader, TensorInfo
 from soupkit.io.hf_folder import FolderOutput
 from soupkit.io.provenance import ingredient_record, provenance_metadata
-from soupkit.io.small_files import read_json_file
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterResult", "LoraAdapter", "LoraDeltaReader", "LoraMergedReader",
-    "check_adapter_mix", "find_adapter", "is_adapter", "merge_adapters", "merge_adapters_exact",
-    "open_adapter", "refactor_lora", "save_adapter",
+    "check_adapter_mix", "check_adapter_output", "check_dense_merge", "check_rank",
+    "find_adapter", "is_adapter", "merge_adapters", "merge_adapters_exact", "open_adapter", "reduce_factors",
+    "refactor_lora", "save_adapter",
 ]  # fmt: skip
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
-_REFUSED_FLAGS = {"use_dora": "DoRA", "lora_bias": "LoRA biases (lora_bias)", "use_qalora": "QA-LoRA"}
 
 
 # --------------------------------------------------------------------------------------------- finding
@@ -91,13 +95,20 @@ def is_adapter(path: str | Path) -> bool:
 
 # --------------------------------------------------------------------------------------------- parsing
 
+#: model types of transformers whose block layers are ``Conv1D`` (weight stored (in, out)); peft decides
+#: ``fan_in_fan_out`` by the layer class, so a square module's layout is read from here when shapes cannot tell
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
+#: model types that mix Conv1D and nn.Linear layers: a square module's layout cannot be told from the type
+MIXED_MODEL_TYPES = frozenset({"clvp", "convbert"})
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted module: where its factors are, its scale, and how ``dW = s * left @ right`` is laid out.
 
     ``left`` is (rows, r) and ``right`` (r, cols) with ``dW.reshape(rows, cols)``: ``B`` and ``A`` for linear
-    and convolution layers, ``A.T`` and ``B.T`` where peft transposes (Conv1D ``fan_in_fan_out``, embeddings).
+    and convolution layers, ``A.T`` and ``B.T`` where peft transposes (Conv1D layers, embeddings).
     """
 
     key: str  # the base model's weight name, e.g. model.layers.0.self_attn.q_proj.weight
@@ -120,35 +131,16 @@ class LoraModule:
     def cols(self) -> int:
         return math.prod(self.shape[1:])
 
+    @property
+    def straight(self) -> tuple[int, ...]:
+        """The shape of ``B @ A`` (a linear module's update when its layer is an nn.Linear)."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """peft's ``get_pattern_key``: the first pattern ``p`` with ``(.*\\.)?p$`` matching the module name."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _read_config(config_path: Path) -> dict[str, Any]:
-
-    config = read_json_file(config_path.parent, config_path.name)  # a regular file inside the folder, bounded
-    if config is None:
-        raise CheckpointError(f"{config_path}: cannot read: No such file or directory")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise CheckpointError(f"{config_path}: a {peft_type} adapter; soupkit merges LoRA adapters only")
-    for flag, what in _REFUSED_FLAGS.items():
-        if config.get(flag):
-            raise CheckpointError(f"{config_path}: {what} adapters are not supported ({flag}: true); merge the "
-                                  f"adapter into its base with peft first")
-    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{config_path}: 'r' must be a positive integer and 'lora_alpha' a number "
-                              f"(got r={r!r}, lora_alpha={alpha!r})")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, dict):
-            raise CheckpointError(f"{config_path}: {name!r} must be a mapping of module pattern -> value")
-    return config
+    def laid_out(self, transposed: bool) -> LoraModule:
+        """This linear module with its update laid out as an nn.Linear (False) or a Conv1D (True) weight."""
+        if self.kind != "linear" or transposed == self.transposed:
+            return self
+        return replace(self, transposed=transposed, shape=(self.shape[1], self.shape[0]))
 
 
 def _module_name(adapter_key: str) -> str:
@@ -164,10 +156,11 @@ class LoraAdapter:
 
     config_path: Path
     weights_path: Path
-    config: dict[str, Any]
+    config: dict[str, Any]  # the validated fields, as JSON (the template of written adapters)
     factors: CheckpointReader
+    settings: AdapterConfig = field(default_factory=AdapterConfig)
     modules: dict[str, LoraModule] = field(default_factory=dict)
-    #: full weights peft saves for ``modules_to_save`` (a classifier head): base name -> adapter key
+    #: full weights the adapter saves (``modules_to_save`` heads, ``bias: all / lora_only``): base name -> key
     full: dict[str, str] = field(default_factory=dict)
     _cache: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
@@ -180,9 +173,9 @@ class LoraAdapter:
         if found is None:
             raise CheckpointError(f"{path}: not a PEFT adapter (no {ADAPTER_CONFIG} beside it)")
         config_path, weights_path = found
-        config = _read_config(config_path)
+        settings = read_adapter_config(config_path)
         factors = open_file(weights_path)
-        adapter = cls(config_path, weights_path, config, factors)
+        adapter = cls(config_path, weights_path, settings.model_dump(mode="json"), factors, settings)
         try:
             adapter._parse()
         except BaseException:
@@ -203,40 +196,86 @@ class LoraAdapter:
                 self._full_weight(key)
                 continue
             part = match["part"].replace("lora_embedding_", "embedding_").replace("lora_", "")
-            pairs.setdefault(match["module"], {})[part] = key
+            parts = pairs.setdefault(match["module"], {})
+            if part in parts:
+                raise CheckpointError(f"{self.weights_path}: module {_module_name(match['module'])!r} has two "
+                                      f"{match['part']} tensors ({parts[part]!r} and {key!r})")
+            parts[part] = key
+        matcher = PatternMatcher(self.settings, self.config_path)
         for module_key, parts in pairs.items():
-            module = self._module(_module_name(module_key), parts)
+            module = self._module(_module_name(module_key), parts, matcher)
             self.modules[module.key] = module
         if not self.modules:
             raise CheckpointError(f"{self.weights_path}: no lora_A/lora_B factors in this adapter")
+        overlap = set(self.modules) & set(self.full)
+        if overlap:
+            raise CheckpointError(f"{self.weights_path}: {sorted(overlap)[0]!r} is both LoRA-adapted and saved in "
+                                  f"full; peft would not adapt a module it saves")
 
     def _full_weight(self, key: str) -> None:
         name = _module_name(key)
-        saved = self.config.get("modules_to_save") or []
-        if not any(name == f"{m}.{name.rsplit('.', 1)[-1]}" or f".{m}." in f".{name}" for m in saved):
+        info = self.factors.info(key)
+        saved = self.settings.modules_to_save or []
+        in_saved = any(name == f"{m}.{name.rsplit('.', 1)[-1]}" or f".{m}." in f".{name}" for m in saved)
+        bias = self.settings.bias != "none" and name.endswith(".bias") and ".modules_to_save." not in name
+        if not (in_saved or bias):
             raise CheckpointError(f"{self.weights_path}: tensor {key!r} is neither a LoRA factor nor a weight of "
-                                  f"modules_to_save {saved}; soupkit cannot merge it")
-        self.full[name.replace(".modules_to_save.", ".")] = key
+                                  f"modules_to_save {saved} (nor a bias, with bias: {self.settings.bias!r}); "
+                                  f"soupkit cannot merge it")
+        if info.dtype.is_complex:
+            raise CheckpointError(f"{self.weights_path}: tensor {key!r} is {info.dtype}; soupkit merges real weights")
+        # peft's names: a head's saved copy sits under .modules_to_save., a LoRA layer's own bias under .base_layer.
+        base_name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+        if base_name in self.full:
+            raise CheckpointError(f"{self.weights_path}: {base_name!r} is saved twice ({self.full[base_name]!r} "
+                                  f"and {key!r})")
+        self.full[base_name] = key
 
-    def _module(self, module: str, parts: dict[str, str]) -> LoraModule:
+    def _factor_info(self, module: str, key: str, what: str, dims: tuple[int, ...]) -> TensorInfo:
+        info = self.factors.info(key)
+        if len(info.shape) not in dims:
+            want = " or ".join(f"{d}-D" for d in dims)
+            raise CheckpointError(f"{self.weights_path}: module {module!r}: {what} has shape {tuple(info.shape)}; "
+                                  f"a LoRA factor is {want}")
+        if info.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{self.weights_path}: module {module!r}: {what} is {info.dtype}; LoRA factors "
+                                  f"are floating point (fp16, bf16, fp32, fp64)")
+        if 0 in info.shape:
+            raise CheckpointError(f"{self.weights_path}: module {module!r}: {what} has an empty dimension "
+                                  f"{tuple(info.shape)}")
+        return info
+
+    def _module(self, module: str, parts: dict[str, str], matcher: PatternMatcher) -> LoraModule:
         embedding = "embedding_A" in parts or "embedding_B" in parts
         a_key, b_key = (parts.get("embedding_A"), parts.get("embedding_B")) if embedding else (
             parts.get("A"), parts.get("B"))
-        if a_key is None or b_key is None:
-            raise CheckpointError(f"{self.weights_path}: module {module!r} has only one of its two LoRA factors")
-        a, b = self.factors.info(a_key), self.factors.info(b_key)
-        rank = a.shape[0]
+        if a_key is None or b_key is None or (embedding and ("A" in parts or "B" in parts)):
+            raise CheckpointError(f"{self.weights_path}: module {module!r} has only one of its two LoRA factors "
+                                  f"(or lora_ and lora_embedding_ factors mixed): {sorted(parts.values())}")
+        why = matcher.why_not_adapted(module)
+        if why is not None:
+            raise CheckpointError(f"{self.config_path}: the adapter has factors for {module!r} but peft would not "
+                                  f"adapt it ({why}), so would not apply them; fix target_modules / "
+                                  f"exclude_modules / layers_to_transform")
+        a_name = "lora_embedding_A" if embedding else "lora_A"
+        b_name = "lora_embedding_B" if embedding else "lora_B"
+        a = self._factor_info(module, a_key, a_name, (2,) if embedding else (2, 3, 4, 5))
         conv = len(a.shape) > 2
-        if len(b.shape) < 2 or b.shape[1] != rank or (conv and any(d != 1 for d in b.shape[2:])):
-            raise CheckpointError(f"{self.weights_path}: module {module!r}: lora_A {tuple(a.shape)} and lora_B "
-                                  f"{tuple(b.shape)} do not multiply")
-        r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"])
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", r))
+        b = self._factor_info(module, b_key, b_name, (len(a.shape),))
+        rank = a.shape[0]
+        if b.shape[1] != rank or (conv and any(d != 1 for d in b.shape[2:])):
+            raise CheckpointError(f"{self.weights_path}: module {module!r}: {a_name} {tuple(a.shape)} and {b_name} "
+                                  f"{tuple(b.shape)} do not multiply (want A (r, in...) and B (out, r"
+                                  f"{', 1' * (len(b.shape) - 2)}))")
+        r = matcher.pattern_value("rank_pattern", module, self.settings.r)
+        alpha = matcher.pattern_value("alpha_pattern", module, self.settings.lora_alpha)
         if r != rank:
             raise CheckpointError(f"{self.weights_path}: module {module!r} has rank {rank} but {ADAPTER_CONFIG} "
-                                  f"says r={r} (rank_pattern)")
-        scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-        transposed = embedding or (bool(self.config.get("fan_in_fan_out")) and not conv)
+                                  f"says r={r} (r / rank_pattern)")
+        scale = alpha / math.sqrt(r) if self.settings.use_rslora else alpha / r
+        # without a base, the layer class is unknown: peft's flag stands for it (Conv1D: fan_in_fan_out true);
+        # with a base, LoraMergedReader lays each module out by the base's own shape (as peft, by the layer)
+        transposed = embedding or (self.settings.fan_in_fan_out and not conv)
         if conv:
             shape: tuple[int, ...] = (b.shape[0], *a.shape[1:])
         else:
@@ -245,32 +284,75 @@ class LoraAdapter:
         return LoraModule(f"{module}.weight", module, a_key, b_key, kind, transposed, rank, float(alpha),
                           float(scale), shape, b.dtype)
 
+    def lay_out(self, base: CheckpointReader) -> None:
+        """Lay each linear module's update out as its layer in ``base`` holds its weight, as peft does: an
+        ``nn.Linear`` gets ``B @ A`` and a transformers ``Conv1D`` ``(B @ A).T``, whatever ``fan_in_fan_out``
+        says (peft overrides the flag by the layer class). A square module is laid out like the adapter's
+        other modules, else by the base's ``model_type``; one line when nothing tells."""
+        decided: dict[str, bool] = {}
+        square: list[str] = []
+        for key, module in self.modules.items():
+            if module.kind != "linear" or key not in base:
+                continue
+            have = tuple(base.info(key).shape)
+            straight = module.straight
+            if straight[0] == straight[1]:
+                square.append(key)
+            elif have == straight:
+                decided[key] = False
+            elif have == straight[::-1]:
+                decided[key] = True
+        if square:
+            votes = set(decided.values())
+            if len(votes) == 1:
+                guess: bool | None = votes.pop()
+            else:
+                guess = _conv1d_model(base)
+            if guess is None and self.settings.fan_in_fan_out:
+                raise CheckpointError(
+                    f"{self.config_path}: fan_in_fan_out is true and {square[0]!r} is square, so its base weight "
+                    f"cannot tell a transformers Conv1D (B @ A transposed) from an nn.Linear layer; give --base as "
+                    f"the model's Hugging Face folder (its config.json names the architecture)")
+            decided.update({key: bool(guess) for key in square})
+        for key, transposed in decided.items():
+            self.modules[key] = self.modules[key].laid_out(transposed)
+        self._cache = None
+
     def left_right(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` in float32 with ``dW = scale * left @ right`` (reshaped); cached for the last key,
         so the engine's consecutive chunk reads of one tensor read the factors once."""
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         module = self.modules[key]
-        a = self.factors.get(module.a_key).float().reshape(module.rank, -1)
-        b = self.factors.get(module.b_key).float().reshape(-1, module.rank)
+        b, a = self.factors_of(key)
         left, right = (a.T, b.T) if module.transposed else (b, a)
         self._cache = (key, left, right)
         return left, right
 
-    def delta_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened update of ``key``, float32, computing only those rows."""
+    def factors_of(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` of ``key`` as peft multiplies them (B (out, r), A (r, in...) flattened), float32."""
         module = self.modules[key]
+        a = self.factors.get(module.a_key).float().reshape(module.rank, -1)
+        b = self.factors.get(module.b_key).float().reshape(-1, module.rank)
+        return b, a
+
+    def delta_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened update of ``key``, float32, computing only those
+        elements (a range inside one row computes that part of the row, not the whole row)."""
+        module = self.modules[key]
+        if stop <= start:
+            return torch.zeros(0)
         left, right = self.left_right(key)
         cols = module.cols
-        first, last = start // cols, -(-stop // cols)
-        # a sum of rank-1 terms in a fixed order rather than a matmul: BLAS blocks a product differently for
-        # different row counts, and a tensor read in chunks must equal the tensor read whole, bit for bit
-        rows = left[first:last]
-        block = torch.zeros(rows.shape[0], cols)
-        for k in range(module.rank):
-            block.addcmul_(rows[:, k : k + 1], right[k : k + 1])
-        block.mul_(module.scale)  # peft's order: (B @ A) * scaling
-        return block.reshape(-1)[start - first * cols : stop - first * cols]
+        first, last = start // cols, (stop - 1) // cols
+        if first == last:
+            return _rank_sum(left[first : first + 1], right[:, start - first * cols : stop - first * cols],
+                             module.scale).reshape(-1)
+        pieces = [_rank_sum(left[first : first + 1], right[:, start - first * cols :], module.scale).reshape(-1)]
+        if last > first + 1:
+            pieces.append(_rank_sum(left[first + 1 : last], right, module.scale).reshape(-1))
+        pieces.append(_rank_sum(left[last : last + 1], right[:, : stop - last * cols], module.scale).reshape(-1))
+        return torch.cat(pieces)
 
     def delta(self, key: str) -> torch.Tensor:
         """The whole update of ``key``, float32, shaped like the base weight."""
@@ -279,6 +361,35 @@ class LoraAdapter:
 
     def close(self) -> None:
         self.factors.close()
+
+
+def _rank_sum(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * left @ right`` as a sum of rank-1 terms in a fixed order rather than a matmul: BLAS blocks a
+    product differently for different shapes, and a tensor read in chunks must equal it read whole, bit for bit."""
+    block = torch.zeros(left.shape[0], right.shape[1])
+    for k in range(left.shape[1]):
+        block.addcmul_(left[:, k : k + 1], right[k : k + 1])
+    return block.mul_(scale)  # peft's order: (B @ A) * scaling
+
+
+def _conv1d_model(base: CheckpointReader) -> bool | None:
+    """True / False when the base's Hugging Face ``config.json`` names an architecture whose block layers are
+    all Conv1D / all nn.Linear; None when there is no config or the architecture mixes both."""
+    from soupkit.io.hf_folder import hf_folder_of
+
+    path = getattr(base, "path", None)
+    folder = hf_folder_of(Path(path)) if path is not None else None
+    if folder is None:
+        return None
+    try:
+        with open(folder / "config.json", "rb") as handle:
+            config = json.loads(handle.read(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or model_type in MIXED_MODEL_TYPES:
+        return None
+    return model_type in CONV1D_MODEL_TYPES
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -355,21 +466,32 @@ class LoraMergedReader(CheckpointReader):
         self.base = base
         self.name = adapter.name
         self.path = adapter.weights_path
-        ties = base.tied_keys()
-        self._delta_of = {key: key for key in adapter.modules}
-        # a key tied to an adapted one (lm_head to embed_tokens) is that same tensor: it gets the update too
-        self._delta_of.update({alias: canon for alias, canon in ties.items() if canon in adapter.modules})
-        for key in [*adapter.modules, *adapter.full]:
+        changed = [*adapter.modules, *adapter.full]
+        if not any(key in base for key in changed):
+            raise IncompatibleCheckpointsError(
+                f"{adapter.name}: none of the {len(changed)} weights the adapter changes (e.g. {changed[0]!r}) is "
+                f"in the base {base.name}; is it the adapter's base model?")
+        for key in changed:
             if key not in base:
                 raise IncompatibleCheckpointsError(
                     f"{adapter.name}: the adapter changes {key!r}, which the base {base.name} lacks; is it the "
                     f"adapter's base model?")
+        adapter.lay_out(base)
+        for key in changed:
             want = adapter.modules[key].shape if key in adapter.modules else adapter.factors.info(
                 adapter.full[key]).shape
             if tuple(base.info(key).shape) != tuple(want):
                 raise IncompatibleCheckpointsError(
                     f"{adapter.name}: the update of {key!r} has shape {tuple(want)} but the base {base.name} has "
                     f"{tuple(base.info(key).shape)}")
+            if not base.info(key).dtype.is_floating_point:
+                raise IncompatibleCheckpointsError(
+                    f"{adapter.name}: the adapter changes {key!r}, which is {base.info(key).dtype} in the base "
+                    f"{base.name}; only floating weights take an update")
+        ties = base.tied_keys()
+        self._delta_of = {key: key for key in adapter.modules}
+        # a key tied to an adapted one (lm_head to embed_tokens) is that same tensor: it gets the update too
+        self._delta_of.update({alias: canon for alias, canon in ties.items() if canon in adapter.modules})
 
     def keys(self) -> list[str]:
         return self.base.keys()
@@ -417,7 +539,11 @@ class LoraMergedReader(CheckpointReader):
 
 def check_adapter_mix(readers: Sequence[CheckpointReader]) -> None:
     """Refuse LoRA updates merged with full models (a mean of a weight and an update means nothing): one line
-    naming the adapter and a full model, and the fix (``--base``). Call it before ``check_compatible``."""
+    naming the adapter and a full model, and the fix (``--base``); and one adapter given twice (by any spelling:
+    its folder and its weights file). Call it before ``check_compatible``."""
+    adapters = [r.adapter for r in readers if isinstance(r, (LoraDeltaReader, LoraMergedReader))]
+    for end in range(2, len(adapters) + 1):
+        _refuse_twice(adapters[:end])
     deltas = [r for r in readers if isinstance(r, LoraDeltaReader)]
     full = [r for r in readers if not isinstance(r, LoraDeltaReader)]
     if deltas and full:
@@ -466,10 +592,10 @@ def refactor_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """Truncated SVD of an update: ``(B, A, relative_error)`` with ``B @ A`` the best rank-``rank``
     approximation of ``delta`` reshaped to (rows, cols) (Eckart-Young), B (rows, R) and A (R, cols), float32,
     R = min(rank, rows, cols). Computed in float64 so the error reported is the truncation's, not rounding's."""
-    if not isinstance(rank, int) or rank <= 0:
-        raise ParameterError(f"--rank must be a positive integer, got {rank!r}")
+    _check_rank_value(rank)
     matrix = delta.detach().double().reshape(delta.shape[0], -1)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    del matrix
     keep = min(rank, s.numel())
     b, a = u[:, :keep] * s[:keep], vh[:keep]
     total = float(s.square().sum())
@@ -477,12 +603,86 @@ def refactor_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return b.float(), a.float(), error
 
 
+def reduce_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The best rank-``rank`` approximation of ``b @ a`` (b (rows, k), a (k, cols)) from the factors alone,
+    never forming the rows x cols product: QR of ``b`` and of ``a.T``, then an SVD of the k x k core
+    ``R_b R_a^T`` (``b @ a = Q_b (R_b R_a^T) Q_a^T``, so its singular values are the product's). Returns ``(B, A,
+    relative_error, energy)``, float32 factors of rank min(rank, k, rows, cols), energy ``||b @ a||_F^2``.
+    Memory: O((rows + cols) k) in float64, where the product would take rows x cols."""
+    _check_rank_value(rank)
+    qb, rb = torch.linalg.qr(b.detach().double())
+    qa, ra = torch.linalg.qr(a.detach().double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    keep = min(rank, s.numel())
+    new_b = qb @ (u[:, :keep] * s[:keep])
+    new_a = vh[:keep] @ qa.T
+    energy = float(s.square().sum())
+    error = math.sqrt(float(s[keep:].square().sum()) / energy) if energy else 0.0
+    return new_b.float(), new_a.float(), error, energy
+
+
+def _check_rank_value(rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ParameterError(f"--rank must be a positive integer, got {rank!r}")
+
+
+def check_rank(rank: int | None, adapters: Sequence[LoraAdapter]) -> None:
+    """``--rank R`` against the adapters: a positive integer, and no larger than the full rank (the shorter side)
+    of the largest adapted module; a rank above that asks for factors bigger than the update they stand for."""
+    if rank is None:
+        return
+    _check_rank_value(rank)
+    full = max(min(m.rows, m.cols) for a in adapters for m in a.modules.values())
+    if rank > full:
+        raise ParameterError(f"--rank {rank} is above the full rank of every adapted module (the largest, "
+                             f"min(rows, cols), is {full}); give --rank {full} or less")
+
+
+#: a merge without --base by a method that is not linear in the updates (TIES, DARE...) needs every module's
+#: dense update d x k in memory, where the adapters hold only (d + k) x r; it is refused above the larger of
+#: DENSE_FLOOR_BYTES and DENSE_RATIO x the largest input tensor, so that memory stays a small constant times
+#: the inputs (the merge engine and the SVD take ~4x the dense updates). 64 MiB: one 4096 x 4096 fp32 update.
+DENSE_FLOOR_BYTES = 64 << 20
+DENSE_RATIO = 16
+
+
+def check_dense_merge(sources: Sequence[Any], method: str, *, rank: int | None = None,
+                      output: str | Path | None = None) -> None:
+    """Before any work: refuse, in one line naming the size, a merge of adapters that would build dense updates
+    (``method`` is not linear in them) bigger than the bound above (the fix is ``--base``: full weights,
+    streamed, where the base holds tensors of that size anyway; or a method linear in the updates, reduced from
+    the factors); and check ``rank`` and ``output`` as ``save_adapter`` will."""
+    if output is not None:
+        check_adapter_output(output)
+    opened = _open_all([s for s in sources if isinstance(s, (str, Path, LoraAdapter))])
+    try:
+        check_rank(rank, opened)
+        modules = {key: m for a in opened for key, m in a.modules.items()}
+        dense = sum(4 * math.prod(m.shape) for m in modules.values())
+        largest = max(a.factors.info(k).nbytes for a in opened for k in a.factors.keys())
+        bound = max(DENSE_FLOOR_BYTES, DENSE_RATIO * largest)
+        if dense > bound:
+            big = max(modules.values(), key=lambda m: math.prod(m.shape))
+            raise ParameterError(
+                f"{method} over LoRA adapters without --base needs their dense updates, {_mib(dense)} (e.g. "
+                f"{big.key!r}: {big.rows} x {big.cols}) from factors of at most {_mib(largest)}, above the bound "
+                f"{_mib(bound)}; give --base BASE to merge the full weights streamed, or use a method linear in "
+                f"the updates (uniform, linear, task_arithmetic) whose --rank works from the factors")
+    finally:
+        for adapter, source in zip(opened, [s for s in sources if isinstance(s, (str, Path, LoraAdapter))]):
+            if adapter is not source:
+                adapter.close()
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
 def _factor_tensors(module: LoraModule, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype,
                     adapter_key_prefix: str) -> dict[str, torch.Tensor]:
-    """peft's stored factors for ``dW.reshape(rows, cols) = b @ a`` (scale 1), named as peft names them."""
+    """peft's stored factors for the update ``b @ a`` (scale 1) as peft multiplies them (B (out, R), A (R, in),
+    before the transpose peft applies to Conv1D and embedding layers), named as peft names them."""
     rank = a.shape[0]
-    if module.transposed:  # peft computes (B @ A).T: store A = b.T, B = a.T
-        a, b = b.T, a.T
     if module.kind == "conv":
         a = a.reshape(rank, *module.shape[1:])
         b = b.reshape(module.shape[0], rank, *([1] * (len(module.shape) - 2)))
@@ -503,11 +703,16 @@ def _adapter_config(template: Mapping[str, Any], ranks: Mapping[str, int],
     common = max(counts, key=lambda r: (counts[r], r))
     names = {m.key: m.module for m in modules}
     pattern = {re.escape(names[key]): rank for key, rank in ranks.items() if rank != common}
-    config = dict(template)
+    config = {k: v for k, v in template.items() if k in FIELDS}  # never an unknown field (they are all off)
     config.update(r=common, lora_alpha=common, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
                   target_modules=[names[key] for key in ranks], layers_to_transform=None, layers_pattern=None,
                   exclude_modules=None)
+    config.pop("runtime_config", None)  # peft does not save it either
     return config
+
+
+#: suffixes of checkpoint files: an adapter (a folder) is never written under such a name
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".json", ".index.json")
 
 
 def _write_adapter(output: str | Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
@@ -517,8 +722,7 @@ def _write_adapter(output: str | Path, tensors: Mapping[str, torch.Tensor], conf
     from soupkit.io import CheckpointSink, OutputSet, plan_of
 
     folder = Path(output)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder}: an adapter is written as a folder; this path is a file")
+    check_adapter_output(folder)
     planned = FolderOutput(folder, template, adapter=True)
     planned.check(protect, force=force)
     config_path = folder / ADAPTER_CONFIG
@@ -535,16 +739,46 @@ def _write_adapter(output: str | Path, tensors: Mapping[str, torch.Tensor], conf
     return folder
 
 
+def check_adapter_output(output: str | Path) -> None:
+    """An adapter is a folder: refuse an output path that is a file, or named like a checkpoint file
+    (``-o soup.safetensors`` would otherwise become a directory of that name)."""
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: an adapter is written as a folder; this path is a file")
+    if folder.name.lower().endswith(_FILE_SUFFIXES) and not folder.is_dir():
+        raise OutputError(f"{folder}: a soup of LoRA adapters is written as an adapter folder (adapter_config.json "
+                          f"+ adapter_model.safetensors), not as a {folder.suffix} file; give a folder name "
+                          f"(e.g. {folder.with_suffix('')}/), or --base BASE for the full weights in {folder.name}")
+
+
 def _open_all(adapters: Sequence[str | Path | LoraAdapter]) -> list[LoraAdapter]:
+    """Open every adapter, refusing one given twice (the same weights file, by any spelling)."""
     opened: list[LoraAdapter] = []
     try:
         for adapter in adapters:
             opened.append(adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter))
+            _refuse_twice(opened)
     except BaseException:
-        for adapter in opened:
-            adapter.close()
+        for adapter, source in zip(opened, adapters):
+            if adapter is not source:
+                adapter.close()
         raise
     return opened
+
+
+def _refuse_twice(adapters: Sequence[LoraAdapter]) -> None:
+    last = adapters[-1]
+    for number, other in enumerate(adapters[:-1]):
+        if _same_file(other.weights_path, last.weights_path):
+            raise ParameterError(f"{last.name}: the same adapter given twice (inputs #{number + 1} and "
+                                 f"#{len(adapters)}); weight it instead with --weights")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -553,6 +787,8 @@ def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     values = [float(w) for w in weights]
     if len(values) != count:
         raise ParameterError(f"--weights: {len(values)} value(s) for {count} adapter(s)")
+    if not all(math.isfinite(w) for w in values):
+        raise ParameterError(f"--weights must be finite numbers, got {values}")
     return values
 
 
@@ -562,7 +798,8 @@ def _layouts(adapters: Sequence[LoraAdapter]) -> dict[str, list[tuple[LoraAdapte
     for position, adapter in enumerate(adapters):
         for key, module in adapter.modules.items():
             first = holders.setdefault(key, [(adapter, position)])[0][0].modules[key]
-            if (first.shape, first.kind, first.transposed) != (module.shape, module.kind, module.transposed):
+            if (first.straight, first.kind) != (module.straight, module.kind) or (
+                    first.kind == "conv" and first.shape != module.shape):
                 raise IncompatibleCheckpointsError(
                     f"{key!r}: {first_name(holders[key])} updates it as {first.kind} {first.shape}, {adapter.name} "
                     f"as {module.kind} {module.shape}; are they adapters of the same base model?")
@@ -582,13 +819,15 @@ def merge_adapters(adapters: Sequence[str | Path | LoraAdapter], weights: Sequen
 
     ``rank=None``: exact, by rank concatenation (peft's ``cat``): ``A = [A_1; A_2; ...]``, ``B = [w_1 s_1 B_1,
     w_2 s_2 B_2, ...]``, so each module's rank is the sum of the ranks that adapt it and its scale 1.
-    ``rank=R``: each summed update re-factorised by truncated SVD to rank R (``relative_error`` reports the loss).
-    Full weights (``modules_to_save``) are summed with the same weights. Modules adapted by only some adapters
-    are summed over those. Returns what was written.
+    ``rank=R``: each summed update reduced to rank R from those factors (``reduce_factors``: never the dense
+    update; ``relative_error`` reports the loss). Full weights (``modules_to_save``) are summed with the same
+    weights. Modules adapted by only some adapters are summed over those. Returns what was written.
     """
+    check_adapter_output(output)
     opened = _open_all(adapters)
     try:
         values = _check_weights(weights, len(opened))
+        check_rank(rank, opened)
         holders = _layouts(opened)
         protect = [p for a in opened for p in (a.config_path, a.weights_path)]
         modules = [holders[key][0][0].modules[key] for key in holders]
@@ -596,21 +835,25 @@ def merge_adapters(adapters: Sequence[str | Path | LoraAdapter], weights: Sequen
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         errors: dict[str, float] = {}
+        num = den = 0.0
         for module in modules:
-            pairs = [(a.left_right(module.key), values[i] * a.modules[module.key].scale)
+            # factors as peft multiplies them (B @ A, before any Conv1D / embedding transpose): the same for
+            # every adapter of this module whatever its fan_in_fan_out says, so they concatenate
+            pairs = [(a.factors_of(module.key), values[i] * a.modules[module.key].scale)
                      for a, i in holders[module.key]]
-            left = torch.cat([lr[0] * w for lr, w in pairs], dim=1)
-            right = torch.cat([lr[1] for lr, _ in pairs], dim=0)
+            b = torch.cat([ba[0] * w for ba, w in pairs], dim=1)
+            a = torch.cat([ba[1] for ba, _ in pairs], dim=0)
             if rank is not None:
-                left, right, errors[module.key] = refactor_lora(left @ right, rank)
-            ranks[module.key] = right.shape[0]
-            tensors.update(_factor_tensors(module, left, right, dtype, _PEFT_PREFIX))
+                b, a, errors[module.key], energy = reduce_factors(b, a, rank)
+                num, den = num + errors[module.key] ** 2 * energy, den + energy
+            ranks[module.key] = a.shape[0]
+            tensors.update(_factor_tensors(module, b, a, dtype, _PEFT_PREFIX))
         tensors.update(_summed_full_weights(opened, values))
         config = _adapter_config(opened[0].config, ranks, modules)
         meta = _provenance(opened, values, rank, metadata)
         folder = _write_adapter(output, tensors, config, meta, template=opened[0].config_path.parent,
                                 protect=protect, force=force)
-        return AdapterResult(folder, ranks, _overall_error(errors, opened, holders, values), errors)
+        return AdapterResult(folder, ranks, math.sqrt(num / den) if den else 0.0, errors)
     finally:
         for adapter, source in zip(opened, adapters):
             if adapter is not source:
@@ -629,23 +872,14 @@ def _summed_full_weights(adapters: Sequence[LoraAdapter], values: Sequence[float
     for key in keys:
         lacking = [a.name for a in adapters if key not in a.full]
         if lacking:
-            raise IncompatibleCheckpointsError(f"{lacking[0]}: lacks the full weight {key!r} (modules_to_save) "
-                                               f"that {next(a.name for a in adapters if key in a.full)} saves")
+            raise IncompatibleCheckpointsError(f"{lacking[0]}: lacks the full weight {key!r} (modules_to_save / "
+                                               f"bias) that {next(a.name for a in adapters if key in a.full)} saves")
+        shapes = {tuple(a.factors.info(a.full[key]).shape) for a in adapters}
+        if len(shapes) > 1:
+            raise IncompatibleCheckpointsError(f"{key!r}: the adapters save it with different shapes {sorted(shapes)}")
         total = sum(w * a.factors.get(a.full[key]).double() for a, w in zip(adapters, values))
         summed[adapters[0].full[key]] = total.to(adapters[0].factors.info(adapters[0].full[key]).dtype)
     return summed
-
-
-def _overall_error(errors: Mapping[str, float], adapters: Sequence[LoraAdapter],
-                   holders: Mapping[str, list[tuple[LoraAdapter, int]]], values: Sequence[float]) -> float:
-    """The whole adapter's relative error: per-module errors weighted by each summed update's energy."""
-    if not errors:
-        return 0.0
-    num = den = 0.0
-    for key, error in errors.items():
-        energy = float(sum((values[i] * a.delta(key).double()) for a, i in holders[key]).square().sum())
-        num, den = num + error * error * energy, den + energy
-    return math.sqrt(num / den) if den else 0.0
 
 
 def _provenance(adapters: Sequence[LoraAdapter], values: Sequence[float], rank: int | None,
@@ -663,10 +897,18 @@ def save_adapter(deltas: Mapping[str, torch.Tensor] | CheckpointReader,
     adapter, each update re-factorised by truncated SVD. ``adapters`` are the input adapters: they give each
     module's layout (the first holding it), and the first gives the config's other fields. Keys no adapter
     adapts are refused (they are not LoRA updates)."""
+    check_adapter_output(output)
     sources = [adapters] if isinstance(adapters, (str, Path, LoraAdapter)) else list(adapters)
     opened = _open_all(sources)
     try:
+        check_rank(rank, opened)
         layouts = {key: a.modules[key] for a in reversed(opened) for key in a.modules}
+        for adapter in opened:
+            for key, module in adapter.modules.items():
+                if module.transposed != layouts[key].transposed:
+                    raise IncompatibleCheckpointsError(
+                        f"{adapter.name}: lays out the update of {key!r} transposed from {opened[0].name}'s "
+                        f"(fan_in_fan_out differs); give --base BASE so each is laid out by the base's layer")
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         errors: dict[str, float] = {}
@@ -677,11 +919,15 @@ def save_adapter(deltas: Mapping[str, torch.Tensor] | CheckpointReader,
                 raise ParameterError(f"{key!r} is not a LoRA-adapted module of {opened[0].name}; an adapter "
                                      f"output holds updates of adapted modules only (use --base for full weights)")
             delta = deltas.get(key) if isinstance(deltas, CheckpointReader) else deltas[key]
+            if tuple(delta.shape) != tuple(module.shape):
+                raise IncompatibleCheckpointsError(f"{key!r}: the merged update has shape {tuple(delta.shape)}, "
+                                                   f"the adapters' {tuple(module.shape)}")
             left, right, errors[key] = refactor_lora(delta, rank)
             energy = float(delta.double().square().sum())
             num, den = num + errors[key] ** 2 * energy, den + energy
             ranks[key] = right.shape[0]
-            tensors.update(_factor_tensors(module, left, right, module.dtype, _PEFT_PREFIX))
+            b, a = (right.T, left.T) if module.transposed else (left, right)  # back to peft's B @ A
+            tensors.update(_factor_tensors(module, b, a, module.dtype, _PEFT_PREFIX))
         config = _adapter_config(opened[0].config, ranks, layouts.values())
         protect = [p for a in opened for p in (a.config_path, a.weights_path)]
         folder = _write_adapter(output, tensors, config, {"format": "pt", **(metadata or {})},

@@ -238,6 +238,7 @@ class MergePlan:
                                          metadata=meta)
         else:
             assert rank is not None
+            lora.check_dense_merge(self.sources, self.spec.name, rank=rank, output=target.output)  # before any work
             base = zero_updates(self.sources) if self.spec.needs_base else None
             updates = OutputOptions(allow_missing=True)  # modules some adapters leave alone: merged over the others
             with plan_merge(self.sources, self.spec.name, [(output.params, None)], base=base, options=updates,

@@ -829,5 +829,5 @@ import tests.reliability.corpus_folders  # noqa: E402, F401
 
 # round two (issue 13): bombs, escapes, odd files and names, alias bombs; bad mergekit configs (issue 21: numbers
 # finite and in range, layer ranges, unsupported fields); issues 22/26's data, text recipe and tokenizer-file
-# cases. Each registers into CASES
-from tests.reliability import corpus_data, corpus_mergekit, corpus_round2  # noqa: E402, F401
+# cases; LoRA adapters (issues 22, 26). Each registers into CASES
+from tests.reliability import corpus_adapters, corpus_data, corpus_mergekit, corpus_round2  # noqa: E402, F401

@@ -53,6 +53,9 @@ def test_corpus_is_large_enough() -> None:
     from tests.reliability.corpus_folders import FOLDERS
 
     assert len(FOLDERS) >= 30
+    from tests.reliability.corpus_adapters import ADAPTER_CASES
+
+    assert len(ADAPTER_CASES) >= 35 and len(set(ADAPTER_CASES)) == len(ADAPTER_CASES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
