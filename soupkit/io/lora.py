@@ -39,7 +39,7 @@ from soupkit.errors import CheckpointError, IncompatibleCheckpointsError, Output
 from soupkit.io.adapter_config import FIELDS, AdapterConfig, PatternMatcher, read_adapter_config
 from soupkit.io.atomic import check_derived_output
 from soupkit.io.base import CheckpointReader, TensorInfo
-from soupkit.io.hf_folder import FolderOutput
+from soupkit.io.hf_folder import FolderOutput, hf_folder_of
 from soupkit.io.provenance import ingredient_record, provenance_metadata
 
 __all__ = [
@@ -167,7 +167,7 @@ class LoraAdapter:
     @classmethod
     def open(cls, path: str | Path) -> LoraAdapter:
         """Parse the adapter at ``path`` (folder, weights file or config); raises ``CheckpointError``."""
-        from soupkit.io import open_file
+        from soupkit.io import open_file  # cycle: soupkit.io re-exports this module
 
         found = find_adapter(path)
         if found is None:
@@ -375,7 +375,6 @@ def _rank_sum(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Te
 def _conv1d_model(base: CheckpointReader) -> bool | None:
     """True / False when the base's Hugging Face ``config.json`` names an architecture whose block layers are
     all Conv1D / all nn.Linear; None when there is no config or the architecture mixes both."""
-    from soupkit.io.hf_folder import hf_folder_of
 
     path = getattr(base, "path", None)
     folder = hf_folder_of(Path(path)) if path is not None else None
@@ -528,7 +527,7 @@ class LoraMergedReader(CheckpointReader):
 
     @property
     def files(self) -> list[Path]:
-        from soupkit.io import input_files
+        from soupkit.io import input_files  # cycle: soupkit.io re-exports this module
 
         return [*input_files(self.base), self.adapter.config_path, self.adapter.weights_path]
 
@@ -556,7 +555,7 @@ def open_adapter(path: str | Path, base: Any = None, **base_options: Any) -> Che
     """Open a PEFT LoRA adapter: its updates ``dW`` keyed by base weight names, or, given ``base`` (a path,
     state dict or reader of the base model), the adapted model's full weights ``W + dW``. ``base_options`` go
     to ``open_checkpoint`` for the base (``ema``, ``strip_prefix``...)."""
-    from soupkit.io import open_checkpoint
+    from soupkit.io import open_checkpoint  # cycle: soupkit.io re-exports this module
 
     adapter = LoraAdapter.open(path)
     try:
@@ -719,7 +718,7 @@ def _write_adapter(output: str | Path, tensors: Mapping[str, torch.Tensor], conf
                    metadata: Mapping[str, str], *, template: Path, protect: Sequence[Path], force: bool) -> Path:
     """An adapter folder (``adapter_model.safetensors`` + ``adapter_config.json`` + the small files of the
     ``template`` adapter folder, e.g. its tokenizer), published atomically."""
-    from soupkit.io import CheckpointSink, OutputSet, plan_of
+    from soupkit.io import CheckpointSink, OutputSet, plan_of  # cycle: soupkit.io re-exports this module
 
     folder = Path(output)
     check_adapter_output(folder)

@@ -240,6 +240,8 @@ class _Extraction:
             "embedding" if kind == "embedding" else "linear"), transposed=transposed, rank=self.ranks[key],
             alpha=float(self.ranks[key]), scale=1.0, shape=tuple(delta.shape), dtype=new.dtype)
         self.modules.append(layout)
+        if transposed:  # peft computes (B @ A).T for these: B @ A = dW.T = right.T @ left.T
+            left, right = right.T, left.T
         self.tensors.update(_factor_tensors(layout, left.cpu(), right.cpu(), new.dtype, _PEFT_PREFIX))
 
     def finish(self, tuned: Any, tied: dict[str, str]) -> None:

@@ -43,7 +43,7 @@ IMPORT_DEBT: dict[str, int] = {
     "soupkit.eval.data.text": 1,
     "soupkit.eval.text": 2,
     "soupkit.io.hf_folder": 4,
-    "soupkit.io.lora": 6,
+    "soupkit.io.lora": 0,
     "soupkit.merging.adapters": 0,
     "soupkit.merging.api": 1,
     "soupkit.merging.mergekit": 0,

@@ -677,7 +677,9 @@ def test_cli_subprocess_tsv_on_cpu(folder: Path) -> None:
     assert result.returncode == 0, result.stderr
     written = load_checkpoint(folder / "tsv.safetensors")
     expected = soupkit.merge([folder / f"m{i}.safetensors" for i in range(3)], "tsv", base=folder / "base.safetensors")
-    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    # the SVDs' last bits depend on the BLAS thread count, which the suite's fixtures change in this process
+    for key in expected:
+        torch.testing.assert_close(written[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("density", "gamma"), [(0.9, 0.01), (0.5, 0.2), (0.95, 0.1), (0.001, 0.0), (0.3, 0.9)])
