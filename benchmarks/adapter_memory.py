@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,30 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-RUNNER = """
-import json, sys
-from soupkit.cli import main
-codes = []
-for argv in json.loads(sys.argv[1]):
-    try:
-        main(argv)
-        codes.append(0)
-    except SystemExit as exit_:
-        codes.append(exit_.code)
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the parent
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"codes": codes, "rss_kb": peak}))
-"""
-
-
-def peak(argvs: list[list[str]], cwd: Path) -> dict:
-    """Run ``soupkit ARGV`` for each argv in one child; its exit codes and peak RSS (KiB)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(argvs)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from benchmarks.child_peak import peak
 
 
 def write_adapter(folder: Path, rows: int, cols: int, rank: int, seed: int, *, modules: int = 1) -> None:

@@ -9,42 +9,16 @@ time."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.adapter_memory import write_adapter
+from benchmarks.child_peak import peak
 from tests.reliability.corpus_adapters import ADAPTER_CASES
 from tests.reliability.test_corpus import build
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
-
-RUNNER = """
-import json, sys
-from soupkit.cli import main
-codes = []
-for argv in json.loads(sys.argv[1]):
-    try:
-        main(argv)
-        codes.append(0)
-    except SystemExit as exit_:
-        codes.append(exit_.code)
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"codes": codes, "rss_kb": peak}))
-"""
-
-
-def peak(argvs: list[list[str]], cwd: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(argvs)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> int:

@@ -21,12 +21,12 @@ only prove the probe text safe; the hang comes from the data, later. The static 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from soupkit.errors import RecipeError
+from soupkit.errors import RecipeError, SoupkitError
+from soupkit.io.small_files import check_small_file, read_small_file
 
 #: the largest tokenizer.json read (published ones: GPT-2 1.4 MB, Llama 3 9 MB, Gemma 3 33 MB)
 MAX_TOKENIZER_JSON_BYTES = 128 << 20
@@ -41,20 +41,22 @@ _ONIG_CLASS = re.compile(r"\\[pP]\{\^?[A-Za-z_ ]+\}|\\[hH]")
 
 def check_tokenizer_files(folder: Path, where: str) -> None:
     """Refuse the folder's tokenizer files as the module docstring says (``where``: the recipe field, for
-    errors). Reads nothing but ``tokenizer.json`` (bounded) and the sizes of the others."""
+    errors). Reads nothing but ``tokenizer.json`` (bounded) and the sizes of the others, each opened as every small
+    file is (``soupkit.io.small_files``: a regular file inside the folder, no link out)."""
     for name in SMALL_FILES:
-        _bounded(folder / name, MAX_SMALL_FILE_BYTES, where)
+        _bounded(folder, name, MAX_SMALL_FILE_BYTES, where)
     path = folder / "tokenizer.json"
-    if not _bounded(path, MAX_TOKENIZER_JSON_BYTES, where):
+    if not _bounded(folder, "tokenizer.json", MAX_TOKENIZER_JSON_BYTES, where):
         return
     try:
-        document = json.loads(path.read_bytes())
+        raw = read_small_file(folder, "tokenizer.json", limit=MAX_TOKENIZER_JSON_BYTES)
+        document = json.loads(raw or b"")
     except RecursionError:
         raise RecipeError(f"{path}: tokenizer JSON nested too deeply") from None
+    except SoupkitError as error:
+        raise RecipeError(f"{where}: {error}") from None
     except ValueError as error:
         raise RecipeError(f"{path}: not a valid tokenizer file ({str(error).splitlines()[0][:120]})") from None
-    except OSError as error:
-        raise RecipeError(f"{where}: cannot read {path}: {error.strerror or error}") from None
     if not isinstance(document, dict):
         raise RecipeError(f"{path}: not a tokenizer file (expected a JSON object)")
     for part in _REGEX_PARTS:
@@ -65,21 +67,18 @@ def check_tokenizer_files(folder: Path, where: str) -> None:
                                   "rather than hang on the data")
 
 
-def _bounded(path: Path, limit: int, where: str) -> bool:
-    """True if ``path`` is a file within ``limit`` bytes; False if absent; refuses a bigger one or a non-file."""
+def _bounded(folder: Path, name: str, limit: int, where: str) -> bool:
+    """True if ``folder/name`` is a small file within ``limit`` bytes; False if absent; refuses a bigger one, a link
+    out of the folder or a non-file."""
     try:
-        st = os.stat(path)
+        size = check_small_file(folder, name)
     except FileNotFoundError:
         return False
-    except OSError as error:
-        raise RecipeError(f"{where}: cannot read {path}: {error.strerror or error}") from None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        raise RecipeError(f"{path}: not a regular file")
-    if st.st_size > limit:
-        raise RecipeError(f"{path}: {st.st_size >> 20} MiB, larger than the {limit >> 20} MiB a tokenizer file may "
-                          "be")
+    except SoupkitError as error:
+        raise RecipeError(f"{where}: {error}") from None
+    if size > limit:
+        raise RecipeError(f"{folder / name}: {size >> 20} MiB, larger than the {limit >> 20} MiB a tokenizer file "
+                          "may be")
     return True
 
 

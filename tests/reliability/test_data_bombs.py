@@ -12,21 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.child_peak import peak
 from tests.reliability.corpus import Workspace
 from tests.reliability.corpus_data import DATA_BOMBS, GOOD, classify, rows
 from tests.reliability.test_corpus import build
-from tests.reliability.test_round2 import _RUNNER
 
 ROOT = Path(__file__).resolve().parents[2]
 LINUX = Path("/proc/self/status").exists()
 
 
 def _peak(argvs: list[list[str]], cwd: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(argvs)], capture_output=True, text=True,
-                             cwd=cwd, timeout=600, env=env)
-    assert process.returncode == 0, process.stderr[-2000:]
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    return peak(argvs, cwd, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow

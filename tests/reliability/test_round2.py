@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import soupkit
+from benchmarks.child_peak import peak
 from soupkit.errors import CheckpointError, OutputError
 from soupkit.io import open_checkpoint, save_checkpoint
 from tests.conftest import snapshot
@@ -222,31 +223,6 @@ def test_save_checkpoint_names_tensors_it_cannot_write(tmp_path: Path, kind: str
 
 # --- peak memory of the bombs ---------------------------------------------------------------------------------------
 
-_RUNNER = """
-import json, sys
-from soupkit.cli import main
-codes = []
-for argv in json.loads(sys.argv[1]):
-    try:
-        main(argv)
-        codes.append(0)
-    except SystemExit as exit_:
-        codes.append(exit_.code)
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the (big) pytest parent
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-# bytes read and written through system calls: the work done, counted (a bomb must not be read through)
-io = {k: int(v) for k, v in (line.split(": ") for line in open("/proc/self/io"))}
-print(json.dumps({"codes": codes, "rss_kb": peak, "io_bytes": io["rchar"] + io["wchar"]}))
-"""
-
-
-def _peak(argvs: list[list[str]], cwd: Path) -> dict:
-    process = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(argvs)], capture_output=True, text=True,
-                             cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
-    assert process.returncode == 0, process.stderr[-2000:]
-    return json.loads(process.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
 def test_bombs_stay_within_bounded_memory_and_time(tmp_path: Path) -> None:
@@ -259,8 +235,8 @@ def test_bombs_stay_within_bounded_memory_and_time(tmp_path: Path) -> None:
     w = Workspace(tmp_path / "plain")
     w.root.mkdir()
     plain = [["merge", str(w.good("a.safetensors", 1)), str(w.good("b.safetensors", 2)), "-o", w.out]]
-    baseline = _peak(plain, tmp_path)
-    bombs = _peak(argvs, tmp_path)
+    baseline = peak(plain, tmp_path)
+    bombs = peak(argvs, tmp_path)
     assert baseline["codes"] == [0] and bombs["codes"] == [2] * len(BOMBS), bombs
     assert bombs["rss_kb"] - baseline["rss_kb"] < 300_000, (bombs, baseline)
     assert bombs["io_bytes"] - baseline["io_bytes"] < 64 << 20, (bombs, baseline)
