@@ -1,4 +1,4 @@
-"""Golden outputs from real mergekit, for tests/methods/test_mergekit_golden.py.
+"""Golden outputs from real mergekit, for tests/merging/methods/test_mergekit_golden.py.
 
 Run by hand, with mergekit in its own venv (never soupkit's: mergekit pins its own transformers and peft)::
 

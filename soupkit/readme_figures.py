@@ -6,7 +6,7 @@ the demo's picks, the doctor example and the plots in ``docs/``, all from one ``
 
 It copies the run's ``demo.json`` to ``docs/demo.json`` and its plots to ``docs/``, then rewrites the README's
 generated blocks (between ``<!-- generated: NAME ... -->`` and ``<!-- end of generated NAME -->``) from
-``docs/demo.json`` alone, so ``tests/test_readme.py`` can check that the README says what that record holds.
+``docs/demo.json`` alone, so ``tests/docs/test_readme.py`` can check that the README says what that record holds.
 The prose in the blocks is computed from the numbers: it says what they show, whatever they show.
 """
 

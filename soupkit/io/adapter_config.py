@@ -3,14 +3,14 @@
 peft's ``LoraConfig`` has ~40 fields. Each changes what ``merge_and_unload`` computes, or not; soupkit must do the
 same or say it cannot. ``FIELDS`` declares, for every field peft knows, one of:
 
-- ``honoured``: soupkit computes exactly what peft does with it (``tests/test_lora_config.py`` checks each
+- ``honoured``: soupkit computes exactly what peft does with it (``tests/io/test_adapter_config.py`` checks each
   against peft's own ``merge_and_unload``);
 - ``ignored``: it cannot change the merged weights (training-, init- or bookkeeping-only), with the reason;
 - ``refused``: any value but the off one is refused in one line naming the file and field.
 
 A field in a config that is in neither peft's ``LoraConfig`` nor ``FIELDS`` (a newer peft's) is accepted only
 while it holds an "off" value (null, false, {}, []); anything else is refused, since soupkit cannot know what it
-would change. ``tests/test_lora_config.py`` iterates over ``dataclasses.fields(peft.LoraConfig)``: a field a new
+would change. ``tests/io/test_adapter_config.py`` iterates over ``dataclasses.fields(peft.LoraConfig)``: a field a new
 peft adds fails it until it is declared here.
 
 Values are checked by a pydantic model (``AdapterConfig``): types are strict (``"16"`` is not a number, ``true``

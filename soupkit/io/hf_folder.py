@@ -61,7 +61,7 @@ _HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors
 # ---------------------------------------------------------------------------------------------- tied weights
 
 #: (omitted key, candidates for its partner, tied to the word embeddings) -- transformers' tied keys for the
-#: architectures that tie (checked against ``all_tied_weights_keys`` in tests/test_hf.py). Word-embedding ties
+#: architectures that tie (checked against ``all_tied_weights_keys`` in tests/io/test_hf_folder.py). Word-embedding ties
 #: need ``tie_word_embeddings`` and an architecture with a language-model head (a sequence classifier's config
 #: says tie_word_embeddings too, and has no head to tie); the others are ties inside the base model.
 TIE_RULES: tuple[tuple[str, tuple[str, ...], bool], ...] = (

@@ -16,7 +16,7 @@ Each mergekit method runs as the soupkit method of the same name, mergekit's con
 model_stock (k = max(1, int(density*n)), + elected on a zero sign sum, a zero tensor kept in slerp's angle, t
 outside [0, 1] extrapolating, negative Model Stock cosines kept), DARE's ``density`` (the keep fraction) ->
 ``drop_rate = 1 - density``; slerp's ``t`` interpolates from ``base_model`` to the other model.
-``tests/methods/test_mergekit_golden.py`` checks all of it against mergekit 0.1.5's own output.
+``tests/merging/methods/test_mergekit_golden.py`` checks all of it against mergekit 0.1.5's own output.
 
 Parameter values follow mergekit's rules (``evaluate``): a number; a list of numbers, a gradient interpolated
 linearly over the layers; or a list of ``{filter: TEXT, value: ...}`` conditions, the first whose filter occurs

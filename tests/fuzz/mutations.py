@@ -27,7 +27,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.reliability.corpus import Call, valid_seeds
+from tests.hostile.corpus import Call, valid_seeds
 
 #: a reader that claims more bytes than this for one tensor of a file under 1 MB is a memory bomb
 MAX_CLAIM = 256 << 20

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz.mutations import JSON_VALUES, apply_byte_edit, apply_header_edit, byte_edit, header_edit
-from tests.reliability.corpus_adapters import BASE_SHAPES, GOOD_CONFIG, factors
+from tests.hostile.corpus_adapters import BASE_SHAPES, GOOD_CONFIG, factors
 
 EXAMPLES = 300
 #: fields a mutation sets: every field soupkit reads, a refused one, and an unknown one

@@ -1,9 +1,10 @@
 """The tiny Hugging Face models the mergekit goldens are made from, rebuilt bit for bit wherever they are needed.
 
-``benchmarks/mergekit_golden.py`` (run by hand with mergekit's own venv) and ``tests/methods/test_mergekit_golden.py``
-(run with soupkit's) both call ``build_models(folder)``: each architecture's config is random-initialised by
-transformers, then every tensor is overwritten from one seeded ``torch.Generator`` in sorted key order, so the
-weights do not depend on transformers' init code (which differs between versions), only on torch's ``randn``.
+``benchmarks/mergekit_golden.py`` (run by hand with mergekit's own venv) and
+``tests/merging/methods/test_mergekit_golden.py`` (run with soupkit's) both call ``build_models(folder)``: each
+architecture's config is random-initialised by transformers, then every tensor is overwritten from one seeded
+``torch.Generator`` in sorted key order, so the weights do not depend on transformers' init code (which differs
+between versions), only on torch's ``randn``.
 Fine-tunes are the base plus seeded noise, so their task vectors are small and their signs disagree, as TIES and
 DARE need; one fine-tune per architecture has a sparse task vector (zeros exercise sign elections and slerp's
 zero-norm branch).

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import snapshot
-from tests.reliability.corpus import Workspace, small_state
+from tests.hostile.corpus import Workspace, small_state
 
 SOUPKIT = Path(sys.executable).with_name("soupkit")
 BIG_ELEMENTS = 150_000_000 // 4  # 150 MB of float32 per input

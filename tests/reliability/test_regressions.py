@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import soupkit
-from tests.reliability.corpus import small_state
+from tests.hostile.corpus import small_state
 
 
 def test_empty_numpy_backed_tensors_merge(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def test_greedy_with_shards_reports_what_was_written(setup, tmp_path: Path, cli)
 
 
 def test_greedy_writes_a_hugging_face_folder(setup, tmp_path: Path, cli) -> None:
-    """(The learned soup's folder output: tests/core/test_output_matrix.py, through the library.)"""
+    """(The learned soup's folder output: tests/merging/test_output_matrix.py, through the library.)"""
     paths, recipe = setup
     result = cli("merge", "-m", "greedy", *paths[:2], "-e", recipe, "-o", f"{tmp_path}/soup/", "-q", "--no-cache")
     assert result.code == 0, result.err
