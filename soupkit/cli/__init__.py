@@ -7,13 +7,9 @@ removed on the way out; the run then exits 130 / 143 with one line.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import sys
-
-from soupkit.errors import SoupkitError
-from soupkit.registry import PluginWarning
 
 
 def _interrupted_at_start(signum: int, frame: object) -> None:
@@ -28,11 +24,14 @@ _COMMAND = os.path.basename(sys.argv[0]) == "soupkit" or sys.argv[0].endswith(os
 if _COMMAND and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_at_start)
 
-import warnings  # noqa: E402 - after the handler, so Ctrl-C during these imports is quiet
+import errno  # noqa: E402 - after the handler, so Ctrl-C during these imports is quiet
+import warnings  # noqa: E402
 
 import typer  # noqa: E402
 
 from soupkit import interrupt  # noqa: E402
+from soupkit.errors import SoupkitError  # noqa: E402
+from soupkit.registry import PluginWarning  # noqa: E402
 
 # Each import registers that module's commands on `app`; building the merge flags loads method plugins, whose
 # failures are warnings shown by main() as one line each

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,19 +70,44 @@ def test_signal_while_writing_leaves_one_line_and_nothing_behind(tmp_path: Path,
     assert snapshot(tmp_path) == before
 
 
+#: sent into a soupkit process through PYTHONPATH: an audit hook that signals the process itself when the named
+#: module starts importing (once), and leaves a marker so the test knows the moment came
+_SITECUSTOMIZE = """
+import os, signal, sys
+_target, _marker = os.environ["SOUPKIT_TEST_SIGNAL_AT"], os.environ["SOUPKIT_TEST_MARKER"]
+_signum = int(os.environ["SOUPKIT_TEST_SIGNUM"])
+def _hook(event, args):
+    global _target
+    if event == "import" and _target and args[0] == _target:
+        _target = None
+        open(_marker, "w").close()
+        os.kill(os.getpid(), _signum)
+sys.addaudithook(_hook)
+"""
+
+#: moments of the console script's start-up, each the start of one import: the CLI's first modules, typer (a few
+#: hundred ms), the commands' modules, then the command itself (rich's tables, torch)
+START_UP_MOMENTS = ["soupkit.errors", "soupkit.registry", "typer", "soupkit.interrupt", "soupkit.cli.merge_cmd",
+                    "soupkit.report.html", "rich.table", "torch"]
+
+
 @pytest.mark.skipif(not SOUPKIT.exists(), reason="the soupkit console script is not installed beside python")
-def test_ctrl_c_during_start_up_prints_one_line(tmp_path: Path) -> None:
-    """SIGINT at several moments of start-up (imports of typer and rich; then the command): never a traceback."""
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    for delay in (0.15, 0.3, 0.6):
-        process = subprocess.Popen([str(SOUPKIT), "inspect", str(tmp_path / "none.safetensors")], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        time.sleep(delay)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-        assert "Traceback" not in err, (delay, err)
-        if process.returncode == 130:
-            assert err.strip() in ("soupkit: interrupted", "soupkit inspect: interrupted"), err
-        else:  # it had already finished: the missing file's one line
-            assert process.returncode == 2 and len(err.strip().splitlines()) == 1, err
+@pytest.mark.parametrize("module", START_UP_MOMENTS)
+@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted")])
+def test_ctrl_c_during_start_up_prints_one_line(tmp_path: Path, module: str, signum: int, code: int,
+                                                word: str) -> None:
+    """Ctrl-C at each moment of start-up, from the CLI's first import on: exit 130, one line, never a traceback.
+    (A signal before ``soupkit.cli`` starts, in the interpreter's own start-up, is Python's to handle.)"""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    checkpoint = Workspace(tmp_path).good("a.safetensors", 1)
+    marker = tmp_path / "signalled"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(Path.cwd())]),
+           "SOUPKIT_TEST_SIGNAL_AT": module, "SOUPKIT_TEST_MARKER": str(marker), "SOUPKIT_TEST_SIGNUM": str(signum)}
+    process = subprocess.run([str(SOUPKIT), "inspect", str(checkpoint)], env=env, capture_output=True, text=True,
+                             timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert marker.exists(), f"{module} was never imported: the moment did not come"
+    assert "Traceback" not in process.stderr, process.stderr
+    assert process.returncode == code, (process.returncode, process.stderr)
+    assert process.stderr.strip() in (f"soupkit: {word}", f"soupkit inspect: {word}"), process.stderr
