@@ -23,7 +23,7 @@ import torch
 from soupkit.errors import CheckpointError, OutputError
 from soupkit.io import lora
 from soupkit.io.atomic import OutputSet, check_derived_output, check_output_path
-from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
+from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex, refuse_expansion
 from soupkit.io.hf_folder import with_ties
 from soupkit.io.lightning import save_lightning_checkpoint
 from soupkit.io.provenance import creation_time, fingerprint, provenance_metadata, quick_fingerprint
@@ -59,6 +59,7 @@ class StateDictReader(CheckpointReader):
         self._state = unwrap_state_dict(state, source=name, is_tensor=torch.is_tensor)
         for key, tensor in self._state.items():
             _check_in_memory(name, key, tensor)
+        self._contiguous: tuple[str | None, torch.Tensor | None] = (None, None)  # the last view read, made whole
 
     def keys(self) -> list[str]:
         return list(self._state)
@@ -71,7 +72,12 @@ class StateDictReader(CheckpointReader):
         return self._state[key].detach()
 
     def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        flat = self._state[key].detach().reshape(-1)[start:stop]
+        tensor = self._state[key].detach()
+        if not tensor.is_contiguous():  # a view: made contiguous once per key, not once per chunk
+            if self._contiguous[0] != key:
+                self._contiguous = (key, tensor.contiguous())
+            tensor = self._contiguous[1]
+        flat = tensor.reshape(-1)[start:stop]
         # an empty tensor may carry any stride (numpy gives 0), and viewing it as bytes then fails
         return flat if flat.numel() else torch.empty(0, dtype=flat.dtype)
 
@@ -95,6 +101,8 @@ def _check_in_memory(name: str, key: str, tensor: torch.Tensor, *, complex_ok: b
                               f"weights before merging")
     if not complex_ok:
         refuse_complex(name, key, tensor.dtype)
+    if not tensor.is_contiguous():
+        refuse_expansion(name, key, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 def _regular_file(path: Path) -> Path:

@@ -46,6 +46,26 @@ def refuse_complex(name: str, key: str, dtype: torch.dtype) -> None:
                               f"merges real tensors only (store the real and imaginary parts as two tensors)")
 
 
+#: an expanded (stride-0) view may be materialised up to this factor over its stored bytes, or up to 1 GiB
+MAX_EXPANSION = 64
+MAX_EXPANDED_BYTES = 1 << 30
+
+
+def refuse_expansion(name: str, key: str, shape: tuple[int, ...], stride: tuple[int, ...],
+                     dtype: torch.dtype) -> None:
+    """Every reader refuses views that would blow up in memory: a stride-0 (expanded) view can claim petabytes
+    over a few stored bytes, and materialising it, or planning a merge by its claimed size (numel / chunk
+    steps), would take the machine. Checked when a reader opens, before anything plans work."""
+    numel = math.prod(shape)
+    if numel == 0:
+        return
+    span = sum((size - 1) * step for size, step in zip(shape, stride)) + 1
+    stored, claimed = span * dtype.itemsize, numel * dtype.itemsize
+    if claimed > max(MAX_EXPANSION * stored, MAX_EXPANDED_BYTES):
+        raise CheckpointError(f"{name}: tensor {key!r} is a {tuple(shape)} view of {stored:,} stored bytes; "
+                              f"materialising it would take {claimed:,} bytes, so soupkit refuses it")
+
+
 class CheckpointReader(ABC):
     """Lazy access to a checkpoint's tensors.
 

@@ -16,17 +16,12 @@ from typing import Any, BinaryIO
 import torch
 
 from soupkit import interrupt
-from soupkit.errors import CheckpointError, OutputError, suggest
-from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex
+from soupkit.errors import OutputError, suggest
+from soupkit.io.base import CheckpointReader, TensorInfo, refuse_complex, refuse_expansion
 from soupkit.io.safe_pickle import LazyTensor, flatten_module, open_lazy
 from soupkit.io.unwrap import unwrap_state_dict
 
 __all__ = ["TorchReader", "save_torch"]
-
-
-#: an expanded (stride-0) view may be materialised up to this factor over its stored bytes, or up to 1 GiB
-MAX_EXPANSION = 64
-MAX_EXPANDED_BYTES = 1 << 30
 
 
 class TorchReader(CheckpointReader):
@@ -46,6 +41,9 @@ class TorchReader(CheckpointReader):
             )
             for key, lazy in self._tensors.items():
                 refuse_complex(self.name, key, lazy.dtype)
+                # at open, before anything plans work by the claimed size (a merge's steps are numel / chunk)
+                if not lazy.is_contiguous():
+                    refuse_expansion(self.name, key, tuple(lazy.shape), tuple(lazy.stride), lazy.dtype)
         except BaseException:
             self._file.close()
             raise
@@ -63,25 +61,11 @@ class TorchReader(CheckpointReader):
         lazy = self._lazy(key)
         return TensorInfo(key, lazy.shape, lazy.dtype)
 
-    def _materializable(self, key: str) -> LazyTensor:
-        """The lazy tensor, after refusing views that would blow up in memory: a stride-0 (expanded) view can
-        claim terabytes over a few stored bytes, and materialising it would take the machine's memory."""
-        lazy = self._lazy(key)
-        if not lazy.is_contiguous():
-            span = sum((size - 1) * step for size, step in zip(lazy.shape, lazy.stride)) + 1 if lazy.numel else 0
-            stored = span * lazy.dtype.itemsize
-            if lazy.nbytes > max(MAX_EXPANSION * stored, MAX_EXPANDED_BYTES):
-                raise CheckpointError(
-                    f"{self.name}: tensor {key!r} is a {tuple(lazy.shape)} view of {stored:,} stored bytes; "
-                    f"materialising it would take {lazy.nbytes:,} bytes, so soupkit refuses it"
-                )
-        return lazy
-
     def get(self, key: str) -> torch.Tensor:
-        return self._materializable(key).materialize()
+        return self._lazy(key).materialize()
 
     def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._materializable(key).read_flat(start, stop)
+        return self._lazy(key).read_flat(start, stop)
 
     @property
     def layout(self) -> str:

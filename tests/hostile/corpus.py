@@ -406,6 +406,15 @@ def _memory_bomb(w: Workspace) -> Expect:
                   w.canary)
 
 
+@case("stride-0 view claiming 4.5 PB in a 2 KB .pt, merged")
+def _memory_bomb_merged(w: Workspace) -> Expect:
+    # 2**50 elements: a merge planning its chunks by the claimed size would build 2**30 steps before reading a
+    # byte (hours and terabytes); the reader refuses the view when the file is opened
+    bomb = {**small_state(1), "layer.weight": torch.zeros(1).expand(2**25, 2**25)}
+    first, second = w.pickle("bomb1.pt", bomb, "zip"), w.pickle("bomb2.pt", bomb, "zip")
+    return Expect(["merge", str(first), str(second), "-o", w.out], (str(first), "layer.weight"), w.canary)
+
+
 @case("state dict with a non-string key")
 def _int_key(w: Workspace) -> Expect:
     return merge_with(w, w.pickle("int_key.pt", {0: torch.ones(2), "b": torch.ones(2)}, "zip"), "not a string")

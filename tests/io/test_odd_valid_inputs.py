@@ -193,6 +193,8 @@ IN_MEMORY = {
     "meta": (lambda: torch.empty(4, 3, device="meta"), "meta device"),
     "complex": (lambda: torch.randn(4, 3, dtype=torch.complex64), "complex"),
     "quantized": (lambda: torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8), "quantized tensor"),
+    # 4.5 PB claimed over 4 bytes: refused before a merge plans 2**30 chunks or a writer materialises it
+    "expanded": (lambda: torch.zeros(1).expand(2**25, 2**25), "view of 4 stored bytes"),
 }
 
 
@@ -205,7 +207,7 @@ def test_in_memory_tensors_a_merge_cannot_read_are_named(tmp_path: Path, kind: s
     assert not (tmp_path / "soup.safetensors").exists()
 
 
-@pytest.mark.parametrize("kind", ["sparse", "sparse_csr", "meta", "quantized"])
+@pytest.mark.parametrize("kind", ["sparse", "sparse_csr", "meta", "quantized", "expanded"])
 def test_save_checkpoint_names_tensors_it_cannot_write(tmp_path: Path, kind: str) -> None:
     make, needle = IN_MEMORY[kind]
     with pytest.raises(CheckpointError, match=f"tensor 'layer.weight' .*{needle}"):
