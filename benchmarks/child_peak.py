@@ -1,5 +1,5 @@
 """Peak memory of soupkit commands, measured in a child process: the one home of this for the memory benchmarks
-and the memory tests (``tests/io/test_lora_memory.py``, ``tests/reliability/test_round2.py``, ``test_data_bombs.py``).
+and the memory tests (``tests/io/test_lora_memory.py``, ``tests/hostile/test_bomb_memory.py``, ``test_data_bombs.py``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ name, inputs byte-identical, no canary. ``ADAPTER_CASES`` lists them; ``tests/io
 in one child process and bounds its peak memory.
 
 The adapters are written by hand (a safetensors file of factors beside a JSON config, as peft lays them out), so a
-case builds in milliseconds; ``tests/test_lora*.py`` checks the same layout against real peft.
+case builds in milliseconds; ``tests/io/test_lora*.py`` checks the same layout against real peft.
 """
 
 from __future__ import annotations

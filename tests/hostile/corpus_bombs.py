@@ -2,7 +2,7 @@
 names, alias bombs and options that ask for unbounded work. Registered into ``corpus.CASES`` (imported at the
 end of ``corpus.py``), so ``test_corpus.py`` gives every case the same treatment: exit 2, one line naming the
 culprit, no traceback, no output or temporary file, inputs unchanged. ``BOMBS`` lists the cases whose peak
-memory ``test_round2.py`` also bounds in a subprocess.
+memory ``test_bomb_memory.py`` also bounds in a subprocess.
 
 Each class is covered beyond the example the issue gave: every zip compression a ``.pt`` may use, every record a
 reader decompresses, every layout a tensor flag can come from, every field of a safetensors header entry, every
@@ -34,7 +34,7 @@ from tests.hostile.corpus import (
 )
 from tests.hostile.corpus import case as register
 
-#: cases that are resource bombs: their peak memory is bounded in a subprocess by test_round2.py
+#: cases that are resource bombs: their peak memory is bounded in a subprocess by test_bomb_memory.py
 BOMBS: list[str] = []
 #: every case this module adds
 ROUND2: list[str] = []
