@@ -448,9 +448,15 @@ class Evaluator:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            # imported before the group exists, on purpose: its functions default to ``group=group.WORLD``,
+            # evaluated at import, so imported later (transformers and open_clip import it while building a
+            # model) it pins the group past destroy_process_group; the group's gloo worker threads then outlive
+            # the interpreter, and one releasing a finished collective's tensors as it shuts down aborts the
+            # process ("terminate called without an active exception") after all the work succeeded
+            import torch.distributed.nn.functional  # noqa: F401
+
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-            # we opened the group, so we close it: a gloo/NCCL group still alive at interpreter exit can abort
-            # the process ("terminate called without an active exception") after all the work succeeded
+            # we opened the group, so we close it (and so join its threads) before the interpreter shuts down
             atexit.register(_destroy_process_group)
 
     def _all_min(self, flags: list[int]) -> list[int]:

@@ -218,7 +218,7 @@ def test_two_gloo_processes_search_as_one(cnn_ingredients, tmp_path):
     got = json.loads(report.read_text())
     single = search(cnn_ingredients[:3], "linear", Evaluator.from_recipe(recipe(batch_size=50), use_cache=False),
                     budget=8, seed=3, compare=False, early_stop=False)
-    assert got["world"] == 2
+    assert got["world"] == 2 and got["group_still_held"] == 0
     assert got["correct"] == [c.correct for c in single.candidates]
     assert got["points"] == [c.point for c in single.candidates]
     assert got["best"] == single.best.parameters
