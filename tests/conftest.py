@@ -13,7 +13,11 @@ import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests skip cleanly where there is no CUDA device."""
+    """Files holding ``slow`` tests run first, the rest keep their order: under pytest-xdist's ``--dist loadfile``
+    (the default, see pyproject.toml) the long files start at once instead of one of them running alone at the
+    end. GPU tests skip cleanly where there is no CUDA device."""
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: every worker collects the same order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -4,17 +4,22 @@ Every loader is attacked with a folder or name whose code would write a canary f
 configs and tokenizers (``auto_map``, unknown classes, a symlinked config), open_clip (hub names, a Hugging Face
 text tower with ``auto_map``), timm (hub names, loading kwargs). The real executable runs with ``y`` on stdin,
 as the prompt an attacker relies on would be answered; each case must exit 2 with one line naming the file and
-key, leave no output and no canary. An AST check proves every ``from_pretrained`` in the package passes the
+key, leave no output and no canary. One case of each kind runs the real executable (``python -m soupkit``, the
+cwd on ``sys.path``); the others run the same entry point in-process with the same stdin, cwd and path, which
+saves an interpreter's torch import per case. An AST check proves every ``from_pretrained`` in the package passes the
 one declaration of ``trust_remote_code=False``.
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,14 +78,35 @@ def _recipe(tmp_path: Path, model: dict, data: Path) -> Path:
     return path
 
 
-def _run_real(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The real executable, with ``y`` on stdin for any prompt, no cache, the folder's code importable."""
-    env = {**os.environ, "PYTHONPATH": f"{cwd}{os.pathsep}{ROOT}", "SOUPKIT_CACHE_DIR": str(cwd / ".cache")}
-    return subprocess.run([sys.executable, "-m", "soupkit", *map(str, args)], input="y\ny\ny\n", cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=120)
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def _assert_refused(result: subprocess.CompletedProcess[str], canary: Path, *needles: str) -> None:
+@pytest.fixture
+def run_soupkit(cli, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Run]:
+    """``soupkit ARGS`` with ``y`` on stdin for any prompt, ``cwd`` current and first on ``sys.path`` (so code
+    there is importable, as under ``python -m``), no cache: through the real executable when ``real``, else
+    in-process."""
+    def run(*args: object, cwd: Path, real: bool = False) -> Run:
+        if real:
+            env = {**os.environ, "PYTHONPATH": f"{cwd}{os.pathsep}{ROOT}", "SOUPKIT_CACHE_DIR": str(cwd / ".cache")}
+            done = subprocess.run([sys.executable, "-m", "soupkit", *map(str, args)], input="y\ny\ny\n",
+                                  cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+            return Run(done.returncode, done.stdout, done.stderr)
+        monkeypatch.chdir(cwd)
+        monkeypatch.syspath_prepend(str(cwd))
+        monkeypatch.setenv("SOUPKIT_CACHE_DIR", str(cwd / ".cache"))
+        monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\ny\n"))
+        result = cli(*args)
+        return Run(result.code, result.out, result.err)
+
+    return run
+
+
+def _assert_refused(result: Run, canary: Path, *needles: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -111,7 +137,7 @@ TRANSFORMERS_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(TRANSFORMERS_CASES))
-def test_transformers_folder_with_custom_code_is_refused_without_a_prompt(clean_kit, tmp_path, case):
+def test_transformers_folder_with_custom_code_is_refused_without_a_prompt(clean_kit, tmp_path, case, run_soupkit):
     name, changes, key = TRANSFORMERS_CASES[case]
     folder = _copy_folder(clean_kit["folder"], tmp_path / "model")
     canary = tmp_path / "CANARY"
@@ -123,12 +149,13 @@ def test_transformers_folder_with_custom_code_is_refused_without_a_prompt(clean_
     recipe = _recipe(tmp_path, {"kind": "transformers", "path": str(folder), "task": "sequence-classification"},
                      clean_kit["data"])
     before = snapshot(folder)
-    result = _run_real("eval", clean_kit["checkpoint"], "--eval", recipe, cwd=tmp_path)
+    result = run_soupkit("eval", clean_kit["checkpoint"], "--eval", recipe, cwd=tmp_path,
+                         real=case == "config auto_map")
     _assert_refused(result, canary, name, key)
     assert snapshot(folder) == before
 
 
-def test_symlinked_config_is_refused(clean_kit, tmp_path):
+def test_symlinked_config_is_refused(clean_kit, tmp_path, run_soupkit):
     folder = _copy_folder(clean_kit["folder"], tmp_path / "model")
     outside = tmp_path / "secret.json"
     outside.write_text((folder / "config.json").read_text())
@@ -137,14 +164,14 @@ def test_symlinked_config_is_refused(clean_kit, tmp_path):
     (folder / "config.json").symlink_to(outside)
     recipe = _recipe(tmp_path, {"kind": "transformers", "path": str(folder), "task": "sequence-classification"},
                      clean_kit["data"])
-    result = _run_real("eval", clean_kit["checkpoint"], "--eval", recipe, cwd=tmp_path)
+    result = run_soupkit("eval", clean_kit["checkpoint"], "--eval", recipe, cwd=tmp_path)
     _assert_refused(result, tmp_path / "CANARY", "config.json", "symlink to a file outside the folder")
 
 
-def test_a_clean_folder_still_loads(clean_kit, tmp_path):
+def test_a_clean_folder_still_loads(clean_kit, tmp_path, run_soupkit):
     recipe = _recipe(tmp_path, {"kind": "transformers", "path": str(clean_kit["folder"]),
                                 "task": "sequence-classification"}, clean_kit["data"])
-    result = _run_real("eval", clean_kit["checkpoint"], "--eval", recipe, cwd=tmp_path)
+    result = run_soupkit("eval", clean_kit["checkpoint"], "--eval", recipe, cwd=tmp_path, real=True)
     assert result.returncode == 0, result.stderr
     assert "heldout" in result.stdout
 
