@@ -13,10 +13,11 @@ import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files holding ``slow`` tests run first, the rest keep their order: under pytest-xdist's ``--dist loadfile``
-    (the default, see pyproject.toml) the long files start at once instead of one of them running alone at the
-    end. GPU tests skip cleanly where there is no CUDA device."""
-    slow_files = {item.path for item in items if "slow" in item.keywords}
+    """Files holding ``slow`` or ``distributed`` tests run first, the rest keep their order: under pytest-xdist's
+    ``--dist loadfile --no-loadscope-reorder`` (the default, see pyproject.toml) the long files start at once and
+    the many short ones fill in at the end, instead of a long one running alone while the other core idles. GPU
+    tests skip cleanly where there is no CUDA device."""
+    slow_files = {item.path for item in items if "slow" in item.keywords or "distributed" in item.keywords}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: every worker collects the same order
     if torch.cuda.is_available():
         return

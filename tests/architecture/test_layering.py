@@ -8,6 +8,7 @@ The order is documented in CONTRIBUTING.md ("Architecture"); change both togethe
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -136,7 +137,10 @@ def imports_of(module: str) -> list[Import]:
     return found
 
 
-ALL_IMPORTS = [imp for module in MODULES for imp in imports_of(module)]
+@functools.cache
+def all_imports() -> tuple[Import, ...]:
+    """Every import of the package, parsed once and only by the worker that runs these tests (not at collection)."""
+    return tuple(imp for module in MODULES for imp in imports_of(module))
 
 
 def test_every_module_has_a_layer() -> None:
@@ -147,7 +151,7 @@ def test_every_module_has_a_layer() -> None:
 def test_no_import_from_a_higher_layer() -> None:
     """Module-level and function-level alike: a lazy import still is a dependency."""
     upward = [f"{i.source}:{i.line} imports {i.target} ({LAYERS[layer_of(i.source)][0]} -> "
-              f"{LAYERS[layer_of(i.target)][0]})" for i in ALL_IMPORTS if layer_of(i.target) > layer_of(i.source)]
+              f"{LAYERS[layer_of(i.target)][0]})" for i in all_imports() if layer_of(i.target) > layer_of(i.source)]
     assert upward == [], "imports up a layer:\n" + "\n".join(upward)
 
 
@@ -188,7 +192,7 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_between_modules() -> None:
     edges: dict[str, set[str]] = defaultdict(set)
-    for imp in ALL_IMPORTS:
+    for imp in all_imports():
         if not imp.in_function and imp.target != imp.source:
             edges[imp.source].add(imp.target)
     assert _cycles(edges) == []
@@ -200,7 +204,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 
 def _uncommented_lazy(module: str) -> list[Import]:
-    return [i for i in ALL_IMPORTS if i.source == module and i.in_function and not i.commented]
+    return [i for i in all_imports() if i.source == module and i.in_function and not i.commented]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -168,6 +168,7 @@ def test_symlinked_config_is_refused(clean_kit, tmp_path, run_soupkit):
     _assert_refused(result, tmp_path / "CANARY", "config.json", "symlink to a file outside the folder")
 
 
+@pytest.mark.slow  # the real executable loads transformers and scores
 def test_a_clean_folder_still_loads(clean_kit, tmp_path, run_soupkit):
     recipe = _recipe(tmp_path, {"kind": "transformers", "path": str(clean_kit["folder"]),
                                 "task": "sequence-classification"}, clean_kit["data"])

@@ -34,6 +34,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> int:
 ROWS, COLS, RANK = 64, 300_000, 2
 
 
+@pytest.mark.slow  # a child process measures its peak memory
 def test_rank_reduction_of_lopsided_adapters_never_builds_the_update(tmp_path: Path, baseline: int) -> None:
     write_adapter(tmp_path / "a", ROWS, COLS, RANK, 1)
     write_adapter(tmp_path / "b", ROWS, COLS, RANK, 2)
@@ -51,6 +52,7 @@ def test_rank_reduction_of_lopsided_adapters_never_builds_the_update(tmp_path: P
     assert {tuple(t.shape) for t in written.values()} == {(3, COLS), (ROWS, 3)}
 
 
+@pytest.mark.slow  # a child process measures its peak memory
 def test_every_adapter_corpus_case_in_one_child_stays_within_bounded_memory(tmp_path: Path, baseline: int) -> None:
     """All adapter cases (2 MiB configs, 100k-deep JSON, catastrophic patterns, dense TIES of lopsided adapters,
     huge ranks) through the CLI in one process: every one exits 2, and the peak stays within 300 MB of a tiny

@@ -132,6 +132,7 @@ def _run(tmp_path: Path, args: list[object], fault: str | None = None) -> subpro
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow  # two real processes race for one output
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_two_processes_writing_one_output_one_wins_whole(kind: str, tmp_path: Path) -> None:
     inputs = pair(tmp_path, elements=200)
@@ -190,6 +191,7 @@ def test_a_live_writers_temporaries_are_kept(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ Ctrl-C, publication
 
 
+@pytest.mark.slow  # 3,003 files copied
 def test_ctrl_c_while_a_3003_file_folder_is_copied_leaves_nothing(tmp_path: Path, cli, monkeypatch) -> None:
     from soupkit.io import hf_folder
 
