@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests run as from a terminal, where Ctrl-C raises KeyboardInterrupt. A runner started as a background job
+    of a script (``pytest &``, ``nohup``) inherits SIGINT ignored, as POSIX has it, and so does every xdist
+    worker and child process under it; soupkit rightly leaves an ignored SIGINT ignored (tested in
+    tests/reliability/test_interrupt_moments.py), so the tests that send SIGINT would see nothing. Their
+    children inherit the default again: exec resets a handled signal, never an ignored one."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -43,6 +43,27 @@ class _SignalOnWrite:
         return getattr(self._handle, name)
 
 
+def test_an_ignored_sigint_stays_ignored(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background job of a script (``soupkit merge ... &``, ``nohup``) starts with SIGINT ignored, so that a
+    Ctrl-C meant for the foreground does not kill it: soupkit keeps it so, as Python itself does, and the merge
+    completes."""
+    from soupkit.io import atomic
+
+    w = Workspace(tmp_path)
+    a, b = w.good("a.safetensors", 1), w.good("b.safetensors", 2)
+    original = atomic.OutputSet.open
+    monkeypatch.setattr(atomic.OutputSet, "open",
+                        lambda self, path: _SignalOnWrite(original(self, path), signal.SIGINT, 0))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = cli("merge", a, b, "-o", tmp_path / "soup.safetensors")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and left as it was found
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.code == 0, result.err
+    assert (tmp_path / "soup.safetensors").is_file()
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 @pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
                                                        (signal.SIGTERM, 143, "terminated")])
